@@ -1,0 +1,71 @@
+# emi-study: `make study` and `make test` work on a fresh clone; everything they need is installed from here.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# CUDA users: make study TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128 (any torch >= 2.1 works)
+TORCH_INDEX ?=
+PROFILE ?= synthetic
+DEVICE ?=
+STAMP := $(VENV)/.emi-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: help env study test check-export nbtest pytest bench lab browser corpus clean
+
+help:
+	@echo "make study   - environment, synthetic corpus, every notebook headless, the study site"
+	@echo "make test    - export/clean check, notebook tests, integration + browser tests"
+	@echo "make bench   - the benchmarks notebook alone (bench JSON in its run directory)"
+	@echo "make lab     - JupyterLab with the project's kernel"
+
+env: $(STAMP)
+
+$(STAMP): settings.ini setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name emi-study --display-name "emi-study (.venv)" >/dev/null
+	touch $(STAMP)
+
+corpus: env
+	$(BIN)/emi_synth --profile $(PROFILE) --cache
+
+study: env corpus
+	$(BIN)/emi_study --profile $(PROFILE) $(if $(DEVICE),--device $(DEVICE),)
+	@echo "Study site: $$(readlink -f runs/$(PROFILE)-latest)/site/index.html"
+
+# Chromium for the browser test: Debian's packages, installed when missing.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+	@chromium --version
+
+check-export: env
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	@git diff --exit-code --stat -- emi_nb nbs || { echo "nbdev_export/nbdev_clean changed files: commit the exported/cleaned versions"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- emi_nb nbs)" || { git status --short -- emi_nb nbs; echo "untracked files in emi_nb/ or nbs/"; exit 1; }
+
+nbtest: env
+	EMI_PROGRESS=off $(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: env browser
+	$(BIN)/python -m pytest tests -n 2 --durations=15 -ra
+
+test: check-export nbtest pytest
+
+bench: env corpus
+	$(BIN)/emi_study --profile $(PROFILE) --only 08 --no-site --out runs/bench-$$(date +%Y%m%d-%H%M%S)
+
+lab: env
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+clean:
+	rm -rf runs _docs _proc .pytest_cache
