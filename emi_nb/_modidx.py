@@ -39,4 +39,5 @@ d = { 'settings': { 'branch': 'main',
                               'emi_nb.study.render_run_site': ('study.html#render_run_site', 'emi_nb/study.py'),
                               'emi_nb.study.run_notebook': ('study.html#run_notebook', 'emi_nb/study.py'),
                               'emi_nb.study.run_study': ('study.html#run_study', 'emi_nb/study.py'),
+                              'emi_nb.study.source_cell_index': ('study.html#source_cell_index', 'emi_nb/study.py'),
                               'emi_nb.study.study_notebooks': ('study.html#study_notebooks', 'emi_nb/study.py')}}}

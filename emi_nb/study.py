@@ -10,8 +10,8 @@ import yaml
 from .config import project_root, package_versions, git_commit, save_json, PROFILES
 
 # %% auto #0
-__all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'kernel_name', 'NotebookFailed', 'run_notebook',
-           'default_run_dir', 'link_latest', 'run_study', 'render_run_site', 'emi_study_cli']
+__all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'kernel_name', 'NotebookFailed', 'source_cell_index',
+           'run_notebook', 'default_run_dir', 'link_latest', 'run_study', 'render_run_site', 'emi_study_cli']
 
 # %% ../nbs/09_study.ipynb #0c3b615a
 def study_notebooks(nbs_dir=None, only:list|None=None) -> list[Path]:
@@ -67,7 +67,15 @@ class NotebookFailed(RuntimeError):
         first = source.strip().splitlines()[0][:100] if source.strip() else ''
         super().__init__(f"{nb.name} failed in {where}" + (f" ({first!r})" if first else '') + f": {error}")
 
-# %% ../nbs/09_study.ipynb #1a772638
+# %% ../nbs/09_study.ipynb #fe923e76
+def source_cell_index(nb:Path, source:str, idx:int) -> int:
+    "Index of the cell of `nb` whose source is `source` (first match), else `idx`."
+    import nbformat
+    cells = nbformat.read(str(nb), as_version=4).cells
+    hits = [i for i, c in enumerate(cells) if c.source == source]
+    return hits[0] if hits else idx
+
+# %% ../nbs/09_study.ipynb #1d5a8f5b
 def run_notebook(nb:Path, out_nb:Path, params:dict, log:Path, kernel:str|None=None) -> float:
     "Execute `nb` with papermill into `out_nb`, logging to `log`; returns seconds; raises NotebookFailed."
     import papermill as pm
@@ -81,12 +89,12 @@ def run_notebook(nb:Path, out_nb:Path, params:dict, log:Path, kernel:str|None=No
                                 cwd=str(nb.parent), progress_bar=False, language='python', stdout_file=f, stderr_file=f,
                                 request_save_on_cell_execute=True)
         except PapermillExecutionError as e:
-            raise NotebookFailed(nb, e.cell_index, f"{e.ename}: {e.evalue}", e.source) from None
+            raise NotebookFailed(nb, source_cell_index(nb, e.source, e.cell_index), f"{e.ename}: {e.evalue}", e.source) from None
         except Exception as e:
             raise NotebookFailed(nb, None, f"{type(e).__name__}: {e}") from e
     return time.time() - t0
 
-# %% ../nbs/09_study.ipynb #e279e322
+# %% ../nbs/09_study.ipynb #d766721b
 def _manifest(run_dir, **kw):
     return save_json(Path(run_dir)/'manifest.json', kw)
 
@@ -101,7 +109,7 @@ def link_latest(run_dir:Path, profile:str):
         else: return
     link.symlink_to(run_dir.name)
 
-# %% ../nbs/09_study.ipynb #3d5903a6
+# %% ../nbs/09_study.ipynb #bdebd66e
 def run_study(profile:str='synthetic', # smoke | synthetic | paper
               params:dict|None=None,   # overrides injected into every notebook
               device:str|None=None,    # cpu | cuda | auto; None = the profile's
@@ -138,13 +146,13 @@ def run_study(profile:str='synthetic', # smoke | synthetic | paper
     if not out or Path(out).resolve().parent == (project_root()/'runs').resolve(): link_latest(run_dir, profile)
     return run_dir
 
-# %% ../nbs/09_study.ipynb #06692be0
+# %% ../nbs/09_study.ipynb #8c4dbb05
 def render_run_site(run_dir:Path) -> Path:
     "Render the run's executed notebooks into its site/ folder (see the site notebook)."
     from emi_nb.site import render_site
     return render_site(run_dir)
 
-# %% ../nbs/09_study.ipynb #374c6cee
+# %% ../nbs/09_study.ipynb #b99034a4
 def emi_study_cli(argv=None):
     "emi_study: run the study notebooks headless with a profile."
     ap = argparse.ArgumentParser(prog='emi_study', description=__doc__ or 'Run the emi-study notebooks headless.')
@@ -166,4 +174,3 @@ def emi_study_cli(argv=None):
         print(f"emi_study: {e}", file=sys.stderr); sys.exit(2)
     print(f"[emi_study] run directory: {run_dir}")
     if (run_dir/'site/index.html').exists(): print(f"[emi_study] site: {run_dir/'site/index.html'}")
-    return run_dir
