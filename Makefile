@@ -50,7 +50,8 @@ browser:
 check-export: env
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
-	@git diff --exit-code --stat -- emi_nb nbs || { echo "nbdev_export/nbdev_clean changed files: commit the exported/cleaned versions"; exit 1; }
+	$(BIN)/python -c "from emi_nb.study import write_readme; write_readme()"
+	@git diff --exit-code --stat -- emi_nb nbs README.md || { echo "nbdev_export/nbdev_clean/README generation changed files: commit the exported/cleaned versions"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- emi_nb nbs)" || { git status --short -- emi_nb nbs; echo "untracked files in emi_nb/ or nbs/"; exit 1; }
 
 nbtest: env

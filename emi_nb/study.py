@@ -11,7 +11,8 @@ from .config import project_root, package_versions, git_commit, save_json, PROFI
 
 # %% auto #0
 __all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'kernel_name', 'NotebookFailed', 'source_cell_index',
-           'run_notebook', 'default_run_dir', 'link_latest', 'run_study', 'render_run_site', 'emi_study_cli']
+           'run_notebook', 'default_run_dir', 'link_latest', 'run_study', 'render_run_site', 'readme_text',
+           'write_readme', 'emi_study_cli']
 
 # %% ../nbs/09_study.ipynb #0c3b615a
 def study_notebooks(nbs_dir=None, only:list|None=None) -> list[Path]:
@@ -152,7 +153,23 @@ def render_run_site(run_dir:Path) -> Path:
     from emi_nb.site import render_site
     return render_site(run_dir)
 
-# %% ../nbs/09_study.ipynb #b99034a4
+# %% ../nbs/09_study.ipynb #e585f048
+def readme_text(root=None) -> str:
+    "README.md's text: the markdown cells of nbs/index.ipynb, then benchmarks/latest.md if present."
+    import nbformat
+    root = Path(root or project_root())
+    nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
+    parts = [c.source.strip() for c in nb.cells if c.cell_type == 'markdown']
+    bench = root/'benchmarks/latest.md'
+    if bench.exists(): parts.append(bench.read_text().strip())
+    head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'
+    return '\n\n'.join([*parts, head]) + '\n'
+
+def write_readme(root=None) -> Path:
+    "Write README.md from the front page notebook."
+    p = Path(root or project_root())/'README.md'; p.write_text(readme_text(root)); return p
+
+# %% ../nbs/09_study.ipynb #9264c782
 def emi_study_cli(argv=None):
     "emi_study: run the study notebooks headless with a profile."
     ap = argparse.ArgumentParser(prog='emi_study', description=__doc__ or 'Run the emi-study notebooks headless.')
