@@ -13,8 +13,9 @@ import soundfile as sf
 from .config import EMOTIONS, SR, progress, save_json
 
 # %% auto #0
-__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'DataError', 'split_csv', 'read_split', 'media_path', 'out_len',
-           'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames', 'load_pickled_features']
+__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'DataError', 'split_csv', 'split_table', 'read_split', 'media_path',
+           'out_len', 'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames',
+           'load_pickled_features', 'check_root', 'format_problems', 'emi_check_cli']
 
 # %% ../nbs/01_data.ipynb #8cd45b16
 class DataError(ValueError):
@@ -24,7 +25,7 @@ class DataError(ValueError):
         super().__init__(f"{path}: {reason}")
     def __reduce__(self): return (DataError, (self.path, self.reason))
 
-# %% ../nbs/01_data.ipynb #a81c1c12
+# %% ../nbs/01_data.ipynb #2369852b
 SPLITS = ('train', 'valid', 'test')
 
 def split_csv(root, split:str) -> Path:
@@ -32,51 +33,67 @@ def split_csv(root, split:str) -> Path:
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     return Path(root)/f'{split}_split.csv'
 
-def _parse_ids(raw:pd.Series, csv:Path) -> np.ndarray:
-    "Filename column as non-negative ints; names the first bad row."
-    ids = []
+def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
+    "Filename column as ints (-1 where bad) and {row index: problem}."
+    ids, probs = np.full(len(raw), -1, np.int64), {}
     for i, v in enumerate(raw.astype(str).str.strip()):
-        if not v.isdigit(): raise DataError(csv, f"row {i+2}: Filename {v!r} is not a non-negative integer id")
-        ids.append(int(v))
-    return np.array(ids, dtype=np.int64)
+        if v.isdigit(): ids[i] = int(v)
+        else: probs[i] = f"Filename {v!r} is not a non-negative integer id"
+    ok = ids >= 0; first = {}
+    for i in np.flatnonzero(ok):
+        if ids[i] in first: probs[i] = f"duplicate id {ids[i]} (also row {first[ids[i]] + 2})"
+        else: first[ids[i]] = i
+    return ids, probs
 
-# %% ../nbs/01_data.ipynb #6bcc7484
-def read_split(root, # ABAW-layout data root
-               split:str, # train | valid | test
-               labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
-              ) -> pd.DataFrame:
-    "The split's table, validated: int `Filename` + the six emotions (float, [0, 1]) when labelled."
+# %% ../nbs/01_data.ipynb #ba62143b
+def _label_problems(df:pd.DataFrame) -> tuple[np.ndarray, dict]:
+    "The six emotion columns as floats and {row index: problem} for missing, non-finite or out-of-range values."
+    y, probs = np.full((len(df), len(EMOTIONS)), np.nan), {}
+    for j, c in enumerate(EMOTIONS):
+        col = pd.to_numeric(df[c].str.strip().replace('', 'nan'), errors='coerce').to_numpy(float)
+        for i in np.flatnonzero(~np.isfinite(col)): probs.setdefault(i, f"{c} = {df[c].iloc[i]!r} is not a finite number")
+        for i in np.flatnonzero((col < 0) | (col > 1)): probs.setdefault(i, f"{c} = {col[i]:g} is outside [0, 1]")
+        y[:, j] = col
+    return y, probs
+
+# %% ../nbs/01_data.ipynb #ae0827d1
+def split_table(root, # ABAW-layout data root
+                split:str, # train | valid | test
+                labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
+               ) -> tuple[pd.DataFrame, list[dict]]:
+    "The split's valid rows and a list of row problems (row, fid, problem); structural problems raise DataError."
     csv = split_csv(root, split)
     if not csv.exists(): raise DataError(csv, f"missing split file ({split})")
     try: df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e: raise DataError(csv, f"unreadable CSV: {e}") from None
     if 'Filename' not in df.columns: raise DataError(csv, f"missing column 'Filename' (have {list(df.columns)})")
     if len(df) == 0: raise DataError(csv, "empty split: no rows")
-    ids = _parse_ids(df['Filename'], csv)
-    dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique()
-    if len(dup): raise DataError(csv, f"duplicate id(s) {dup[:10].tolist()}")
     present = [c for c in EMOTIONS if c in df.columns]
     want = (split != 'test') if labels is None else labels
-    if want and len(present) < len(EMOTIONS):
-        raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
+    if want and len(present) < len(EMOTIONS): raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
+    ids, probs = _id_problems(df['Filename'])
     out = pd.DataFrame({'Filename': ids})
-    if want or len(present) == len(EMOTIONS): out[EMOTIONS] = _parse_labels(df, csv)
-    return out
+    if want or len(present) == len(EMOTIONS):
+        y, lp = _label_problems(df); out[EMOTIONS] = y
+        for i, m in lp.items(): probs.setdefault(i, m)
+    problems = [dict(path=str(csv), row=i + 2, fid=int(ids[i]) if ids[i] >= 0 else None, problem=f"row {i + 2}: {m}") for i, m in sorted(probs.items())]
+    return out.drop(index=list(probs)).reset_index(drop=True), problems
 
-# %% ../nbs/01_data.ipynb #6cc74516
-def _parse_labels(df:pd.DataFrame, csv:Path) -> np.ndarray:
-    "The six emotion columns as floats; names the row and column of a missing, non-finite or out-of-range value."
-    y = np.empty((len(df), len(EMOTIONS)))
-    for j, c in enumerate(EMOTIONS):
-        col = pd.to_numeric(df[c].str.strip().replace('', 'nan'), errors='coerce').to_numpy(float)
-        bad = np.flatnonzero(~np.isfinite(col))
-        if len(bad): raise DataError(csv, f"row {bad[0]+2}: {c} = {df[c].iloc[bad[0]]!r} is not a finite number ({len(bad)} such rows)")
-        out = np.flatnonzero((col < 0) | (col > 1))
-        if len(out): raise DataError(csv, f"row {out[0]+2}: {c} = {col[out[0]]:g} is outside [0, 1] ({len(out)} such rows)")
-        y[:, j] = col
-    return y
+# %% ../nbs/01_data.ipynb #4a4a59ee
+def read_split(root, # ABAW-layout data root
+               split:str, # train | valid | test
+               labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
+               quarantine:bool=False, # drop bad rows (listed in df.attrs['problems']) instead of raising
+              ) -> pd.DataFrame:
+    "The split's table, validated: int `Filename` + the six emotions (float, [0, 1]) when labelled."
+    df, probs = split_table(root, split, labels)
+    if probs and not quarantine:
+        raise DataError(probs[0]['path'], probs[0]['problem'] + (f" (and {len(probs) - 1} more bad rows)" if len(probs) > 1 else ''))
+    if len(df) == 0: raise DataError(split_csv(root, split), "empty split: no valid rows")
+    df.attrs['problems'] = probs
+    return df
 
-# %% ../nbs/01_data.ipynb #5a045e12
+# %% ../nbs/01_data.ipynb #db4cb322
 AUDIO_EXTS = ('.mp3', '.wav', '.flac')
 KINDS = {'audio': 'audio', 'raw': 'raw', 'faces': 'face_images'}
 
@@ -84,7 +101,7 @@ def _inside(p:Path, folder:Path) -> bool:
     try: p.resolve().relative_to(folder.resolve()); return True
     except ValueError: return False
 
-# %% ../nbs/01_data.ipynb #0730a065
+# %% ../nbs/01_data.ipynb #ab1b5bdb
 def media_path(root, # ABAW-layout data root
                fid:int, # clip id (the CSV's Filename)
                kind:str='audio', # audio | raw | faces
@@ -103,7 +120,7 @@ def media_path(root, # ABAW-layout data root
     if not p.exists(): raise DataError(p, "broken symlink")
     return p
 
-# %% ../nbs/01_data.ipynb #3ad77b3b
+# %% ../nbs/01_data.ipynb #17893657
 def out_len(n:int, sr:int) -> int:
     "Samples at 16 kHz of `n` samples at `sr` (soxr's rounding)."
     return n if sr == SR else int(math.floor(n * SR / sr + 0.5))
@@ -118,7 +135,7 @@ def _probe(path:Path) -> dict:
     if i.frames <= 0 or i.samplerate <= 0: raise DataError(path, f"no audio samples in the header ({i.frames} frames at {i.samplerate} Hz)")
     return dict(frames=int(i.frames), orig_sr=int(i.samplerate), channels=int(i.channels), format=i.format, decoder='soundfile')
 
-# %% ../nbs/01_data.ipynb #4ef930ea
+# %% ../nbs/01_data.ipynb #6f857962
 def _probe_librosa(path:Path, err:Exception) -> dict:
     "Fallback probe through librosa/audioread; DataError naming both failures."
     try:
@@ -135,7 +152,7 @@ def _short(e:Exception) -> str:
     s = str(e).replace("File does not exist or is not a regular file (possibly a pipe?)", "format not recognised")
     return s.split(': ', 1)[-1][:160] if s.startswith('Error opening') else s[:160]
 
-# %% ../nbs/01_data.ipynb #a6d75f47
+# %% ../nbs/01_data.ipynb #b628c37c
 def _decode(path:Path, info:dict, n:int|None) -> np.ndarray:
     "(frames, channels) float32 of the first `n` frames (all when None)."
     if '_data' in info: x = info['_data'][:n]
@@ -144,7 +161,7 @@ def _decode(path:Path, info:dict, n:int|None) -> np.ndarray:
         except Exception as e: raise DataError(path, f"decoding failed: {_short(e)}") from None
     return np.asarray(x, dtype=np.float32)
 
-# %% ../nbs/01_data.ipynb #57372318
+# %% ../nbs/01_data.ipynb #4614d109
 def load_audio(path, # audio file (mp3/wav/flac; any rate, any channels)
                max_seconds:float|None=12.0, # cut here; None or 0 = whole clip
                tolerance:float=0.1, # seconds a decoded clip may fall short of its header before it counts as truncated
@@ -166,13 +183,13 @@ def load_audio(path, # audio file (mp3/wav/flac; any rate, any channels)
     info.update(path=str(path), seconds=frames / sr, cut_seconds=max(0.0, (frames - len(x)) / sr), samples=len(y))
     return np.ascontiguousarray(y, dtype=np.float32), info
 
-# %% ../nbs/01_data.ipynb #e3c593cc
+# %% ../nbs/01_data.ipynb #08bcde41
 def normalize(wav:np.ndarray) -> np.ndarray:
     "Zero mean, unit variance (as Wav2Vec2FeatureExtractor with do_normalize=True)."
     wav = np.asarray(wav, dtype=np.float32)
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
 
-# %% ../nbs/01_data.ipynb #953aef16
+# %% ../nbs/01_data.ipynb #31610180
 def _check_clip(root, fid:int, max_seconds, full:bool) -> dict:
     "Probe (or fully decode when `full`) the audio of `fid`; dict with fid, path, length or problem."
     try:
@@ -185,29 +202,30 @@ def _check_clip(root, fid:int, max_seconds, full:bool) -> dict:
         return dict(fid=fid, path=str(p), length=out_len(n, info['orig_sr']), seconds=info['frames']/info['orig_sr'], problem=None)
     except DataError as e: return dict(fid=fid, path=e.path, length=0, seconds=float('nan'), problem=e.reason)
 
-# %% ../nbs/01_data.ipynb #ddabb20e
+# %% ../nbs/01_data.ipynb #1d630830
 import torch
 
 class EMIDataset(torch.utils.data.Dataset):
     "Clips of one split: dict(fid, wav (n,) normalised, labels (6,)); strict or quarantining."
     def __init__(self, root, split:str, max_seconds:float|None=12.0, quarantine:bool=False, labels:bool=True, workers:int=4):
         self.root, self.split, self.max_seconds, self.quarantine = Path(root), split, max_seconds, quarantine
-        df = read_split(root, split, labels=labels if labels else None)
+        df = read_split(root, split, labels=labels if labels else None, quarantine=quarantine)
         self.has_labels = labels and all(c in df.columns for c in EMOTIONS)
         fids = df.Filename.tolist()
         with ThreadPoolExecutor(max(1, workers)) as ex:
             checks = list(ex.map(lambda f: _check_clip(root, f, max_seconds, quarantine), fids))
         bad = [c for c in checks if c['problem']]
         if bad and not quarantine: raise DataError(bad[0]['path'], bad[0]['problem'] + (f" (and {len(bad)-1} more bad clips in {split})" if len(bad) > 1 else ''))
-        self.report = [dict(fid=c['fid'], path=c['path'], problem=c['problem']) for c in bad]
+        self.report = [dict(fid=p['fid'], path=p['path'], problem=p['problem']) for p in df.attrs.get('problems', [])]
+        self.report += [dict(fid=c['fid'], path=c['path'], problem=c['problem']) for c in bad]
         keep = np.array([not c['problem'] for c in checks], bool)
-        if bad: print(f"EMIDataset({split}): quarantined {len(bad)} of {len(fids)} clips (see .report)")
+        if self.report: print(f"EMIDataset({split}): quarantined {len(self.report)} of {len(fids) + len(self.report) - len(bad)} rows/clips (see .report)")
         self.df = df[keep].reset_index(drop=True)
         self.fids = self.df.Filename.tolist()
         self.lengths = np.array([c['length'] for c in checks if not c['problem']], dtype=np.int64)
         self.labels = self.df[EMOTIONS].to_numpy(np.float32) if self.has_labels else None
 
-# %% ../nbs/01_data.ipynb #490a498a
+# %% ../nbs/01_data.ipynb #a56261ed
 from fastcore.basics import patch
 
 @patch
@@ -224,7 +242,7 @@ def __getitem__(self:EMIDataset, i:int) -> dict:
 @patch
 def __repr__(self:EMIDataset): return f"EMIDataset({self.split}: {len(self)} clips, {len(self.report)} quarantined, root={self.root})"
 
-# %% ../nbs/01_data.ipynb #c52dd175
+# %% ../nbs/01_data.ipynb #e7a30966
 def collate(batch:list[dict]) -> dict:
     "Pad to the longest clip: input_values (B,T), attention_mask (B,T) long, labels (B,6), fids, lengths (B,)."
     lengths = torch.tensor([len(b['wav']) for b in batch], dtype=torch.long)
@@ -235,7 +253,7 @@ def collate(batch:list[dict]) -> dict:
     if all('labels' in b for b in batch): out['labels'] = torch.stack([b['labels'] for b in batch])
     return out
 
-# %% ../nbs/01_data.ipynb #80e19b2c
+# %% ../nbs/01_data.ipynb #1c545201
 def video_info(path) -> dict:
     "fps (nominal), avg_fps, duration (s), frames, width, height of a video, from its container (PyAV)."
     import av
@@ -254,7 +272,7 @@ def video_info(path) -> dict:
     except DataError: raise
     except Exception as e: raise DataError(path, f"cannot read video: {e}") from None
 
-# %% ../nbs/01_data.ipynb #8f77475c
+# %% ../nbs/01_data.ipynb #2b8a3abe
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 def face_frames(root, # ABAW-layout data root
@@ -268,7 +286,7 @@ def face_frames(root, # ABAW-layout data root
     if bad: raise DataError(d, f"face image name(s) without a frame number: {bad[:3]}")
     return sorted(fs, key=lambda p: int(p.stem))
 
-# %% ../nbs/01_data.ipynb #0b3cd176
+# %% ../nbs/01_data.ipynb #1bdb9f70
 def load_pickled_features(path, # a .pkl of per-frame features
                           allow_pickle:bool=False, # unpickling executes code: only for files you trust
                          ) -> np.ndarray:
@@ -281,3 +299,96 @@ def load_pickled_features(path, # a .pkl of per-frame features
     if isinstance(obj, dict) and len(obj) == 1: obj = next(iter(obj.values()))
     try: return np.asarray(obj, dtype=np.float32)
     except Exception as e: raise DataError(path, f"not an array of numbers: {type(obj).__name__}") from None
+
+# %% ../nbs/01_data.ipynb #49296302
+def _clip_facts(root, split:str, fid:int, media:dict) -> dict:
+    "Decode one clip fully and look at its video and faces; facts + problems [(severity, path, problem)]."
+    r = dict(split=split, fid=fid, problems=[])
+    try:
+        p = media_path(root, fid, 'audio'); r['path'] = str(p)
+        y, info = load_audio(p, max_seconds=None)
+        r.update(seconds=info['seconds'], channels=info['channels'], orig_sr=info['orig_sr'])
+        if info['channels'] != 1 or info['orig_sr'] != SR:
+            r['problems'].append(('warning', str(p), f"{info['channels']} channel(s) at {info['orig_sr']} Hz (expected mono 16 kHz; down-mixed and resampled on load)"))
+    except DataError as e: r['problems'].append(('error', e.path, e.reason))
+    if media.get('raw'):
+        try: r.update({f'video_{k}': v for k, v in video_info(media_path(root, fid, 'raw')).items()})
+        except DataError as e: r['problems'].append(('warning', e.path, e.reason))
+    if media.get('faces'):
+        try: r['faces'] = len(face_frames(root, fid))
+        except DataError as e: r['problems'].append(('warning', e.path, e.reason))
+    return r
+
+# %% ../nbs/01_data.ipynb #ad6c1812
+def check_root(root, # ABAW-layout data root
+               workers:int|None=None, # decoding threads (default: CPU count)
+               max_seconds:float=12.0, # the cut whose effect the summary reports
+               limit:int|None=None, # check only the first `limit` clips per split (a quick look)
+              ) -> dict:
+    "Validate a data root: {'problems': DataFrame(severity, path, problem), 'clips': DataFrame, 'summary': dict}."
+    root = Path(root); probs, rows, seen = [], [], {}
+    if not root.is_dir(): raise DataError(root, "data root is not a folder")
+    for split in SPLITS:
+        try: df, tp = split_table(root, split)
+        except DataError as e:
+            probs.append(('warning' if split == 'test' and 'missing split file' in e.reason else 'error', e.path, e.reason)); continue
+        probs += [('error', p['path'], p['problem']) for p in tp]
+        for f in df.Filename:
+            if f in seen: probs.append(('error', str(split_csv(root, split)), f"id {f} is also in {seen[f]} (splits must not share clips)"))
+            seen.setdefault(int(f), split)
+        rows += [(split, int(f)) for f in df.Filename[:limit]]
+    media = {k: (root/KINDS[k]).is_dir() for k in ('raw', 'faces')}
+    for k, v in media.items():
+        if not v: probs.append(('warning', str(root/KINDS[k]), "folder absent: not checked (the audio-only study does not need it)"))
+    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
+        facts = list(progress(ex.map(lambda r: _clip_facts(root, r[0], r[1], media), rows), total=len(rows), desc='emi_check', unit='clip'))
+    for f in facts: probs += f.pop('problems')
+    clips = pd.DataFrame(facts)
+    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable').reset_index(drop=True)
+    return dict(problems=problems, clips=clips, summary=_summary(clips, max_seconds))
+
+# %% ../nbs/01_data.ipynb #cebc783c
+def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
+    if 'seconds' not in clips or clips['seconds'].notna().sum() == 0: return dict(clips=len(clips), decoded=0)
+    c = clips.dropna(subset=['seconds']); d = c['seconds'].to_numpy()
+    longest, shortest = c.nlargest(5, 'seconds'), c.nsmallest(5, 'seconds')
+    return dict(clips=len(clips), decoded=len(c), hours=round(d.sum() / 3600, 3), mean_s=round(d.mean(), 3),
+                median_s=round(float(np.median(d)), 3), min_s=round(d.min(), 3), max_s=round(d.max(), 3),
+                share_under_1s=round(float((d < 1).mean()), 4), share_over_cut=round(float((d > max_seconds).mean()), 4),
+                audio_dropped_by_cut=round(float(np.clip(d - max_seconds, 0, None).sum() / d.sum()), 4),
+                formats={f"{int(ch)} ch @ {int(sr)} Hz": int(n) for (ch, sr), n in c.groupby(['channels', 'orig_sr']).size().items()},
+                longest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in longest.itertuples()},
+                shortest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in shortest.itertuples()},
+                fps={str(round(k, 2)): int(v) for k, v in c['video_fps'].value_counts().sort_index().items()} if 'video_fps' in c else {})
+
+# %% ../nbs/01_data.ipynb #d8337a56
+def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
+    "A plain-text table of problems (severity, path relative to `root`, problem)."
+    if len(problems) == 0: return "no problems found"
+    rel = [str(Path(p).relative_to(root)) if root and Path(p).is_relative_to(root) else p for p in problems.path]
+    w = min(60, max(len(r) for r in rel))
+    lines = [f"{'severity':8}  {'path':{w}}  problem", f"{'-' * 8}  {'-' * w}  {'-' * 40}"]
+    lines += [f"{s:8}  {r:{w}}  {p}" for s, r, p in zip(problems.severity[:max_rows], rel[:max_rows], problems.problem[:max_rows])]
+    if len(problems) > max_rows: lines.append(f"... and {len(problems) - max_rows} more (see --json)")
+    return '\n'.join(lines)
+
+# %% ../nbs/01_data.ipynb #7df8b2c3
+def emi_check_cli(argv=None):
+    "emi_check DATA_ROOT: validate an ABAW-layout data root; exit 1 when there are errors."
+    ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before training: tables, audio, videos, faces.')
+    ap.add_argument('root', help='data root (train_split.csv, valid_split.csv, audio/, ...)')
+    ap.add_argument('--workers', type=int, default=None, help='decoding threads (default: CPU count)')
+    ap.add_argument('--max-seconds', type=float, default=12.0, help='cut length whose effect the summary reports')
+    ap.add_argument('--limit', type=int, default=None, help='check only the first N clips of each split')
+    ap.add_argument('--json', metavar='PATH', help='also write the full report (summary, problems, per-clip facts) as JSON')
+    ap.add_argument('--strict', action='store_true', help='exit 1 on warnings too')
+    a = ap.parse_args(argv)
+    root = Path(a.root)
+    try: rep = check_root(root, a.workers, a.max_seconds, a.limit)
+    except DataError as e: print(f"emi_check: {e}", file=sys.stderr); sys.exit(2)
+    P = rep['problems']; n_err, n_warn = int((P.severity == 'error').sum()), int((P.severity == 'warning').sum())
+    print(json.dumps(rep['summary'], indent=1))
+    print(format_problems(P, root.resolve() if root.exists() else None))
+    print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
+    if a.json: save_json(a.json, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
+    sys.exit(1 if n_err or (a.strict and n_warn) else 0)

@@ -22,8 +22,8 @@ __all__ = ['GENERATOR_VERSION', 'SIZES', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE'
            'build_corpus', 'build_vad_corpus', 'corpus_checksum', 'ensure_corpus', 'ensure_vad_corpus',
            'resolve_data_root', 'emi_synth_cli']
 
-# %% ../nbs/02_synth.ipynb #a0c7150b
-GENERATOR_VERSION = '1.0'
+# %% ../nbs/02_synth.ipynb #3fba4598
+GENERATOR_VERSION = '1.1'
 SIZES = {
     'smoke': dict(train=32, valid=16, test=16, vad_train=48, vad_valid=16, spk_clips=4, scale=0.32, long_clip=7.5, vad_seconds=(1.0, 2.5)),
     'synthetic': dict(train=600, valid=300, test=300, vad_train=400, vad_valid=100, spk_clips=8, scale=1.0, long_clip=75.0, vad_seconds=(2.0, 6.0)),
@@ -31,9 +31,9 @@ SIZES = {
 NEAR_ZERO = 0.05  # a label below this counts as "near zero" in the statistics
 SPLIT_CODE = {'train': 1, 'valid': 2, 'test': 3, 'vad_train': 11, 'vad_valid': 12}
 
-# %% ../nbs/02_synth.ipynb #a934947c
+# %% ../nbs/02_synth.ipynb #52e9036b
 ZERO_SHARE = {  # target share of near-zero labels per emotion (order of EMOTIONS)
-    'train': [0.80, 0.62, 0.88, 0.86, 0.70, 0.58],
+    'train': [0.80, 0.62, 0.86, 0.84, 0.70, 0.58],
     'valid': [0.47, 0.42, 0.37, 0.50, 0.45, 0.36],
 }
 ZERO_SHARE['test'] = ZERO_SHARE['valid']
@@ -236,13 +236,13 @@ def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray) -> dict:
         Image.fromarray((im * 255).astype(np.uint8)).save(out/f'{k + 1:05d}.jpg', quality=85); kept += 1
     return dict(face_drift=round(drift, 4), face_frames=kept, face_miss=round(miss, 3), face_dark=int(dark), face_occluded=int(o1 - o0))
 
-# %% ../nbs/02_synth.ipynb #e0bebec9
+# %% ../nbs/02_synth.ipynb #cdf86b5c
 def write_video(rng, path:Path, seconds:float, fps, thumb:np.ndarray) -> int:
     "Write a tiny mp4 of `seconds` at `fps` (1000 = variable rate on a 1 ms time base); returns its frame count."
     import av
     vfr = fps == 1000
     rate = Fraction(fps).limit_denominator(1000)
-    if vfr: pts = np.cumsum(np.r_[0, rng.integers(30, 37, int(seconds * 40) + 2)]); pts = pts[pts < max(1, seconds * 1000)]
+    if vfr: pts = np.cumsum(np.r_[0, rng.integers(22, 45, int(seconds * 50) + 2)]); pts = pts[pts < max(1, seconds * 1000)]
     else: pts = np.arange(max(1, int(round(seconds * float(rate)))))
     with av.open(str(path), 'w', format='mp4') as c:
         s = c.add_stream('mpeg4', rate=rate); s.width = s.height = 16; s.pix_fmt = 'yuv420p'
