@@ -164,4 +164,5 @@ def test_site_in_browser(smoke_run, tmp_path):
     assert found['10_site']['math'] > 0, "math on the site page was not typeset"
     shots = sorted(str(f['screenshot']) for f in found.values())
     assert all(Path(s).stat().st_size > 10_000 for s in shots)
+    (ARTIFACTS/'screenshots.txt').write_text('\n'.join(shots) + '\n')
     print('screenshots:', *shots, sep='\n  ')
