@@ -25,7 +25,7 @@ class DataError(ValueError):
         super().__init__(f"{path}: {reason}")
     def __reduce__(self): return (DataError, (self.path, self.reason))
 
-# %% ../nbs/01_data.ipynb #2369852b
+# %% ../nbs/01_data.ipynb #fd928d6a
 SPLITS = ('train', 'valid', 'test')
 
 def split_csv(root, split:str) -> Path:
@@ -39,10 +39,9 @@ def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
     for i, v in enumerate(raw.astype(str).str.strip()):
         if v.isdigit(): ids[i] = int(v)
         else: probs[i] = f"Filename {v!r} is not a non-negative integer id"
-    ok = ids >= 0; first = {}
-    for i in np.flatnonzero(ok):
-        if ids[i] in first: probs[i] = f"duplicate id {ids[i]} (also row {first[ids[i]] + 2})"
-        else: first[ids[i]] = i
+    rows = pd.Series(np.flatnonzero(ids >= 0)).groupby(ids[ids >= 0]).apply(list)
+    for fid, rs in rows[rows.map(len) > 1].items():
+        for i in rs: probs[i] = f"duplicate id {fid} (rows {', '.join(str(j + 2) for j in rs)}): labels ambiguous, every copy is bad"
     return ids, probs
 
 # %% ../nbs/01_data.ipynb #ba62143b

@@ -1,0 +1,147 @@
+"Must-show 2: broken copies of the smoke corpus; emi_check and the loader name every problem; nothing loads as zeros."
+import json, shutil
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, soundfile as sf, soxr, torch
+from conftest import run_cli
+from emi_nb.config import EMOTIONS, SR
+from emi_nb.data import DataError, EMIDataset, load_audio, read_split, check_root, collate, video_info, face_frames, load_pickled_features
+from emi_nb.synth import build_corpus
+
+@pytest.fixture(scope='module')
+def clean(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 0, 'smoke')
+
+def _copy(clean, tmp_path) -> Path:
+    d = tmp_path/'root'; shutil.copytree(clean, d); return d
+
+def _fid(root, split='train', i=0) -> int: return int(pd.read_csv(root/f'{split}_split.csv').Filename[i])
+
+def _edit_csv(root, split, fn):
+    "Rewrite a split CSV through `fn(df)` (in place edits, or a returned new frame)."
+    p = root/f'{split}_split.csv'; df = pd.read_csv(p, dtype=str, keep_default_na=False); new = fn(df)
+    (df if new is None else new).to_csv(p, index=False)
+
+def _stereo44k(root, fid):
+    "Replace a clip's mp3 by a stereo 44.1 kHz wav whose channel mean is the original signal."
+    y, _ = load_audio(root/f'audio/{fid:05d}.mp3', None)
+    z = soxr.resample(y, SR, 44100, 'HQ'); (root/f'audio/{fid:05d}.mp3').unlink()
+    sf.write(root/f'audio/{fid:05d}.wav', np.stack([1.2 * z, 0.8 * z], 1), 44100, subtype='FLOAT')
+    return y
+
+# each break edits a copy and returns (a fragment of the path, a fragment of the reason) that must be reported
+def _missing(r, i=0):
+    f = _fid(r, 'train', i); (r/f'audio/{f:05d}.mp3').unlink(); return f'{f:05d}.mp3', 'missing file'
+def _empty(r, i=0):
+    f = _fid(r, 'train', i); (r/f'audio/{f:05d}.mp3').write_bytes(b''); return f'{f:05d}.mp3', 'empty file (0 bytes)'
+def _corrupt(r, i=0):
+    f = _fid(r, 'train', i); (r/f'audio/{f:05d}.mp3').write_bytes(np.random.default_rng(0).bytes(20000)); return f'{f:05d}.mp3', 'cannot decode'
+def _truncated(r, i=1):
+    f = _fid(r, 'train', i); p = r/f'audio/{f:05d}.mp3'; b = p.read_bytes(); p.write_bytes(b[:len(b) // 4]); return f'{f:05d}.mp3', 'truncated or corrupt'
+def _escape(r, i=0):
+    f = _fid(r, 'train', i); out = r.parent/f'elsewhere{i}.mp3'; shutil.move(r/f'audio/{f:05d}.mp3', out); (r/f'audio/{f:05d}.mp3').symlink_to(out)
+    return f'{f:05d}.mp3', 'path escapes the data folder'
+def _nan(r, split='train'):
+    _edit_csv(r, split, lambda d: d.__setitem__('Joy', d['Joy'].where(d.index != 2, 'nan'))); return f'{split}_split.csv', "row 4: Joy = 'nan' is not a finite number"
+def _big(r, split='train'):
+    _edit_csv(r, split, lambda d: d.__setitem__('Amusement', d['Amusement'].where(d.index != 0, '1.7'))); return f'{split}_split.csv', 'row 2: Amusement = 1.7 is outside [0, 1]'
+def _dup(r, split='train'):
+    _edit_csv(r, split, lambda d: d.__setitem__('Filename', d['Filename'].where(d.index != 3, d['Filename'][1]))); return f'{split}_split.csv', 'row 3: duplicate id'
+def _nonnum(r, split='train'):
+    _edit_csv(r, split, lambda d: d.__setitem__('Filename', d['Filename'].where(d.index != 5, 'a17'))); return f'{split}_split.csv', "row 7: Filename 'a17' is not a non-negative integer id"
+def _nocol(r, split='train'):
+    _edit_csv(r, split, lambda d: d.drop(columns=['Determination'])); return f'{split}_split.csv', "missing column(s) ['Determination']"
+def _nosplit(r, split='train'):
+    (r/f'{split}_split.csv').write_text('Filename,' + ','.join(EMOTIONS) + '\n'); return f'{split}_split.csv', 'empty split'
+
+CASES = {'missing file': (_missing, 'clip'), '0-byte file': (_empty, 'clip'), 'corrupt mp3': (_corrupt, 'clip'),
+         'truncated mp3': (_truncated, 'clip'), 'path escaping the data root': (_escape, 'clip'), 'NaN label': (_nan, 'row'),
+         'label 1.7': (_big, 'row'), 'duplicate id': (_dup, 'row'), 'non-numeric id': (_nonnum, 'row'),
+         'missing column': (_nocol, 'table'), 'empty split': (_nosplit, 'table')}
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_loader_names_each_problem(clean, tmp_path, case):
+    "Strict loading raises a DataError naming the file and reason; quarantine drops only the bad row/clip and lists it."
+    r = _copy(clean, tmp_path); brk, level = CASES[case]
+    where, why = brk(r)
+    with pytest.raises(DataError) as e:   # headers are checked up front; a truncated body is found when the clip is read
+        ds = EMIDataset(r, 'train')
+        for i in range(len(ds)): ds[i]
+    assert where in e.value.path and why in e.value.reason, str(e.value)
+    if level == 'table':
+        with pytest.raises(DataError, match='train_split.csv'): EMIDataset(r, 'train', quarantine=True)
+        return
+    q = EMIDataset(r, 'train', quarantine=True)
+    n = len(pd.read_csv(clean/'train_split.csv'))
+    n_bad = 2 if case == 'duplicate id' else 1   # both copies of a duplicated id are dropped
+    assert len(q) == n - n_bad and len(q.report) == n_bad, (case, len(q), q.report)
+    assert where in q.report[0]['path'] and why in q.report[0]['problem']
+    for i in range(len(q)):   # nothing that loads is silence or a zero-filled stand-in
+        y, _ = load_audio(r/f'audio/{q.fids[i]:05d}.mp3', q.max_seconds)
+        assert np.abs(y).max() > 1e-3 and q[i]['wav'].abs().max() > 0
+
+def _emi_check(root, *args):
+    r = run_cli('emi_check', root, '--workers', 2, *args, check=False)
+    return r.returncode, r.stdout + r.stderr
+
+def test_emi_check_names_every_problem(clean, tmp_path):
+    "One copy with every clip- and row-level break at once: emi_check lists each with its file, warns on stereo 44.1 kHz, exits 1."
+    r = _copy(clean, tmp_path)
+    expected = [_missing(r, 0), _empty(r, 1), _corrupt(r, 2), _escape(r, 3), _truncated(r, 4)]
+    expected += [f(r, 'valid') for f in (_nan, _big, _dup, _nonnum)]
+    stereo = _fid(r, 'valid', 4); _stereo44k(r, stereo)   # row 4 is untouched by the row breaks
+    code, out = _emi_check(r, '--json', tmp_path/'report.json')
+    print(out)
+    assert code == 1, out
+    for where, why in expected:
+        assert any(where in l and why in l and l.startswith('error') for l in out.splitlines()), f"not reported: {where}: {why}\n{out}"
+    assert any(f'{stereo:05d}.wav' in l and l.startswith('warning') and '44100 Hz' in l for l in out.splitlines()), out
+    rep = json.loads((tmp_path/'report.json').read_text())
+    n_err = len(expected) + 1   # a duplicate id makes both of its rows bad
+    assert sum(p['severity'] == 'error' for p in rep['problems']) == n_err
+    assert f'emi_check: {n_err} error(s), 1 warning(s)' in out
+
+def test_emi_check_structural_problems(clean, tmp_path):
+    r = _copy(clean, tmp_path)
+    _nocol(r); (r/'valid_split.csv').write_text('Filename,' + ','.join(EMOTIONS) + '\n'); (r/'test_split.csv').unlink()
+    code, out = _emi_check(r)
+    assert code == 1
+    assert any('train_split.csv' in l and "missing column(s) ['Determination']" in l for l in out.splitlines()), out
+    assert any('valid_split.csv' in l and 'empty split' in l for l in out.splitlines()), out
+    assert any('test_split.csv' in l and 'warning' in l for l in out.splitlines()), out
+
+def test_emi_check_clean_corpus_passes(clean, tmp_path):
+    code, out = _emi_check(clean, '--json', tmp_path/'r.json')
+    assert code == 0 and '0 error(s), 0 warning(s)' in out, out
+    s = json.loads((tmp_path/'r.json').read_text())['summary']
+    assert s['decoded'] == 64 and s['formats'] == {'1 ch @ 16000 Hz': 64} and s['share_under_1s'] > 0
+
+def test_stereo_44k_loads_correctly(clean, tmp_path):
+    "A stereo 44.1 kHz wav is down-mixed and resampled: the same signal as the mono 16 kHz original, not zeros."
+    r = _copy(clean, tmp_path); f = _fid(r); y0 = _stereo44k(r, f)
+    y, info = load_audio(r/f'audio/{f:05d}.wav', None)
+    assert (info['channels'], info['orig_sr']) == (2, 44100) and abs(len(y) - len(y0)) <= 1
+    n = min(len(y), len(y0)); assert np.corrcoef(y[:n], y0[:n])[0, 1] > 0.99 and np.abs(y[:n] - y0[:n]).max() < 0.02
+    ds = EMIDataset(r, 'train', max_seconds=6.0); i = ds.fids.index(f)
+    assert len(ds[i]['wav']) == ds.lengths[i] and ds[i]['wav'].std() > 0.5
+
+def test_dataset_lengths_labels_and_collate(clean):
+    ds = EMIDataset(clean, 'train', max_seconds=6.0)
+    assert ds.labels.shape == (32, 6) and len(ds.report) == 0
+    for i in range(len(ds)): assert len(ds[i]['wav']) == ds.lengths[i] <= 6 * SR
+    b = collate([ds[i] for i in range(4)])
+    assert b['input_values'].shape == (4, int(ds.lengths[:4].max())) and b['attention_mask'].sum(1).tolist() == ds.lengths[:4].tolist()
+    test = EMIDataset(clean, 'test', labels=False); assert test.labels is None and 'labels' not in test[0]
+    with pytest.raises(DataError, match='missing column'): EMIDataset(clean, 'test', labels=True)
+
+def test_video_and_faces(clean):
+    m = pd.read_csv(clean/'SYNTHETIC_clips.csv')
+    for r in m.head(8).itertuples():
+        vi = video_info(clean/f'raw/{r.Filename:05d}.mp4'); assert vi['frames'] == r.video_frames and abs(vi['duration'] - r.duration) < 0.1
+        fr = face_frames(clean, r.Filename); assert len(fr) == r.face_frames
+        assert [int(p.stem) for p in fr] == sorted(int(p.stem) for p in fr)
+
+def test_pickles_need_opt_in(tmp_path):
+    import pickle
+    p = tmp_path/'00001.pkl'; p.write_bytes(pickle.dumps(np.ones((3, 4))))
+    with pytest.raises(DataError, match='allow_pickle=True'): load_pickled_features(p)
+    assert load_pickled_features(p, allow_pickle=True).shape == (3, 4)
