@@ -15,10 +15,10 @@ from .config import project_root, make_config, data_kind, data_fingerprint
 # %% auto #0
 __all__ = ['HIDE_TAGS', 'SHOWN_PACKAGES', 'FULL', 'PAPER_ROWS', 'VAL_KEYS', 'TEST_KEYS', 'MATHJAX_CONFIG', 'TEMPLATES',
            'find_quarto_yml', 'read_quarto', 'site_nav', 'nav_stems', 'nbdev_sidebar', 'directives', 'strip_directives',
-           'prepare_notebook', 'nb_title', 'load_run', 'page_results', 'provenance_rows', 'provenance_html',
-           'paper_vs_here', 'mathjax_source', 'copy_mathjax', 'page_exporter', 'page_nav', 'with_provenance',
-           'render_page', 'fallback_index', 'source_titles', 'render_offline', 'quarto_project', 'render_quarto',
-           'render_site']
+           'prepare_notebook', 'nb_title', 'load_run', 'page_results', 'provenance_rows', 'provenance_html', 'grid_row',
+           'run_matches', 'paper_vs_here', 'mathjax_source', 'copy_mathjax', 'page_exporter', 'page_nav',
+           'with_provenance', 'render_page', 'fallback_index', 'source_titles', 'render_offline', 'quarto_project',
+           'render_quarto', 'render_site']
 
 # %% ../nbs/10_site.ipynb #0a7ef28c
 def find_quarto_yml(root=None) -> Path|None:
@@ -210,24 +210,46 @@ def provenance_html(rows) -> str:
     body = ''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in rows)
     return f'<div class="emi-provenance"><table>{body}</table></div>'
 
-# %% ../nbs/10_site.ipynb #56777237
+# %% ../nbs/10_site.ipynb #a6773265
 FULL = dict(use_global=True, use_head=True, use_lstm=True, use_vad=True, lstm_dropout=0.0, freeze_backbone=False, train_on='train')
-PAPER_ROWS = [  # (row, paper rho_VAL, paper rho_TEST, how our results are recognised): paper values quoted from Tables 1, 2
-    ('audio: full model', .386, .461, dict(config=FULL)),
-    ('audio: full model, LSTM dropout 0.1', .389, .465, dict(config={**FULL, 'lstm_dropout': 0.1})),
-    ('audio: frozen backbone', .262, None, dict(config={**FULL, 'freeze_backbone': True})),
-    ('audio: trained on train+val', None, .522, dict(config={**FULL, 'train_on': 'train+valid'})),
-    ('global vector only', .342, None, dict(config={**FULL, 'use_head': False, 'use_lstm': False, 'use_vad': False})),
-    ('global + regression head', .356, None, dict(config={**FULL, 'use_lstm': False, 'use_vad': False})),
-    ('regression head + LSTM', .375, None, dict(config={**FULL, 'use_global': False, 'use_vad': False})),
-    ('global + head + LSTM', .377, None, dict(config={**FULL, 'use_vad': False})),
-    ('head + LSTM + VAD', .375, None, dict(config={**FULL, 'use_global': False})),
-    ('vision only', .013, None, dict(name=r'vision.*only|only.*vision|^vision$')),
-    ('audio + vision', .198, None, dict(name=r'audio.*vision|fusion')),
-    ("organisers' audio baseline", None, .240, dict(name=r'baseline')),
+_EMO = r't2\.(audeering|vad)\.'
+PAPER_ROWS = [  # row, paper rho_VAL, paper rho_TEST (quoted from Tables 1 and 2), where ours are: [(results, row pattern)], config
+    ('audio: full model', .386, .461, [('ablations', r't1\.train')], FULL),
+    ('audio: full model, LSTM dropout 0.1', .389, .465, [('ablations', r't1\.dropout')], {**FULL, 'lstm_dropout': 0.1}),
+    ('audio: frozen backbone', .262, None, [('ablations', r't1\.frozen')], {**FULL, 'freeze_backbone': True}),
+    ('audio: trained on train+val', None, .522, [('ablations', r't1\.train\+val')], {**FULL, 'train_on': 'train+valid'}),
+    ('audio: train+val, longer training', None, .554, [('ablations', r't1\.train\+val-long')], None),
+    ('Table 2: global vector only', .342, None, [('ablations', _EMO + r'global')], None),
+    ('Table 2: global + regression head', .356, None, [('ablations', _EMO + r'global\+head')], None),
+    ('Table 2: head + LSTM', .375, None, [('ablations', _EMO + r'head\+lstm')], None),
+    ('Table 2: global + head + LSTM', .377, None, [('ablations', _EMO + r'global\+head\+lstm')], None),
+    ('Table 2: head + LSTM + VAD', .375, None, [('ablations', _EMO + r'head\+lstm\+vad')], None),
+    ('Table 2: global + head + LSTM + VAD', .386, None, [('ablations', _EMO + r'global\+head\+lstm\+vad')], None),
+    ('Table 2: W2V2-L (ASR) backbone, global only', .017, None, [('ablations', r't2\.(w2v2-l|untrained)\.global')], None),
+    ('Table 2: XLSR (ASR) backbone, global only', .021, None, [('ablations', r't2\.(xlsr|untrained)\.global')], None),
+    ('vision only', .013, None, [('vision', r'vision')], None),
+    ('audio + vision', .198, None, [('vision', r'joint-unfrozen'), ('vision', r'joint-frozen')], None),
 ]
 
-# %% ../nbs/10_site.ipynb #927ab231
+# %% ../nbs/10_site.ipynb #418d74f8
+def grid_row(run:dict, where:list, split:str) -> tuple[dict, str]|None:
+    "(stats, 'results.json: row') of the first row of `where` [(results name, pattern)] that has `split` statistics."
+    for res, pat in where:
+        rows = ((run['results'].get(res) or {}).get('metrics') or {}).get('rows') or {}
+        for k, st in rows.items():
+            if not re.fullmatch(pat, k) or not isinstance(st, dict): continue
+            s = (st.get('splits') or {}).get(split) if 'splits' in st else (st if split == 'valid' else None)
+            if s and isinstance(s.get('mean'), (int, float)): return s, f'{res}.json: {k}'
+    return None
+
+def _fmt_stats(s:dict) -> str:
+    "mean ± sd [95% CI] (n seeds) of grid statistics."
+    f = lambda x: '–' if not isinstance(x, (int, float)) or x != x else f'{x:.3f}'
+    n = s.get('n_seeds') or len(s.get('rhos') or s.get('seeds') or []) or 1
+    ci = s.get('ci') if isinstance(s.get('ci'), list) and len(s['ci']) == 2 else None
+    return f(s['mean']) + (f" ± {f(s.get('sd'))}" if n > 1 else '') + (f' [{f(ci[0])}, {f(ci[1])}]' if ci else '') + f' (n={n})'
+
+# %% ../nbs/10_site.ipynb #55df4685
 VAL_KEYS = ('valid.rho', 'val_rho', 'rho_val', 'best_val_rho')
 TEST_KEYS = ('test.rho', 'test_rho', 'rho_test')
 
@@ -245,45 +267,47 @@ def _metric(r:dict, keys) -> tuple[float, list|None]|None:
             return float(v), (ci if isinstance(ci, list) and len(ci) == 2 and None not in ci else None)
     return None
 
-def _matches(r:dict, how:dict, name:str) -> bool:
-    if _metric(r, VAL_KEYS) is None and _metric(r, TEST_KEYS) is None: return False
-    if 'name' in how: return re.search(how['name'], name, re.I) is not None
-    cfg = r.get('config') or {}
-    return all(k in cfg and cfg[k] == v for k, v in how['config'].items())
+def run_matches(run:dict, config:dict|None) -> dict:
+    "Single-run results whose config has `config`'s values, one per seed {name: results}."
+    if not config: return {}
+    hits, seeds = {}, set()
+    for k, r in sorted(run['results'].items()):
+        cfg = r.get('config') or {}
+        if _metric(r, VAL_KEYS) is None and _metric(r, TEST_KEYS) is None: continue
+        if not all(f in cfg and cfg[f] == v for f, v in config.items()): continue
+        if r.get('seed') is not None and r.get('seed') in seeds: continue
+        seeds.add(r.get('seed')); hits[k] = r
+    return hits
 
-# %% ../nbs/10_site.ipynb #49be69f4
-def _fmt(vals:list) -> str:
-    "Mean ± sd over seeds, or one value with its bootstrap CI."
+def _fmt_runs(vals:list) -> str:
+    "Mean ± sd over seeds, or one run's ρ with its bootstrap CI."
     import numpy as np
-    if not vals: return 'not run'
     xs = [v for v, _ in vals]
     if len(xs) > 1: return f'{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f} (n={len(xs)})'
     ci = vals[0][1]
-    return f'{xs[0]:.3f}' + (f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '')
+    return f'{xs[0]:.3f}' + (f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '') + ' (n=1)'
 
-def _one_per_seed(hits:dict) -> dict:
-    seen, res = set(), {}
-    for k, r in sorted(hits.items()):
-        if r.get('seed') in seen and r.get('seed') is not None: continue
-        seen.add(r.get('seed')); res[k] = r
-    return res
-
+# %% ../nbs/10_site.ipynb #ee25f1f5
 def paper_vs_here(run_dir) -> 'pd.DataFrame':
-    "The paper's rows (quoted) beside this run's: mean ρ ± sd over seeds (or ρ [95% CI] of a single run), or 'not run'."
+    "The paper's rows (quoted) beside this run's: ρ mean ± sd [95% CI] (n seeds), or 'not run'."
     import pandas as pd
     run = load_run(run_dir); rows = []
-    for row, pv, pt, how in PAPER_ROWS:
-        hits = _one_per_seed({k: r for k, r in run['results'].items() if _matches(r, how, k)})
-        val = [m for r in hits.values() if (m := _metric(r, VAL_KEYS))]
-        tst = [m for r in hits.values() if (m := _metric(r, TEST_KEYS))]
-        kinds = sorted({str((r.get('provenance') or {}).get('data_kind', '?')).upper() for r in hits.values()})
-        rows.append({'row': row, 'paper ρ_VAL (quoted)': '–' if pv is None else f'{pv:.3f}',
-                     'paper ρ_TEST (quoted)': '–' if pt is None else f'{pt:.3f}', 'here ρ_VAL': _fmt(val),
-                     'here ρ_TEST': _fmt(tst) if tst or pt is not None else '–',
-                     'data': ', '.join(kinds) if hits else '–', 'results': ', '.join(hits) if hits else '–'})
+    def kind(names): return ', '.join(sorted({str((run['results'][n].get('provenance') or {}).get('data_kind', '?')).upper() for n in names}))
+    for row, pv, pt, where, config in PAPER_ROWS:
+        here, src = {}, []
+        for split, pq, keys in (('valid', pv, VAL_KEYS), ('test', pt, TEST_KEYS)):
+            g = grid_row(run, where, split)
+            if g: here[split] = _fmt_stats(g[0]); src.append(g[1]); continue
+            hits = run_matches(run, config); vals = [m for r in hits.values() if (m := _metric(r, keys))]
+            if vals: here[split] = _fmt_runs(vals); src += list(hits)
+            elif pq is not None or split == 'valid': here[split] = 'not run'
+        names = list(dict.fromkeys(x.split('.json')[0] for x in src))
+        rows.append({'row': row, 'paper ρ_VAL (quoted)': '–' if pv is None else f'{pv:.3f}', 'paper ρ_TEST (quoted)': '–' if pt is None else f'{pt:.3f}',
+                     'here ρ_VAL': here.get('valid', '–'), 'here ρ_TEST': here.get('test', '–'),
+                     'data': kind(names) if names else '–', 'source': '; '.join(dict.fromkeys(src)) or '–'})
     return pd.DataFrame(rows).set_index('row')
 
-# %% ../nbs/10_site.ipynb #14cad0ad
+# %% ../nbs/10_site.ipynb #1a77a516
 MATHJAX_CONFIG = 'TeX-AMS-MML_HTMLorMML-full,Safe'
 _MJ_SKIP = ('extensions/a11y', 'jax/output/SVG', 'localization/')
 
@@ -304,7 +328,7 @@ def copy_mathjax(site:Path) -> str:
         shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
     return f'mathjax/MathJax.js?config={MATHJAX_CONFIG}'
 
-# %% ../nbs/10_site.ipynb #de3b93ea
+# %% ../nbs/10_site.ipynb #8ed8e887
 TEMPLATES = Path(emi_nb.__file__).parent/'templates'
 
 def page_exporter(mathjax_url:str):
@@ -319,7 +343,7 @@ def page_exporter(mathjax_url:str):
     return HTMLExporter(config=c, template_name='emi', extra_template_basedirs=[str(TEMPLATES)], mathjax_url=mathjax_url,
                         exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True, log=log)
 
-# %% ../nbs/10_site.ipynb #26286780
+# %% ../nbs/10_site.ipynb #fcee93cc
 def page_nav(nav:dict, pages:dict, current:str, known:dict|None=None) -> dict:
     "Template resources for the navigation of page `current`; `pages` maps stem -> title of the rendered pages."
     def item(e):
@@ -333,7 +357,7 @@ def page_nav(nav:dict, pages:dict, current:str, known:dict|None=None) -> dict:
                 navbar_left=[item(e) for e in nav['left'] if e['stem'] is None or e['stem'] in pages],
                 navbar_right=[item(e) for e in nav['right'] if e['stem'] is None])
 
-# %% ../nbs/10_site.ipynb #7f02ea1f
+# %% ../nbs/10_site.ipynb #2778ce0e
 def with_provenance(nb, box_html:str) -> nbformat.NotebookNode:
     "`nb` with a markdown cell holding `box_html` after its title cell (first cell if it has no title)."
     nb = copy.deepcopy(nb)
@@ -349,7 +373,7 @@ def render_page(exporter, nb, out:Path, resources:dict) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/10_site.ipynb #18510f65
+# %% ../nbs/10_site.ipynb #44f88022
 def fallback_index(run:dict) -> nbformat.NotebookNode:
     "A front-page notebook for a run that did not execute index.ipynb."
     v4 = nbformat.v4
@@ -361,7 +385,7 @@ def fallback_index(run:dict) -> nbformat.NotebookNode:
     nb.metadata['papermill'] = dict(parameters=run['manifest'].get('parameters', {}))
     return nb
 
-# %% ../nbs/10_site.ipynb #5930c415
+# %% ../nbs/10_site.ipynb #11fc30c5
 def source_titles(nav:dict, root) -> dict:
     "Titles of the project's notebooks the sidebar lists, {stem: title} (names pages a run did not execute)."
     res = {}
@@ -388,7 +412,7 @@ def render_offline(run:dict, nav:dict, site:Path, root=None) -> Path:
         render_page(exporter, page, site/f'{s}.html', res)
     return site/'index.html'
 
-# %% ../nbs/10_site.ipynb #40e46ca4
+# %% ../nbs/10_site.ipynb #d9f6753f
 def quarto_project(qy:dict, stems:list, out:str) -> dict:
     "The project's Quarto config for a generated project holding the run's notebooks `stems` side by side."
     def conv(items):
@@ -411,7 +435,7 @@ def quarto_project(qy:dict, stems:list, out:str) -> dict:
     q.setdefault('project', {}).update({'output-dir': out, 'render': [f'{s}.ipynb' for s in stems]})
     return q
 
-# %% ../nbs/10_site.ipynb #4a66a62a
+# %% ../nbs/10_site.ipynb #7ace3de3
 def render_quarto(run:dict, qy:dict, site:Path, root=None, exe:str='quarto') -> Path:
     "Render the run's notebooks with Quarto into `site`; returns site/index.html. `root`: folder of `_quarto.yml`."
     src = run['dir']/'quarto'
@@ -432,7 +456,7 @@ def render_quarto(run:dict, qy:dict, site:Path, root=None, exe:str='quarto') -> 
     subprocess.run([exe, 'render', str(src), '--no-execute'], check=True)
     return site/'index.html'
 
-# %% ../nbs/10_site.ipynb #bf19f7e7
+# %% ../nbs/10_site.ipynb #a72e3b58
 def render_site(run_dir, # a run directory of `emi_study` (manifest.json, notebooks/, results/)
                 quarto:bool|None=None, # use Quarto; None = when `quarto` is on the PATH
                 quarto_yml=None) -> Path: # navigation; None = the project's `_quarto.yml`
