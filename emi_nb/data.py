@@ -13,11 +13,11 @@ import soundfile as sf
 from .config import EMOTIONS, SR, progress, save_json
 
 # %% auto #0
-__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'DataError', 'split_csv', 'split_table', 'read_split', 'media_path',
-           'out_len', 'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames',
-           'load_pickled_features', 'check_root', 'format_problems', 'emi_check_cli']
+__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'PAPER_DATA_STATS', 'DataError', 'split_csv', 'split_table', 'read_split',
+           'media_path', 'out_len', 'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames',
+           'load_pickled_features', 'check_root', 'format_problems', 'emi_check_cli', 'corpus_facts']
 
-# %% ../nbs/01_data.ipynb #8cd45b16
+# %% ../nbs/01_data.ipynb #4191cde6
 class DataError(ValueError):
     "A data problem: `str(e)` is 'path: reason'."
     def __init__(self, path, reason:str):
@@ -25,7 +25,7 @@ class DataError(ValueError):
         super().__init__(f"{path}: {reason}")
     def __reduce__(self): return (DataError, (self.path, self.reason))
 
-# %% ../nbs/01_data.ipynb #fd928d6a
+# %% ../nbs/01_data.ipynb #baa132ec
 SPLITS = ('train', 'valid', 'test')
 
 def split_csv(root, split:str) -> Path:
@@ -44,7 +44,7 @@ def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
         for i in rs: probs[i] = f"duplicate id {fid} (rows {', '.join(str(j + 2) for j in rs)}): labels ambiguous, every copy is bad"
     return ids, probs
 
-# %% ../nbs/01_data.ipynb #ba62143b
+# %% ../nbs/01_data.ipynb #6e74c601
 def _label_problems(df:pd.DataFrame) -> tuple[np.ndarray, dict]:
     "The six emotion columns as floats and {row index: problem} for missing, non-finite or out-of-range values."
     y, probs = np.full((len(df), len(EMOTIONS)), np.nan), {}
@@ -55,7 +55,7 @@ def _label_problems(df:pd.DataFrame) -> tuple[np.ndarray, dict]:
         y[:, j] = col
     return y, probs
 
-# %% ../nbs/01_data.ipynb #ae0827d1
+# %% ../nbs/01_data.ipynb #26a718f8
 def split_table(root, # ABAW-layout data root
                 split:str, # train | valid | test
                 labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
@@ -78,7 +78,7 @@ def split_table(root, # ABAW-layout data root
     problems = [dict(path=str(csv), row=i + 2, fid=int(ids[i]) if ids[i] >= 0 else None, problem=f"row {i + 2}: {m}") for i, m in sorted(probs.items())]
     return out.drop(index=list(probs)).reset_index(drop=True), problems
 
-# %% ../nbs/01_data.ipynb #4a4a59ee
+# %% ../nbs/01_data.ipynb #0a35a173
 def read_split(root, # ABAW-layout data root
                split:str, # train | valid | test
                labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
@@ -92,7 +92,7 @@ def read_split(root, # ABAW-layout data root
     df.attrs['problems'] = probs
     return df
 
-# %% ../nbs/01_data.ipynb #db4cb322
+# %% ../nbs/01_data.ipynb #7cd84dc7
 AUDIO_EXTS = ('.mp3', '.wav', '.flac')
 KINDS = {'audio': 'audio', 'raw': 'raw', 'faces': 'face_images'}
 
@@ -100,7 +100,7 @@ def _inside(p:Path, folder:Path) -> bool:
     try: p.resolve().relative_to(folder.resolve()); return True
     except ValueError: return False
 
-# %% ../nbs/01_data.ipynb #ab1b5bdb
+# %% ../nbs/01_data.ipynb #d370024f
 def media_path(root, # ABAW-layout data root
                fid:int, # clip id (the CSV's Filename)
                kind:str='audio', # audio | raw | faces
@@ -119,7 +119,7 @@ def media_path(root, # ABAW-layout data root
     if not p.exists(): raise DataError(p, "broken symlink")
     return p
 
-# %% ../nbs/01_data.ipynb #17893657
+# %% ../nbs/01_data.ipynb #65024913
 def out_len(n:int, sr:int) -> int:
     "Samples at 16 kHz of `n` samples at `sr` (soxr's rounding)."
     return n if sr == SR else int(math.floor(n * SR / sr + 0.5))
@@ -134,7 +134,7 @@ def _probe(path:Path) -> dict:
     if i.frames <= 0 or i.samplerate <= 0: raise DataError(path, f"no audio samples in the header ({i.frames} frames at {i.samplerate} Hz)")
     return dict(frames=int(i.frames), orig_sr=int(i.samplerate), channels=int(i.channels), format=i.format, decoder='soundfile')
 
-# %% ../nbs/01_data.ipynb #6f857962
+# %% ../nbs/01_data.ipynb #cc0fbb04
 def _probe_librosa(path:Path, err:Exception) -> dict:
     "Fallback probe through librosa/audioread; DataError naming both failures."
     try:
@@ -151,7 +151,7 @@ def _short(e:Exception) -> str:
     s = str(e).replace("File does not exist or is not a regular file (possibly a pipe?)", "format not recognised")
     return s.split(': ', 1)[-1][:160] if s.startswith('Error opening') else s[:160]
 
-# %% ../nbs/01_data.ipynb #b628c37c
+# %% ../nbs/01_data.ipynb #8e1f6d84
 def _decode(path:Path, info:dict, n:int|None) -> np.ndarray:
     "(frames, channels) float32 of the first `n` frames (all when None)."
     if '_data' in info: x = info['_data'][:n]
@@ -160,7 +160,7 @@ def _decode(path:Path, info:dict, n:int|None) -> np.ndarray:
         except Exception as e: raise DataError(path, f"decoding failed: {_short(e)}") from None
     return np.asarray(x, dtype=np.float32)
 
-# %% ../nbs/01_data.ipynb #4614d109
+# %% ../nbs/01_data.ipynb #d752e69c
 def load_audio(path, # audio file (mp3/wav/flac; any rate, any channels)
                max_seconds:float|None=12.0, # cut here; None or 0 = whole clip
                tolerance:float=0.1, # seconds a decoded clip may fall short of its header before it counts as truncated
@@ -182,13 +182,13 @@ def load_audio(path, # audio file (mp3/wav/flac; any rate, any channels)
     info.update(path=str(path), seconds=frames / sr, cut_seconds=max(0.0, (frames - len(x)) / sr), samples=len(y))
     return np.ascontiguousarray(y, dtype=np.float32), info
 
-# %% ../nbs/01_data.ipynb #08bcde41
+# %% ../nbs/01_data.ipynb #e1512749
 def normalize(wav:np.ndarray) -> np.ndarray:
     "Zero mean, unit variance (as Wav2Vec2FeatureExtractor with do_normalize=True)."
     wav = np.asarray(wav, dtype=np.float32)
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
 
-# %% ../nbs/01_data.ipynb #31610180
+# %% ../nbs/01_data.ipynb #e35aa3bc
 def _check_clip(root, fid:int, max_seconds, full:bool) -> dict:
     "Probe (or fully decode when `full`) the audio of `fid`; dict with fid, path, length or problem."
     try:
@@ -201,7 +201,7 @@ def _check_clip(root, fid:int, max_seconds, full:bool) -> dict:
         return dict(fid=fid, path=str(p), length=out_len(n, info['orig_sr']), seconds=info['frames']/info['orig_sr'], problem=None)
     except DataError as e: return dict(fid=fid, path=e.path, length=0, seconds=float('nan'), problem=e.reason)
 
-# %% ../nbs/01_data.ipynb #1d630830
+# %% ../nbs/01_data.ipynb #5e5963cf
 import torch
 
 class EMIDataset(torch.utils.data.Dataset):
@@ -224,7 +224,7 @@ class EMIDataset(torch.utils.data.Dataset):
         self.lengths = np.array([c['length'] for c in checks if not c['problem']], dtype=np.int64)
         self.labels = self.df[EMOTIONS].to_numpy(np.float32) if self.has_labels else None
 
-# %% ../nbs/01_data.ipynb #a56261ed
+# %% ../nbs/01_data.ipynb #784f141b
 from fastcore.basics import patch
 
 @patch
@@ -241,7 +241,7 @@ def __getitem__(self:EMIDataset, i:int) -> dict:
 @patch
 def __repr__(self:EMIDataset): return f"EMIDataset({self.split}: {len(self)} clips, {len(self.report)} quarantined, root={self.root})"
 
-# %% ../nbs/01_data.ipynb #e7a30966
+# %% ../nbs/01_data.ipynb #8341333d
 def collate(batch:list[dict]) -> dict:
     "Pad to the longest clip: input_values (B,T), attention_mask (B,T) long, labels (B,6), fids, lengths (B,)."
     lengths = torch.tensor([len(b['wav']) for b in batch], dtype=torch.long)
@@ -252,7 +252,7 @@ def collate(batch:list[dict]) -> dict:
     if all('labels' in b for b in batch): out['labels'] = torch.stack([b['labels'] for b in batch])
     return out
 
-# %% ../nbs/01_data.ipynb #1c545201
+# %% ../nbs/01_data.ipynb #90302ff7
 def video_info(path) -> dict:
     "fps (nominal), avg_fps, duration (s), frames, width, height of a video, from its container (PyAV)."
     import av
@@ -271,7 +271,7 @@ def video_info(path) -> dict:
     except DataError: raise
     except Exception as e: raise DataError(path, f"cannot read video: {e}") from None
 
-# %% ../nbs/01_data.ipynb #2b8a3abe
+# %% ../nbs/01_data.ipynb #e91381d6
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 def face_frames(root, # ABAW-layout data root
@@ -285,7 +285,7 @@ def face_frames(root, # ABAW-layout data root
     if bad: raise DataError(d, f"face image name(s) without a frame number: {bad[:3]}")
     return sorted(fs, key=lambda p: int(p.stem))
 
-# %% ../nbs/01_data.ipynb #1bdb9f70
+# %% ../nbs/01_data.ipynb #5cd1a36f
 def load_pickled_features(path, # a .pkl of per-frame features
                           allow_pickle:bool=False, # unpickling executes code: only for files you trust
                          ) -> np.ndarray:
@@ -299,7 +299,7 @@ def load_pickled_features(path, # a .pkl of per-frame features
     try: return np.asarray(obj, dtype=np.float32)
     except Exception as e: raise DataError(path, f"not an array of numbers: {type(obj).__name__}") from None
 
-# %% ../nbs/01_data.ipynb #49296302
+# %% ../nbs/01_data.ipynb #614c369f
 def _clip_facts(root, split:str, fid:int, media:dict) -> dict:
     "Decode one clip fully and look at its video and faces; facts + problems [(severity, path, problem)]."
     r = dict(split=split, fid=fid, problems=[])
@@ -318,7 +318,7 @@ def _clip_facts(root, split:str, fid:int, media:dict) -> dict:
         except DataError as e: r['problems'].append(('warning', e.path, e.reason))
     return r
 
-# %% ../nbs/01_data.ipynb #ad6c1812
+# %% ../nbs/01_data.ipynb #ff37b9a7
 def check_root(root, # ABAW-layout data root
                workers:int|None=None, # decoding threads (default: CPU count)
                max_seconds:float=12.0, # the cut whose effect the summary reports
@@ -346,7 +346,7 @@ def check_root(root, # ABAW-layout data root
     problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable').reset_index(drop=True)
     return dict(problems=problems, clips=clips, summary=_summary(clips, max_seconds))
 
-# %% ../nbs/01_data.ipynb #cebc783c
+# %% ../nbs/01_data.ipynb #6bf47445
 def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
     if 'seconds' not in clips or clips['seconds'].notna().sum() == 0: return dict(clips=len(clips), decoded=0)
     c = clips.dropna(subset=['seconds']); d = c['seconds'].to_numpy()
@@ -360,7 +360,7 @@ def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
                 shortest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in shortest.itertuples()},
                 fps={str(round(k, 2)): int(v) for k, v in c['video_fps'].value_counts().sort_index().items()} if 'video_fps' in c else {})
 
-# %% ../nbs/01_data.ipynb #d8337a56
+# %% ../nbs/01_data.ipynb #abb0ccc5
 def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
     "A plain-text table of problems (severity, path relative to `root`, problem)."
     if len(problems) == 0: return "no problems found"
@@ -371,7 +371,7 @@ def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
     if len(problems) > max_rows: lines.append(f"... and {len(problems) - max_rows} more (see --json)")
     return '\n'.join(lines)
 
-# %% ../nbs/01_data.ipynb #7df8b2c3
+# %% ../nbs/01_data.ipynb #b3dfcbb6
 def emi_check_cli(argv=None):
     "emi_check DATA_ROOT: validate an ABAW-layout data root; exit 1 when there are errors."
     ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before training: tables, audio, videos, faces.')
@@ -391,3 +391,35 @@ def emi_check_cli(argv=None):
     print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
     if a.json: save_json(a.json, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
     sys.exit(1 if n_err or (a.strict and n_warn) else 0)
+
+# %% ../nbs/01_data.ipynb #059770b2
+PAPER_DATA_STATS = dict(  # quoted from the paper (Hume-Vidmimic2, ABAW6 EMI); not measured here
+    clips=dict(train=8072, valid=4588, test=4586), duration_mean_s=6.93, duration_min_s=0.1, duration_max_s=1249.9,
+    share_under_1s=0.031, share_over_12s=0.044, cut12_seen_whole=0.956, cut12_audio_dropped=0.014,
+    fps_mean=226, share_30fps=0.626, share_1000fps=0.201, fps_min=25, fps_max=1000, face_fps=6,
+    near_zero_train=(0.553, 0.899), near_zero_valid=(0.341, 0.524),
+    face_examples={11437: dict(fps=30, seconds=6.54, expected=39, found=42), 15709: dict(effective_fps=5.84)})
+
+# %% ../nbs/01_data.ipynb #a34de8e8
+def _clip_row(root, split:str, fid:int) -> dict:
+    r = dict(split=split, fid=fid)
+    try:
+        i = _probe(media_path(root, fid, 'audio')); r.update(seconds=i['frames'] / i['orig_sr'], channels=i['channels'], orig_sr=i['orig_sr'])
+    except DataError as e: r['problem'] = str(e)
+    if (Path(root)/'raw').is_dir():
+        try: r.update({f'video_{k}': v for k, v in video_info(media_path(root, fid, 'raw')).items()})
+        except DataError as e: r['problem'] = str(e)
+    if (Path(root)/'face_images').is_dir():
+        d = media_path(root, fid, 'faces', must_exist=False)
+        r['faces'] = sum(1 for p in d.iterdir() if p.suffix.lower() in IMG_EXTS) if d.is_dir() else np.nan
+    return r
+
+def corpus_facts(root, # ABAW-layout data root
+                 workers:int|None=None, # threads (default: CPU count)
+                ) -> pd.DataFrame:
+    "One row per clip of every split: audio seconds/channels/rate (header), video fps/frames/duration (container), face count."
+    rows = []
+    for split in SPLITS:
+        if split_csv(root, split).exists(): rows += [(split, int(f)) for f in read_split(root, split, labels=False, quarantine=True).Filename]
+    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
+        return pd.DataFrame(list(progress(ex.map(lambda r: _clip_row(root, *r), rows), total=len(rows), desc='facts', leave=False)))

@@ -20,10 +20,10 @@ __all__ = ['GENERATOR_VERSION', 'SIZES', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE'
            'durations', 'speaker', 'voice_controls', 'voiced', 'contour', 'render_clip', 'face_image',
            'face_expression', 'render_faces', 'write_video', 'render_row', 'plan_split', 'plan_vad_split',
            'build_corpus', 'build_vad_corpus', 'corpus_checksum', 'ensure_corpus', 'ensure_vad_corpus',
-           'resolve_data_root', 'emi_synth_cli']
+           'resolve_data_root', 'emi_synth_cli', 'mfcc_stats', 'acoustic_features', 'ridge_fit']
 
-# %% ../nbs/02_synth.ipynb #3fba4598
-GENERATOR_VERSION = '1.1'
+# %% ../nbs/02_synth.ipynb #2614c62f
+GENERATOR_VERSION = '1.2'
 SIZES = {
     'smoke': dict(train=32, valid=16, test=16, vad_train=48, vad_valid=16, spk_clips=4, scale=0.32, long_clip=7.5, vad_seconds=(1.0, 2.5)),
     'synthetic': dict(train=600, valid=300, test=300, vad_train=400, vad_valid=100, spk_clips=8, scale=1.0, long_clip=75.0, vad_seconds=(2.0, 6.0)),
@@ -31,20 +31,20 @@ SIZES = {
 NEAR_ZERO = 0.05  # a label below this counts as "near zero" in the statistics
 SPLIT_CODE = {'train': 1, 'valid': 2, 'test': 3, 'vad_train': 11, 'vad_valid': 12}
 
-# %% ../nbs/02_synth.ipynb #52e9036b
+# %% ../nbs/02_synth.ipynb #90ea6f39
 ZERO_SHARE = {  # target share of near-zero labels per emotion (order of EMOTIONS)
-    'train': [0.80, 0.62, 0.86, 0.84, 0.70, 0.58],
-    'valid': [0.47, 0.42, 0.37, 0.50, 0.45, 0.36],
+    'train': [0.72, 0.59, 0.85, 0.66, 0.62, 0.70],
+    'valid': [0.50, 0.44, 0.36, 0.48, 0.46, 0.35],
 }
 ZERO_SHARE['test'] = ZERO_SHARE['valid']
-SPREAD = {'train': [0.40] * 6, 'valid': [0.40, 0.40, 0.52, 0.40, 0.40, 0.55]}  # Det and Joy spread more in valid
+SPREAD = {'train': [0.40] * 6, 'valid': [0.40, 0.40, 0.55, 0.40, 0.40, 0.60]}  # Det and Joy spread more in valid
 SPREAD['test'] = SPREAD['valid']
 CORR = np.array([[1, .30, .10, .10, .30, .35], [.30, 1, -.10, -.20, .40, .50], [.10, -.10, 1, .10, .30, 0],
                  [.10, -.20, .10, 1, -.10, -.30], [.30, .40, .30, -.10, 1, .45], [.35, .50, 0, -.30, .45, 1]])
 RATER = dict(noise=0.12, miss=0.06, spurious=0.06)  # rater noise sd, P(report 0 | expressed), P(small rating | not expressed)
 SPEAKER_SD = 0.3  # share of the latent's sd that is the speaker's own tendency (in z units)
 
-# %% ../nbs/02_synth.ipynb #7b6f9946
+# %% ../nbs/02_synth.ipynb #30e74d02
 _Z = np.linspace(-7, 7, 4001); _W = norm.pdf(_Z) * (_Z[1] - _Z[0])
 
 def label_zero_share(mu:float, sd:float) -> float:
@@ -72,7 +72,7 @@ def rate(rng, y:np.ndarray) -> np.ndarray:
     lab[sp] = rng.uniform(0.05, 0.3, sp.sum())
     return np.round(lab, 4)
 
-# %% ../nbs/02_synth.ipynb #0ce40cc4
+# %% ../nbs/02_synth.ipynb #914e9302
 FPS_MIX = [(30, 0.63), (1000, 0.20), (25, 0.05), (Fraction(2983, 100), 0.04), (60, 0.05), (Fraction(125, 2), 0.03)]
 
 def _exact_counts(n:int, probs) -> np.ndarray:
@@ -91,7 +91,7 @@ def durations(rng, n:int, scale:float=1.0, long_clip:float|None=None) -> np.ndar
     if long_clip: d[np.argmax(d)] = long_clip
     return np.round(d, 3)
 
-# %% ../nbs/02_synth.ipynb #6f2231ff
+# %% ../nbs/02_synth.ipynb #8fe442d2
 def speaker(rng) -> dict:
     "Random speaker traits (voice, microphone, room, face)."
     female = bool(rng.random() < 0.5)
@@ -102,7 +102,7 @@ def speaker(rng) -> dict:
                 hp=float(rng.uniform(60, 220)), lp=float(rng.uniform(3600, 7600)),
                 skin=rng.uniform(0.35, 0.9, 3).round(3).tolist(), bg=rng.uniform(0.1, 0.9, 3).round(3).tolist(), light=float(rng.uniform(0.6, 1.1)))
 
-# %% ../nbs/02_synth.ipynb #695609d6
+# %% ../nbs/02_synth.ipynb #2c6a9bc3
 VAD_FROM_EMOTION = np.array([  # rows: arousal, dominance, valence; columns: EMOTIONS
     [0.10, 0.35, 0.30, -0.25, 0.50, 0.30],
     [-0.15, 0.05, 0.50, -0.35, 0.10, 0.10],
@@ -120,7 +120,7 @@ def voice_controls(spk:dict, vad, e) -> dict:
                 tremor_st=1.5 * pain, melody_st=3.0 * joy, p_stress=0.08 + 0.5 * det,
                 p_laugh=0.35 * amu, p_sigh=0.25 * pain, p_ooh=0.3 * adm, p_wow=0.3 * exc)
 
-# %% ../nbs/02_synth.ipynb #f5c2ea81
+# %% ../nbs/02_synth.ipynb #e4de15b2
 def _formant_sos(formants, scale:float) -> np.ndarray:
     "Cascade of three all-pole resonators (unit gain at DC) at `formants*scale`."
     sos = []
@@ -135,7 +135,7 @@ def _envelope(n:int, attack:float, release:float=0.05) -> np.ndarray:
     env = np.ones(n); env[:na] = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, na)); env[n - nr:] = 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, nr))
     return env
 
-# %% ../nbs/02_synth.ipynb #65678461
+# %% ../nbs/02_synth.ipynb #b4cae72b
 def voiced(rng, f0, vowel:int, c:dict, level_db:float, breath:float|None=None, attack:float|None=None) -> np.ndarray:
     "One voiced event at pitch contour `f0` (Hz per sample): source, tilt, aspiration, formants, envelope, level."
     n = len(f0); phase = np.cumsum(f0) / SR + rng.random()
@@ -151,7 +151,7 @@ def contour(rng, n:int, f0:float, st_start:float, st_end:float, c:dict, t0:float
     st = np.linspace(st_start, st_end, n) + c['tremor_st'] * np.sin(2 * np.pi * 6.0 * (t0 + t)) + 0.15 * np.cumsum(rng.standard_normal(n)) / math.sqrt(SR)
     return f0 * 2 ** (st / 12)
 
-# %% ../nbs/02_synth.ipynb #ae45bce7
+# %% ../nbs/02_synth.ipynb #1e4c809a
 def _event(rng, c:dict, t0:float, k:int) -> tuple[np.ndarray, float]:
     "The next event of a clip (samples, pause after it in s): a syllable, a laugh, a sigh, an 'ooh' or a 'wow'."
     u, f0 = rng.random(), c['f0']
@@ -175,7 +175,7 @@ def _event(rng, c:dict, t0:float, k:int) -> tuple[np.ndarray, float]:
     f = contour(rng, n, f0, s0, s0 + c['slope_st'] - (2 if stress else 0), c, t0)
     return voiced(rng, f, int(rng.integers(5)), c, c['level_db'] + (5 if stress else 0), attack=0.006 if stress else None), rng.uniform(0.02, 0.1) / (0.5 + c['rate'] / 8)
 
-# %% ../nbs/02_synth.ipynb #eef1b019
+# %% ../nbs/02_synth.ipynb #dec1581d
 def render_clip(rng, seconds:float, spk:dict, c:dict) -> np.ndarray:
     "float32 mono 16 kHz audio of one clip: events in phrases over the room noise, through the microphone."
     n = max(1, int(round(seconds * SR))); x = np.zeros(n)
@@ -191,7 +191,7 @@ def render_clip(rng, seconds:float, spk:dict, c:dict) -> np.ndarray:
     y = signal.sosfilt(signal.butter(2, [spk['hp'], spk['lp']], 'bandpass', fs=SR, output='sos'), x + noise)
     return (y / max(1.0, np.abs(y).max() / 0.95)).astype(np.float32)
 
-# %% ../nbs/02_synth.ipynb #17990338
+# %% ../nbs/02_synth.ipynb #91b74720
 _G = np.mgrid[-1:1:48j, -1:1:48j]
 
 def face_image(spk:dict, x:np.ndarray) -> np.ndarray:
@@ -214,7 +214,7 @@ def face_expression(e:np.ndarray) -> np.ndarray:
     return np.clip([0.9 * joy + 0.6 * amu + 0.3 * adm + 0.3 * exc - 0.7 * pain, 0.7 * amu + 0.6 * exc + 0.4 * adm,
                     0.6 * exc + 0.5 * adm + 0.3 * pain, 0.9 * det + 0.4 * pain, 0.5 + 0.4 * exc + 0.2 * adm - 0.4 * amu - 0.2 * det], 0, 1)
 
-# %% ../nbs/02_synth.ipynb #2f99c98e
+# %% ../nbs/02_synth.ipynb #1b20d2b2
 def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray) -> dict:
     "Write the face crops of one clip into `out` (JPEG, numbered); returns what happened (counts, failure modes)."
     from PIL import Image
@@ -236,7 +236,7 @@ def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray) -> dict:
         Image.fromarray((im * 255).astype(np.uint8)).save(out/f'{k + 1:05d}.jpg', quality=85); kept += 1
     return dict(face_drift=round(drift, 4), face_frames=kept, face_miss=round(miss, 3), face_dark=int(dark), face_occluded=int(o1 - o0))
 
-# %% ../nbs/02_synth.ipynb #cdf86b5c
+# %% ../nbs/02_synth.ipynb #f507e73d
 def write_video(rng, path:Path, seconds:float, fps, thumb:np.ndarray) -> int:
     "Write a tiny mp4 of `seconds` at `fps` (1000 = variable rate on a 1 ms time base); returns its frame count."
     import av
@@ -254,7 +254,7 @@ def write_video(rng, path:Path, seconds:float, fps, thumb:np.ndarray) -> int:
         for pk in s.encode(): c.mux(pk)
     return len(pts)
 
-# %% ../nbs/02_synth.ipynb #af774342
+# %% ../nbs/02_synth.ipynb #8f2945d3
 def _rng(*key) -> np.random.Generator: return np.random.default_rng([int(k) for k in key])
 
 def render_row(row:dict, root:str, media:bool=True) -> dict:
@@ -274,7 +274,7 @@ def render_row(row:dict, root:str, media:bool=True) -> dict:
     res['video_frames'] = write_video(rng, root/'raw'/f'{fid:05d}.mp4', row['duration'], Fraction(row['fps']), thumb)
     return res
 
-# %% ../nbs/02_synth.ipynb #85b9ca87
+# %% ../nbs/02_synth.ipynb #e24e7db4
 def plan_split(seed:int, split:str, n:int, size:str, fids) -> pd.DataFrame:
     "One row per clip of an EMI split: Filename, labels, latent intensities, state, speaker, duration, fps."
     S = SIZES[size]; rng = _rng(seed, SPLIT_CODE[split], 1)
@@ -293,7 +293,7 @@ def plan_split(seed:int, split:str, n:int, size:str, fids) -> pd.DataFrame:
                    **{f'expressed_{j}': expr[:, j].round(4) for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
     return df
 
-# %% ../nbs/02_synth.ipynb #cbaaa06b
+# %% ../nbs/02_synth.ipynb #6c0bc3be
 def plan_vad_split(seed:int, split:str, n:int, size:str) -> pd.DataFrame:
     "One row per clip of a VAD split: Filename, arousal, dominance, valence (labels) and the true state."
     S = SIZES[size]; rng = _rng(seed, SPLIT_CODE[split], 1)
@@ -308,7 +308,7 @@ def plan_vad_split(seed:int, split:str, n:int, size:str) -> pd.DataFrame:
                      speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=rng.uniform(*S['vad_seconds'], n).round(3),
                      **{f'expressed_{j}': 0.0 for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
 
-# %% ../nbs/02_synth.ipynb #0c7b1060
+# %% ../nbs/02_synth.ipynb #0a2078b7
 def _render_many(rows:list[dict], root, media:bool, workers:int, desc:str) -> list[dict]:
     "Render rows in `workers` processes (fork), in order; results in row order."
     import multiprocessing as mp
@@ -319,7 +319,7 @@ def _render_many(rows:list[dict], root, media:bool, workers:int, desc:str) -> li
 
 def _default_workers() -> int: return max(1, min(2, os.cpu_count() or 1))
 
-# %% ../nbs/02_synth.ipynb #481b6622
+# %% ../nbs/02_synth.ipynb #c82bdd0b
 def build_corpus(out, # folder to create (must not exist or be empty)
                  seed:int=0, # corpus seed
                  size:str='smoke', # smoke | synthetic
@@ -350,7 +350,7 @@ def _write_csvs(out:Path, plans:dict, meta:pd.DataFrame):
     plans['test'][['Filename'] + EMOTIONS].to_csv(out/'test_labels.csv', index=False, float_format='%.4f')
     meta.to_csv(out/'SYNTHETIC_clips.csv', index=False, float_format='%.4f')
 
-# %% ../nbs/02_synth.ipynb #5494d17a
+# %% ../nbs/02_synth.ipynb #f1b98abb
 def build_vad_corpus(out, # folder to create (must not exist or be empty)
                      seed:int=0, # corpus seed
                      size:str='smoke', # smoke | synthetic
@@ -371,7 +371,7 @@ def build_vad_corpus(out, # folder to create (must not exist or be empty)
                                           counts={s: int(SIZES[size][s]) for s in plans}))
     return out
 
-# %% ../nbs/02_synth.ipynb #dd6a0087
+# %% ../nbs/02_synth.ipynb #f485c1e3
 def corpus_checksum(root) -> str:
     "sha256 over the relative path and bytes of every file under `root`."
     root = Path(root); h = hashlib.sha256()
@@ -379,7 +379,7 @@ def corpus_checksum(root) -> str:
         h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
     return h.hexdigest()
 
-# %% ../nbs/02_synth.ipynb #23e56198
+# %% ../nbs/02_synth.ipynb #c9391b80
 def _ensure(kind:str, size:str, seed:int, builder, workers=None) -> Path:
     from filelock import FileLock
     base = cache_dir('corpus'); dst = base/f'{kind}-{size}-seed{seed}-v{GENERATOR_VERSION}'
@@ -400,7 +400,7 @@ def ensure_vad_corpus(size:str='synthetic', seed:int=0, workers:int|None=None) -
     "The cached synthetic VAD corpus of `size` and `seed`, built on first use."
     return _ensure('vad', size, seed, build_vad_corpus, workers)
 
-# %% ../nbs/02_synth.ipynb #2df1a78f
+# %% ../nbs/02_synth.ipynb #b765bc06
 def resolve_data_root(cfg) -> Path:
     "The data root of a config: `cfg.data_root` when set (it must exist), else the profile's synthetic corpus."
     if cfg.data_root:
@@ -409,7 +409,7 @@ def resolve_data_root(cfg) -> Path:
         return p
     return ensure_corpus(cfg.synth_size or ('smoke' if cfg.profile == 'smoke' else 'synthetic'), cfg.synth_seed)
 
-# %% ../nbs/02_synth.ipynb #f2e1d1f4
+# %% ../nbs/02_synth.ipynb #c07bd23c
 def emi_synth_cli(argv=None):
     "emi_synth: build the synthetic EMI corpus (and the VAD corpus) for a profile."
     ap = argparse.ArgumentParser(prog='emi_synth', description='Build the deterministic synthetic EMI corpus (ABAW layout) and the VAD corpus.')
@@ -431,3 +431,44 @@ def emi_synth_cli(argv=None):
         try: p = job()
         except (FileExistsError, ValueError) as e: print(f"emi_synth: {e}", file=sys.stderr); sys.exit(2)
         print(f"{kind} corpus ({size}, seed {a.seed}): {p}  [{time.time() - t0:.1f} s]" + (f"  sha256 {corpus_checksum(p)}" if a.checksum else ''))
+
+# %% ../nbs/02_synth.ipynb #4b58330f
+def _mel(n_mels:int=40):
+    import librosa
+    return librosa.filters.mel(sr=SR, n_fft=512, n_mels=n_mels).astype(np.float32)
+
+_MEL = None
+
+def mfcc_stats(y:np.ndarray) -> np.ndarray:
+    "64 summary statistics of a 16 kHz clip: MFCC means, sds, delta sds, energy percentiles, log duration."
+    global _MEL
+    if _MEL is None: _MEL = _mel()
+    from scipy.fft import dct
+    y = np.pad(y, (0, max(0, 400 - len(y)))); n = 1 + (len(y) - 400) // 160
+    fr = np.lib.stride_tricks.sliding_window_view(y, 400)[::160][:n] * np.hanning(400).astype(np.float32)
+    logmel = np.log(np.abs(np.fft.rfft(fr, 512)) ** 2 @ _MEL.T + 1e-8)             # (T, 40)
+    m = dct(logmel, norm='ortho', axis=1)[:, :20]                                   # (T, 20)
+    d = np.diff(m, axis=0) if len(m) > 1 else np.zeros((1, 20))
+    e = logmel.mean(1)
+    return np.r_[m.mean(0), m.std(0), d.std(0), np.percentile(e, [10, 50, 90]), np.log(len(y) / SR)].astype(np.float32)
+
+# %% ../nbs/02_synth.ipynb #d08e283f
+def acoustic_features(root, # data root (ABAW layout)
+                      split:str, # train | valid | test, or a VAD corpus CSV stem (vad_train, vad_valid)
+                      max_seconds:float=12.0, # the study's cut
+                      workers:int=2, # decoding threads
+                     ) -> tuple[list, np.ndarray]:
+    "Clip ids and (N, 64) MFCC summary features of a split."
+    from concurrent.futures import ThreadPoolExecutor
+    from emi_nb.data import load_audio, media_path, read_split
+    fids = (read_split(root, split, labels=False) if not split.startswith('vad') else pd.read_csv(Path(root)/f'{split}.csv')).Filename.tolist()
+    f = lambda fid: mfcc_stats(load_audio(media_path(root, fid), max_seconds)[0])
+    with ThreadPoolExecutor(workers) as ex: X = np.stack(list(progress(ex.map(f, fids), total=len(fids), desc=f'mfcc {split}', leave=False)))
+    return fids, X
+
+def ridge_fit(X, Y):
+    "Standardise + ridge with the penalty chosen by leave-one-out CV on the training data."
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(X, Y)
