@@ -166,15 +166,17 @@ def page_results(run:dict, nb) -> dict:
         if t is not None and t + 1 >= t0 and t <= t1: res[k] = r
     return res
 
-# %% ../nbs/10_site.ipynb #e16c8870
+# %% ../nbs/10_site.ipynb #76daaa4c
 def _data_line(results:dict, params:dict, profile:str, own:bool) -> str:
-    "HTML naming the data behind `results` (kind in capitals, fingerprint)."
-    seen = sorted({((r.get('provenance') or {}).get('data_kind'), (r.get('provenance') or {}).get('data_fingerprint'))
-                   for r in results.values()} - {(None, None)}, key=str)
+    "HTML naming the data behind `results` (kind in capitals, fingerprint, which results)."
+    seen = {}
+    for n, r in results.items():
+        p = r.get('provenance') or {}
+        if p.get('data_kind') or p.get('data_fingerprint'): seen.setdefault((str(p.get('data_kind')), str(p.get('data_fingerprint'))), []).append(n)
     if seen:
-        where = 'of the results on this page' if own else "of this run's results (none saved on this page)"
-        return '; '.join(f'<span class="emi-kind-{escape(str(k))}">{escape(str(k).upper())}</span> data '
-                         f'(fingerprint <code>{escape(str(f))}</code>)' for k, f in seen) + f' — {where}'
+        where = 'results of this page' if own else "this run's results; none saved on this page"
+        return '; '.join(f'<span class="emi-kind-{escape(k)}">{escape(k.upper())}</span> data (fingerprint <code>{escape(f)}</code>: '
+                         f'{escape(", ".join(ns))})' for (k, f), ns in sorted(seen.items())) + f' — {where}'
     root = params.get('data_root') or ''
     if root and Path(root).is_dir():
         k = data_kind(root)
@@ -287,7 +289,7 @@ def _fmt_runs(vals:list) -> str:
     ci = vals[0][1]
     return f'{xs[0]:.3f}' + (f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '') + ' (n=1)'
 
-# %% ../nbs/10_site.ipynb #ee25f1f5
+# %% ../nbs/10_site.ipynb #fe6b0190
 def paper_vs_here(run_dir) -> 'pd.DataFrame':
     "The paper's rows (quoted) beside this run's: ρ mean ± sd [95% CI] (n seeds), or 'not run'."
     import pandas as pd
@@ -305,7 +307,7 @@ def paper_vs_here(run_dir) -> 'pd.DataFrame':
         rows.append({'row': row, 'paper ρ_VAL (quoted)': '–' if pv is None else f'{pv:.3f}', 'paper ρ_TEST (quoted)': '–' if pt is None else f'{pt:.3f}',
                      'here ρ_VAL': here.get('valid', '–'), 'here ρ_TEST': here.get('test', '–'),
                      'data': kind(names) if names else '–', 'source': '; '.join(dict.fromkeys(src)) or '–'})
-    return pd.DataFrame(rows).set_index('row')
+    return pd.DataFrame(rows).set_index('row').rename_axis(None)
 
 # %% ../nbs/10_site.ipynb #1a77a516
 MATHJAX_CONFIG = 'TeX-AMS-MML_HTMLorMML-full,Safe'
