@@ -16,9 +16,10 @@ from .config import EMOTIONS, VAD_NAMES, SR, StudyConfig, get_device
 
 # %% auto #0
 __all__ = ['BACKBONE_PRESETS', 'MIN_SAMPLES', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_QUOTED', 'backbone_config', 'VADHead',
-           'EmotionModel', 'masked_mean', 'load_backbone', 'clip_lengths', 'EMIModel']
+           'EmotionModel', 'masked_mean', 'load_backbone', 'min_samples', 'clip_lengths', 'EMIModel',
+           'draw_architecture', 'block_table', 'forward_seconds']
 
-# %% ../nbs/03_model.ipynb #0aaff1dc
+# %% ../nbs/03_model.ipynb #fe33a326
 _CONV_KERNEL, _CONV_STRIDE = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)  # wav2vec2's encoder: stride 320 -> 50 Hz
 _COMMON = dict(feat_extract_norm='layer', do_stable_layer_norm=True, conv_bias=True, feat_extract_activation='gelu',
                hidden_act='gelu', conv_kernel=_CONV_KERNEL, conv_stride=_CONV_STRIDE, final_dropout=0.1,
@@ -26,8 +27,8 @@ _COMMON = dict(feat_extract_norm='layer', do_stable_layer_norm=True, conv_bias=T
 BACKBONE_PRESETS: dict[str, dict] = {
     'paper': dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, intermediate_size=4096,
                   conv_dim=(512,)*7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, layerdrop=0.1),
-    'small': dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
-                  conv_dim=(16, 32, 32, 64, 64, 96, 128), num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, layerdrop=0.0),
+    'small': dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                  conv_dim=(8, 16, 32, 32, 64, 64, 128), num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, layerdrop=0.0),
     'tiny':  dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                   conv_dim=(8, 8, 8, 16, 16, 16, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.0),
 }
@@ -49,7 +50,7 @@ class VADHead(nn.Module):
 
     def forward(self, x): return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(x)))))
 
-# %% ../nbs/03_model.ipynb #951b2bbd
+# %% ../nbs/03_model.ipynb #77519004
 class EmotionModel(Wav2Vec2PreTrainedModel):
     "wav2vec2 + audeering's VAD regression head; keys `wav2vec2.*`, `classifier.dense.*`, `classifier.out_proj.*`."
     def __init__(self, config:Wav2Vec2Config):
@@ -68,6 +69,10 @@ class EmotionModel(Wav2Vec2PreTrainedModel):
                mask_time_indices:torch.Tensor|None=None # SpecAugment override (B, T') bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         "Per-frame hidden states (B,T',H), VAD head per frame (B,T',3) and the frame mask (B,T')."
+        c = self.config
+        if self.training and mask_time_indices is None and c.apply_spec_augment and c.mask_time_prob > 0:
+            t = int(self._get_feat_extract_output_lengths(input_values.shape[1]))
+            if t < c.mask_time_length: mask_time_indices = torch.zeros(input_values.shape[0], t, dtype=torch.bool, device=input_values.device)
         out = self.wav2vec2(input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices)
         h = out.last_hidden_state
         m = self.frame_mask(attention_mask, input_values.shape[1], h.shape[1], h.shape[0], h.device)
@@ -86,7 +91,7 @@ def masked_mean(x:torch.Tensor, # (B, T, d)
     w = mask.to(x.dtype).unsqueeze(-1)
     return (x * w).sum(1) / w.sum(1).clamp_min(1)
 
-# %% ../nbs/03_model.ipynb #1e4902d2
+# %% ../nbs/03_model.ipynb #e95f21b0
 def _is_head_key(k:str) -> bool: return k.startswith('classifier.')
 def _is_optional_key(k:str) -> bool: return k.endswith('masked_spec_embed')
 
@@ -110,23 +115,32 @@ def load_backbone(path_or_preset:str, # local dir | cached hub name | 'preset:NA
         if bad: raise ValueError(f"{src}: checkpoint lacks backbone weights {bad[:5]}{' ...' if len(bad) > 5 else ''} — not a wav2vec2 checkpoint?")
         m.fresh_keys, m.source = sorted(missing), src
         head = [k for k in missing if _is_head_key(k)]
+        if head: m.config.id2label, m.config.label2id = dict(enumerate(VAD_NAMES)), {n: i for i, n in enumerate(VAD_NAMES)}
         if head: warnings.warn(f"{src}: no VAD head in the checkpoint (an ASR/plain wav2vec2 model?); {head} freshly initialised")
         m.unexpected_keys = sorted(info.get('unexpected_keys', []))
     return m.to(get_device(device) if isinstance(device, str) else (device or 'cpu'))
 
-# %% ../nbs/03_model.ipynb #3bada382
-MIN_SAMPLES = 400  # receptive field of the wav2vec2 conv encoder (25 ms): shorter input has no frame at all
+# %% ../nbs/03_model.ipynb #44125a2c
+def min_samples(config:Wav2Vec2Config) -> int:
+    "Receptive field of the conv encoder in samples: the shortest input that yields one frame."
+    rf, hop = config.conv_kernel[0], config.conv_stride[0]
+    for k, s in zip(config.conv_kernel[1:], config.conv_stride[1:]): rf, hop = rf + (k - 1) * hop, hop * s
+    return rf
 
-def clip_lengths(input_values:torch.Tensor, attention_mask:torch.Tensor|None) -> torch.Tensor:
+MIN_SAMPLES = min_samples(Wav2Vec2Config())  # 400 samples = 25 ms for wav2vec2's encoder (every preset here)
+
+def clip_lengths(input_values:torch.Tensor, attention_mask:torch.Tensor|None, min_len:int=MIN_SAMPLES) -> torch.Tensor:
     "Valid samples per clip (B,), checked against the encoder's minimum."
-    n = (attention_mask.sum(-1) if attention_mask is not None else
-         torch.full((input_values.shape[0],), input_values.shape[1], device=input_values.device)).long()
-    if bool((n < MIN_SAMPLES).any()):
-        raise ValueError(f"clips {torch.nonzero(n < MIN_SAMPLES).flatten().tolist()} have fewer than {MIN_SAMPLES} samples "
-                         f"({MIN_SAMPLES/SR*1000:.0f} ms at {SR} Hz): the encoder yields no frame")
+    if attention_mask is None:
+        n = torch.full((input_values.shape[0],), input_values.shape[1], device=input_values.device)
+        short = input_values.shape[1] < min_len
+    else: n = attention_mask.sum(-1).long(); short = bool((n < min_len).any())
+    if short:
+        raise ValueError(f"clips {torch.nonzero(n < min_len).flatten().tolist()} have fewer than {min_len} samples "
+                         f"({min_len/SR*1000:.0f} ms at {SR} Hz): the encoder yields no frame")
     return n
 
-# %% ../nbs/03_model.ipynb #e46da0b9
+# %% ../nbs/03_model.ipynb #eff658a8
 class EMIModel(nn.Module):
     "The paper's fusion network on an `EmotionModel`: [hidden ; VAD] frames -> global mean + LSTM -> head -> 6."
     def __init__(self, backbone:EmotionModel, # from `load_backbone`
@@ -150,7 +164,9 @@ class EMIModel(nn.Module):
         k = self.d * (int(use_global) + int(use_lstm))
         self.head = nn.Sequential(nn.Linear(k, k), nn.Tanh(), nn.Linear(k, len(EMOTIONS))) if use_head else nn.Linear(k, len(EMOTIONS))
         self.set_freeze(freeze_backbone, freeze_feature_encoder)
-        if grad_checkpointing: backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        if grad_checkpointing:
+            enable = getattr(backbone, 'activation_checkpointing_enable', None) or backbone.gradient_checkpointing_enable
+            enable(dict(use_reentrant=False))
 
 # %% ../nbs/03_model.ipynb #e0a4e6b7
 @patch
@@ -173,7 +189,7 @@ def set_freeze(self:EMIModel, backbone:bool=False, feature_encoder:bool=False):
     fe._requires_grad = not (backbone or feature_encoder)
     return self
 
-# %% ../nbs/03_model.ipynb #5123bf9b
+# %% ../nbs/03_model.ipynb #6a933f83
 @patch
 def _per_clip(self:EMIModel, x:torch.Tensor, n:torch.Tensor):
     "The reference code's loop: each clip through the backbone alone, reassembled as a padded batch."
@@ -183,8 +199,7 @@ def _per_clip(self:EMIModel, x:torch.Tensor, n:torch.Tensor):
     hs = x.new_zeros(B, T, H); vs = x.new_zeros(B, T, len(VAD_NAMES)); ms = torch.zeros(B, T, dtype=torch.bool, device=x.device)
     for i, L in enumerate(n.tolist()):
         t = int(bb._get_feat_extract_output_lengths(L))
-        skip = bb.training and bb.config.mask_time_prob > 0 and t < bb.config.mask_time_length
-        h, v, _ = bb.frames(x[i:i+1, :L], mask_time_indices=torch.zeros(1, t, dtype=torch.bool, device=x.device) if skip else None)
+        h, v, _ = bb.frames(x[i:i+1, :L])
         hs = hs.to(h.dtype); vs = vs.to(v.dtype)
         hs[i, :t], vs[i, :t], ms[i, :t] = h[0], v[0], True
     return hs, vs, ms
@@ -194,13 +209,13 @@ def backbone_frames(self:EMIModel, input_values:torch.Tensor, # (B, T) normalise
                     attention_mask:torch.Tensor|None=None # (B, T) 1 = sample
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Hidden (B,T',H), VAD (B,T',3), frame mask (B,T') by the batched or the per-clip path."
-    n = clip_lengths(input_values, attention_mask)
+    n = clip_lengths(input_values, attention_mask, min_samples(self.backbone.config))
     frozen = not any(p.requires_grad for p in self.backbone.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
         if self.batched: return self.backbone.frames(input_values, attention_mask)
         return self._per_clip(input_values, n)
 
-# %% ../nbs/03_model.ipynb #9ebedf88
+# %% ../nbs/03_model.ipynb #ad62da78
 @patch
 def fuse(self:EMIModel, hidden:torch.Tensor, # (B, T', H)
          vad:torch.Tensor, # (B, T', 3)
@@ -212,9 +227,8 @@ def fuse(self:EMIModel, hidden:torch.Tensor, # (B, T', H)
     g = masked_mean(f, mask)  # (B, d)
     last = None
     if self.use_lstm:
-        lengths = mask.sum(1).cpu()
-        packed = pack_padded_sequence(f, lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)
+        seq = f if f.is_meta else pack_padded_sequence(f, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(seq)
         last = h_n[-1]  # (B, d)
     return dict(frames=f, mask=mask, lengths=mask.sum(1), **{'global': g}, last=last)
 
@@ -223,12 +237,12 @@ def features(self:EMIModel, input_values:torch.Tensor, attention_mask:torch.Tens
     "Backbone + fusion: dict(frames (B,T',d), mask (B,T'), lengths (B,), global (B,d), last (B,d) or None)."
     return self.fuse(*self.backbone_frames(input_values, attention_mask))
 
-# %% ../nbs/03_model.ipynb #0b3a5747
+# %% ../nbs/03_model.ipynb #93c06643
 @patch
 def head_logits(self:EMIModel, feats:dict) -> torch.Tensor:
     "The regression head on [global ; last] in fp32: (B, 6) in EMOTIONS order."
     z = torch.cat([feats[k] for k, on in (('global', self.use_global), ('last', self.use_lstm)) if on], -1)
-    with torch.autocast(z.device.type, enabled=False):
+    with torch.autocast('cpu' if z.is_meta else z.device.type, enabled=False):
         return self.head(z.float())
 
 @patch
@@ -264,3 +278,78 @@ TABLE2_ROWS: dict[str, dict] = {
 }
 TABLE2_QUOTED = {'global': 0.342, 'global+head': 0.356, 'head+lstm': 0.375, 'global+head+lstm': 0.377,
                  'head+lstm+vad': 0.375, 'global+head+lstm+vad': 0.386}  # paper, audeering backbone, rho_VAL (quoted)
+
+# %% ../nbs/03_model.ipynb #8134bb09
+def _canvas(size=(11, 4.2)):
+    "A blank axis with `box(x, y, w, h, text, on, color)` and `arrow(x0, y0, x1, y1, on)` drawing helpers."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+    fig, ax = plt.subplots(figsize=size); ax.set_xlim(0, size[0]); ax.set_ylim(0, size[1]); ax.axis('off')
+    def box(x, y, w, h, text, on=True, color='#dbe9f6'):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle='round,pad=0.03', fc=color if on else '#eeeeee',
+                                    ec='0.2' if on else '0.7', lw=1, ls='-' if on else '--'))
+        ax.text(x + w/2, y + h/2, text, ha='center', va='center', fontsize=8, color='0.1' if on else '0.6')
+    def arrow(x0, y0, x1, y1, on=True):
+        ax.annotate('', (x1, y1), (x0, y0), arrowprops=dict(arrowstyle='->', color='0.3' if on else '0.75', lw=1))
+    return fig, ax, box, arrow
+
+# %% ../nbs/03_model.ipynb #7951d444
+def draw_architecture(model:EMIModel, # the switches and sizes come from here
+                      title:str|None=None):
+    "Block diagram of `model` in the layout of the paper's Fig. 4; disabled blocks grey and dashed."
+    c, d, H = model.backbone.config, model.d, model.hidden_size
+    k, on_g, on_l, on_v = d * (int(model.use_global) + int(model.use_lstm)), model.use_global, model.use_lstm, model.use_vad
+    fig, ax, box, arrow = _canvas()
+    box(0.1, 1.7, 1.2, 0.8, 'audio\n16 kHz, ≤12 s\n(B, T)', color='#f3f3f3')
+    box(1.6, 1.7, 1.4, 0.8, f'conv encoder\n{len(c.conv_dim)} layers, {c.conv_dim[-1]} ch\nstride {math.prod(c.conv_stride)} → 50 Hz', color='#cfe3cf')
+    box(3.3, 1.7, 1.4, 0.8, f'transformer\n{c.num_hidden_layers} × {H}, {c.num_attention_heads} heads\n(B, T\', {H})', color='#cfe3cf')
+    box(3.3, 0.3, 1.4, 0.8, 'VAD head per frame\nA, D, V\n(B, T\', 3)', on_v, '#f6e3c6')
+    box(5.0, 1.7, 1.2, 0.8, f'{"[h ; VAD]" if on_v else "h"}\n(B, T\', {d})')
+    box(6.5, 2.8, 1.4, 0.8, f'masked mean\nglobal (B, {d})', on_g)
+    box(6.5, 0.6, 1.4, 0.8, f'LSTM 2 × {d}\nlast valid frame\n(B, {d})', on_l)
+    box(8.2, 1.7, 1.3, 0.8, f'Linear {k}→{k}\ntanh\nLinear {k}→6' if model.use_head else f'Linear {k}→6', color='#f6d5d5')
+    box(9.8, 1.7, 1.1, 0.8, '6 emotions\n(B, 6)', color='#f3f3f3')
+    for a in [(1.3, 2.1, 1.6, 2.1), (3.0, 2.1, 3.3, 2.1), (4.7, 2.1, 5.0, 2.1), (9.5, 2.1, 9.8, 2.1)]: arrow(*a)
+    arrow(4.0, 1.7, 4.0, 1.1, on_v); arrow(4.7, 0.7, 5.4, 1.7, on_v)
+    arrow(6.2, 2.3, 6.5, 3.1, on_g); arrow(7.9, 3.1, 8.5, 2.5, on_g); arrow(6.2, 1.9, 6.5, 1.1, on_l); arrow(7.9, 1.0, 8.5, 1.7, on_l)
+    frz = 'backbone frozen' if model.freeze_backbone else ('conv encoder frozen' if model.freeze_feature_encoder else 'all trained')
+    ax.text(0.1, 4.05, title or 'EMI network', fontsize=10, weight='bold', va='top')
+    ax.text(0.1, 3.7, f'{"batched + masked" if model.batched else "one clip at a time"} · {frz}', fontsize=8, va='top', color='0.3')
+    return fig
+
+# %% ../nbs/03_model.ipynb #63227573
+def block_table(model:EMIModel, seconds:float=12.0, batch:int=1) -> 'pd.DataFrame':
+    "Output shape and parameter count of every block for `batch` clips of `seconds` (a 'meta'-device model works)."
+    import pandas as pd
+    bb, w = model.backbone, model.backbone.wav2vec2
+    blocks = [('conv feature encoder', w.feature_extractor), ('feature projection', w.feature_projection),
+              ('transformer encoder', w.encoder), ('VAD head (per frame)', bb.classifier)]
+    shapes = {}
+    def hook(name):
+        def f(mod, inp, out): shapes[name] = tuple((out[0] if isinstance(out, tuple) else getattr(out, 'last_hidden_state', out)).shape)
+        return f
+    hooks = [mod.register_forward_hook(hook(name)) for name, mod in blocks]
+    try:
+        with torch.no_grad(): f = model.eval().features(torch.zeros(batch, int(seconds * SR), device=w.feature_projection.projection.weight.device)); y = model.head_logits(f)
+    finally:
+        for hk in hooks: hk.remove()
+    n = lambda mod: sum(p.numel() for p in mod.parameters()) if mod is not None else 0
+    rows = [(nm, shapes[nm], n(mod)) for nm, mod in blocks]
+    rows += [('fused frames [h ; VAD]' if model.use_vad else 'frames h', tuple(f['frames'].shape), 0),
+             ('global: masked mean', tuple(f['global'].shape) if model.use_global else '-', 0),
+             ('LSTM, last valid frame', tuple(f['last'].shape) if model.use_lstm else '-', n(model.lstm)),
+             ('regression head', tuple(y.shape), n(model.head)), ('total', '', n(model))]
+    return pd.DataFrame(rows, columns=['block', 'output shape', 'parameters'])
+
+# %% ../nbs/03_model.ipynb #f23866d4
+def forward_seconds(model:EMIModel, seconds:float=7.0, repeats:int=2, device=None) -> float:
+    "Best-of-`repeats` wall time of one eval forward on a clip of `seconds` (warm-up excluded)."
+    dev = torch.device(device) if device else next(model.parameters()).device
+    x = torch.randn(1, int(seconds * SR), device=dev); model = model.eval().to(dev); best = float('inf')
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if dev.type == 'cuda': torch.cuda.synchronize()
+            t = time.perf_counter(); model(x)
+            if dev.type == 'cuda': torch.cuda.synchronize()
+            if i: best = min(best, time.perf_counter() - t)
+    return best
