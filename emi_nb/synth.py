@@ -22,8 +22,8 @@ __all__ = ['GENERATOR_VERSION', 'SIZES', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE'
            'build_corpus', 'build_vad_corpus', 'corpus_checksum', 'ensure_corpus', 'ensure_vad_corpus',
            'resolve_data_root', 'emi_synth_cli', 'mfcc_stats', 'acoustic_features', 'ridge_fit']
 
-# %% ../nbs/02_synth.ipynb #2614c62f
-GENERATOR_VERSION = '1.2'
+# %% ../nbs/02_synth.ipynb #025b1645
+GENERATOR_VERSION = '1.3'
 SIZES = {
     'smoke': dict(train=32, valid=16, test=16, vad_train=48, vad_valid=16, spk_clips=4, scale=0.32, long_clip=7.5, vad_seconds=(1.0, 2.5)),
     'synthetic': dict(train=600, valid=300, test=300, vad_train=400, vad_valid=100, spk_clips=8, scale=1.0, long_clip=75.0, vad_seconds=(2.0, 6.0)),
@@ -72,7 +72,7 @@ def rate(rng, y:np.ndarray) -> np.ndarray:
     lab[sp] = rng.uniform(0.05, 0.3, sp.sum())
     return np.round(lab, 4)
 
-# %% ../nbs/02_synth.ipynb #914e9302
+# %% ../nbs/02_synth.ipynb #a8d11bbe
 FPS_MIX = [(30, 0.63), (1000, 0.20), (25, 0.05), (Fraction(2983, 100), 0.04), (60, 0.05), (Fraction(125, 2), 0.03)]
 
 def _exact_counts(n:int, probs) -> np.ndarray:
@@ -82,11 +82,11 @@ def _exact_counts(n:int, probs) -> np.ndarray:
     return c
 
 def durations(rng, n:int, scale:float=1.0, long_clip:float|None=None) -> np.ndarray:
-    "n clip durations (s): ~3% < 1 s, ~4% > 12 s*scale, the rest log-normal around 6 s*scale."
+    "n clip durations (s): ~3% < 1 s, ~4% just over 12 s*scale, the rest log-normal around 6.3 s*scale."
     kind = rng.permutation(np.repeat([0, 1, 2], _exact_counts(n, [0.031, 0.925, 0.044])))
     d = np.where(kind == 0, np.exp(rng.uniform(np.log(0.1), np.log(0.95), n)),
-        np.where(kind == 1, np.clip(np.exp(rng.normal(np.log(6.0 * scale), 0.42, n)), max(1.05, 1.2 * scale), 11.9 * scale),
-                 np.exp(rng.uniform(np.log(12.2 * scale), np.log(40 * scale), n))))
+        np.where(kind == 1, np.clip(np.exp(rng.normal(np.log(6.3 * scale), 0.42, n)), max(1.05, 1.2 * scale), 11.9 * scale),
+                 np.exp(rng.uniform(np.log(12.2 * scale), np.log(16.5 * scale), n))))
     if kind.tolist().count(0) == 0 and n >= 8: d[0] = 0.6
     if long_clip: d[np.argmax(d)] = long_clip
     return np.round(d, 3)
@@ -432,10 +432,14 @@ def emi_synth_cli(argv=None):
         except (FileExistsError, ValueError) as e: print(f"emi_synth: {e}", file=sys.stderr); sys.exit(2)
         print(f"{kind} corpus ({size}, seed {a.seed}): {p}  [{time.time() - t0:.1f} s]" + (f"  sha256 {corpus_checksum(p)}" if a.checksum else ''))
 
-# %% ../nbs/02_synth.ipynb #4b58330f
-def _mel(n_mels:int=40):
-    import librosa
-    return librosa.filters.mel(sr=SR, n_fft=512, n_mels=n_mels).astype(np.float32)
+# %% ../nbs/02_synth.ipynb #adbb55a5
+def _mel(n_mels:int=40, n_fft:int=512) -> np.ndarray:
+    "(n_mels, n_fft//2+1) triangular filters equally spaced on the HTK mel scale, 0-8 kHz."
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    edges = hz(np.linspace(0, 2595 * np.log10(1 + SR / 2 / 700), n_mels + 2))
+    f = np.linspace(0, SR / 2, n_fft // 2 + 1)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    return np.maximum(0, np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid))).astype(np.float32)
 
 _MEL = None
 
@@ -443,10 +447,11 @@ def mfcc_stats(y:np.ndarray) -> np.ndarray:
     "64 summary statistics of a 16 kHz clip: MFCC means, sds, delta sds, energy percentiles, log duration."
     global _MEL
     if _MEL is None: _MEL = _mel()
-    from scipy.fft import dct
-    y = np.pad(y, (0, max(0, 400 - len(y)))); n = 1 + (len(y) - 400) // 160
+    from scipy.fft import dct, rfft
+    y = np.pad(np.asarray(y, np.float32), (0, max(0, 400 - len(y)))); n = 1 + (len(y) - 400) // 160
     fr = np.lib.stride_tricks.sliding_window_view(y, 400)[::160][:n] * np.hanning(400).astype(np.float32)
-    logmel = np.log(np.abs(np.fft.rfft(fr, 512)) ** 2 @ _MEL.T + 1e-8)             # (T, 40)
+    X = rfft(fr, 512, axis=1)                                                        # (T, 257) complex64
+    logmel = np.log((X.real ** 2 + X.imag ** 2) @ _MEL.T + 1e-8)                     # (T, 40)
     m = dct(logmel, norm='ortho', axis=1)[:, :20]                                   # (T, 20)
     d = np.diff(m, axis=0) if len(m) > 1 else np.zeros((1, 20))
     e = logmel.mean(1)

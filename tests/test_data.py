@@ -145,3 +145,10 @@ def test_pickles_need_opt_in(tmp_path):
     p = tmp_path/'00001.pkl'; p.write_bytes(pickle.dumps(np.ones((3, 4))))
     with pytest.raises(DataError, match='allow_pickle=True'): load_pickled_features(p)
     assert load_pickled_features(p, allow_pickle=True).shape == (3, 4)
+
+def test_normalize_matches_wav2vec2_feature_extractor():
+    from transformers import Wav2Vec2FeatureExtractor
+    from emi_nb.data import normalize
+    w = np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 3 + 1
+    fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    assert np.abs(fe(w, sampling_rate=SR)['input_values'][0] - normalize(w)).max() < 1e-5
