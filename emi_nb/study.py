@@ -56,8 +56,9 @@ def kernel_name() -> str:
     from jupyter_client.kernelspec import KernelSpecManager
     return KERNEL if KERNEL in KernelSpecManager().find_kernel_specs() else 'python3'
 
-# %% ../nbs/09_study.ipynb #71230bec
-HEADLESS_ENV = {'EMI_PROGRESS': 'log', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'MPLBACKEND': 'Agg',
+# %% ../nbs/09_study.ipynb #5c5add42
+HEADLESS_ENV = {'EMI_PROGRESS': 'log', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
+                'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
                 'PYDEVD_DISABLE_FILE_VALIDATION': '1', 'TOKENIZERS_PARALLELISM': 'false'}
 
 class NotebookFailed(RuntimeError):

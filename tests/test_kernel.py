@@ -19,7 +19,8 @@ class Server:
         self.root, self.port, self.token = root, _free_port(), secrets.token_hex(16)
         self.url = f'http://127.0.0.1:{self.port}'
         env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp/'config'), JUPYTER_RUNTIME_DIR=str(tmp/'runtime'),
-                   JUPYTER_DATA_DIR=str(tmp/'data'), JUPYTER_PLATFORM_DIRS='1', HF_HUB_OFFLINE='1', MPLBACKEND='Agg')
+                   JUPYTER_DATA_DIR=str(tmp/'data'), JUPYTER_PLATFORM_DIRS='1', HF_HUB_OFFLINE='1')
+        env.pop('MPLBACKEND', None)  # a reader's JupyterLab: the kernel's own (inline) figures
         self.log = tmp/'server.log'
         cmd = [str(BIN/'jupyter'), 'server', '--no-browser', '--ip=127.0.0.1', f'--port={self.port}', '--ServerApp.port_retries=0',
                f'--IdentityProvider.token={self.token}', f'--ServerApp.root_dir={root}'] + (['--allow-root'] if os.geteuid() == 0 else [])
