@@ -12,7 +12,6 @@ DEVICE ?=
 STAMP := $(VENV)/.emi-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 
 .PHONY: help env study test check-export nbtest pytest bench lab browser corpus clean
 

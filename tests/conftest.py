@@ -6,7 +6,7 @@ from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', MPLBACKEND='Agg', EMI_PROGRESS='off')
+os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', EMI_PROGRESS='off')
 
 def run_cli(*args, check=True, timeout=900, **kw):
     "Run a console script of the package; returns the CompletedProcess."
