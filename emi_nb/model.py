@@ -160,7 +160,7 @@ def clip_lengths(input_values:torch.Tensor, attention_mask:torch.Tensor|None, mi
                          f"({min_len/SR*1000:.0f} ms at {SR} Hz): the encoder yields no frame")
     return n
 
-# %% ../nbs/03_model.ipynb #eff658a8
+# %% ../nbs/03_model.ipynb #dfca9035
 class EMIModel(nn.Module):
     "The paper's fusion network on an `EmotionModel`: [hidden ; VAD] frames -> global mean + LSTM -> head -> 6."
     def __init__(self, backbone:EmotionModel, # from `load_backbone`
@@ -172,11 +172,12 @@ class EMIModel(nn.Module):
                  freeze_backbone:bool=False, # no gradient into wav2vec2 nor the VAD head
                  freeze_feature_encoder:bool=False, # no gradient into the conv feature encoder
                  batched:bool=True, # one masked forward per batch; False = one forward per clip
-                 grad_checkpointing:bool=False): # recompute transformer activations in backward
+                 grad_checkpointing:bool=False, # recompute transformer activations in backward
+                 lstm_packed:bool|None=None): # LSTM on packed sequences; False = padded + gather; None = packed on CUDA only
         super().__init__()
         if not (use_global or use_lstm): raise ValueError("EMIModel needs use_global or use_lstm (or both)")
         self.backbone, self.use_global, self.use_head, self.use_lstm, self.use_vad = backbone, use_global, use_head, use_lstm, use_vad
-        self.freeze_backbone, self.freeze_feature_encoder = freeze_backbone, freeze_feature_encoder
+        self.freeze_backbone, self.freeze_feature_encoder, self.lstm_packed = freeze_backbone, freeze_feature_encoder, lstm_packed
         self.hidden_size = backbone.config.hidden_size
         self.d = self.hidden_size + (len(VAD_NAMES) if use_vad else 0)
         self.batched = self._check_batched(batched)
@@ -234,7 +235,7 @@ def backbone_frames(self:EMIModel, input_values:torch.Tensor, # (B, T) normalise
         if self.batched: return self.backbone.frames(input_values, attention_mask)
         return self._per_clip(input_values, n)
 
-# %% ../nbs/03_model.ipynb #ad62da78
+# %% ../nbs/03_model.ipynb #60c78a8f
 @patch
 def fuse(self:EMIModel, hidden:torch.Tensor, # (B, T', H)
          vad:torch.Tensor, # (B, T', 3)
@@ -244,12 +245,16 @@ def fuse(self:EMIModel, hidden:torch.Tensor, # (B, T', H)
     f = torch.cat([hidden, vad.to(hidden.dtype)], -1) if self.use_vad else hidden  # (B, T', d)
     f = f * mask.unsqueeze(-1).to(f.dtype)
     g = masked_mean(f, mask)  # (B, d)
-    last = None
+    lengths, last = mask.sum(1), None
     if self.use_lstm:
-        seq = f if f.is_meta else pack_padded_sequence(f, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(seq)
-        last = h_n[-1]  # (B, d)
-    return dict(frames=f, mask=mask, lengths=mask.sum(1), **{'global': g}, last=last)
+        packed = self.lstm_packed if self.lstm_packed is not None else f.device.type == 'cuda'
+        if packed and not f.is_meta:
+            _, (h_n, _) = self.lstm(pack_padded_sequence(f, lengths.cpu(), batch_first=True, enforce_sorted=False))
+            last = h_n[-1]  # (B, d): each clip's state after its own last valid frame
+        else:
+            out, _ = self.lstm(f)  # (B, T', d); causal, so steps after a clip's end cannot reach its last valid frame
+            last = out[torch.arange(f.shape[0], device=f.device), lengths - 1]
+    return dict(frames=f, mask=mask, lengths=lengths, **{'global': g}, last=last)
 
 @patch
 def features(self:EMIModel, input_values:torch.Tensor, attention_mask:torch.Tensor|None=None) -> dict:
@@ -271,7 +276,7 @@ def forward(self:EMIModel, input_values:torch.Tensor, # (B, T) normalised audio,
     "Six emotion intensities (B, 6), float32, in EMOTIONS order."
     return self.head_logits(self.features(input_values, attention_mask))
 
-# %% ../nbs/03_model.ipynb #8c0f8f59
+# %% ../nbs/03_model.ipynb #3883342e
 SWITCHES = ('use_global', 'use_head', 'use_lstm', 'use_vad', 'lstm_dropout', 'freeze_backbone', 'freeze_feature_encoder',
             'batched', 'grad_checkpointing')
 
@@ -282,7 +287,7 @@ def from_config(cls:EMIModel, cfg:StudyConfig, backbone:EmotionModel|str|None=No
         backbone = cfg.backbone or f'preset:{cfg.backbone_preset}'
         if not cfg.backbone: warnings.warn(f"no backbone given: random weights of {backbone!r}")
     if not isinstance(backbone, EmotionModel): backbone = load_backbone(backbone)
-    m = cls(backbone, **{k: getattr(cfg, k) for k in SWITCHES})
+    m = cls(backbone, **{k: getattr(cfg, k) for k in SWITCHES}, lstm_packed=getattr(cfg, 'lstm_packed', None))
     return m.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/03_model.ipynb #024d0a9d
@@ -300,7 +305,7 @@ TABLE2_BACKBONES = {'W2V2-L (ASR)': 'facebook/wav2vec2-large-960h', 'W2V2-L XLSR
 TABLE2_QUOTED = {'global': 0.342, 'global+head': 0.356, 'head+lstm': 0.375, 'global+head+lstm': 0.377,
                  'head+lstm+vad': 0.375, 'global+head+lstm+vad': 0.386}  # paper, audeering backbone, rho_VAL (quoted)
 
-# %% ../nbs/03_model.ipynb #8134bb09
+# %% ../nbs/03_model.ipynb #eda28643
 def _canvas(size=(11, 4.2)):
     "A blank axis with `box(x, y, w, h, text, on, color)` and `arrow(x0, y0, x1, y1, on)` drawing helpers."
     import matplotlib.pyplot as plt
@@ -314,7 +319,7 @@ def _canvas(size=(11, 4.2)):
         ax.annotate('', (x1, y1), (x0, y0), arrowprops=dict(arrowstyle='->', color='0.3' if on else '0.75', lw=1))
     return fig, ax, box, arrow
 
-# %% ../nbs/03_model.ipynb #7951d444
+# %% ../nbs/03_model.ipynb #42a87cf9
 def draw_architecture(model:EMIModel, # the switches and sizes come from here
                       title:str|None=None):
     "Block diagram of `model` in the layout of the paper's Fig. 4; disabled blocks grey and dashed."
@@ -338,7 +343,7 @@ def draw_architecture(model:EMIModel, # the switches and sizes come from here
     ax.text(0.1, 3.7, f'{"batched + masked" if model.batched else "one clip at a time"} · {frz}', fontsize=8, va='top', color='0.3')
     return fig
 
-# %% ../nbs/03_model.ipynb #63227573
+# %% ../nbs/03_model.ipynb #83d4644a
 def block_table(model:EMIModel, seconds:float=12.0, batch:int=1) -> 'pd.DataFrame':
     "Output shape and parameter count of every block for `batch` clips of `seconds` (a 'meta'-device model works)."
     import pandas as pd
@@ -362,7 +367,7 @@ def block_table(model:EMIModel, seconds:float=12.0, batch:int=1) -> 'pd.DataFram
              ('regression head', tuple(y.shape), n(model.head)), ('total', '', n(model))]
     return pd.DataFrame(rows, columns=['block', 'output shape', 'parameters'])
 
-# %% ../nbs/03_model.ipynb #f23866d4
+# %% ../nbs/03_model.ipynb #2d9e6c18
 def forward_seconds(model:EMIModel, seconds:float=7.0, repeats:int=2, device=None) -> float:
     "Best-of-`repeats` wall time of one eval forward on a clip of `seconds` (warm-up excluded)."
     dev = torch.device(device) if device else next(model.parameters()).device
