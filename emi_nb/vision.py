@@ -20,7 +20,7 @@ from .ablations import seed_stats, paired_stats, boot_seed_means, feature_store
 __all__ = ['AUDIO_HOP', 'QUOTED', 'QUOTED_NOTES', 'sample_frames', 'write_index_video', 'read_index', 'frame_timing',
            'timing_table', 'load_faces', 'FaceCNN', 'TimmEncoder', 'make_encoder', 'TemporalGRU', 'VisionModel',
            'Precomputed', 'vit_baseline', 'AudioModel', 'JointFusion', 'collate_clips', 'predict_clips', 'fit_predict',
-           'split_2to1', 'run_seeds', 'split_stats', 'face_items', 'PixelPCA', 'FrameMLP']
+           'split_2to1', 'run_jobs', 'run_seeds', 'split_stats', 'face_items', 'PixelPCA', 'FrameMLP']
 
 # %% ../nbs/07_vision.ipynb #664cb6c2
 def _rgb(frame, size=None) -> np.ndarray:
@@ -272,24 +272,28 @@ def predict_clips(model:nn.Module, items:list, batch_size:int=32, device='cpu') 
     return np.concatenate([model(_to(collate_clips([items[i] for i in ix]), device)).float().cpu().numpy()
                            for ix in _batches(len(items), batch_size, None, shuffle=False)])
 
-# %% ../nbs/07_vision.ipynb #5e0274d7
+# %% ../nbs/07_vision.ipynb #5dfb8408
+def _length(it:dict) -> int: return len(it['faces']) if 'faces' in it else len(it['wav']) if 'wav' in it else len(it.get('hidden', [0]))
+
 def fit_predict(model:nn.Module, train:list, # clip dicts with labels
                 evals:dict, # name -> clip dicts to predict after training
                 epochs:int=6, lr:float=5e-4, batch_size:int=16, seed:int=0, device='cpu',
                 weight_decay:float=0.01, warmup_epochs:float=1.0, grad_clip:float=100.0,
-                backbone_lr:float=0.) -> dict:
-    "Train on MSE for `epochs` (AdamW, warm-up + cosine); dict(name -> predictions (N, 6), 'loss' -> per-epoch mean)."
+                backbone_lr:float=0., bucket:bool=True) -> dict:
+    "Train on MSE for `epochs` (AdamW, warm-up + cosine, length-bucketed batches); dict(name -> predictions (N, 6), 'loss')."
     from transformers import get_cosine_schedule_with_warmup
-    gen = torch.Generator().manual_seed(seed); model.to(device)
+    from emi_nb.train import LengthBucketSampler
+    model.to(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     bb, rest = [p for n, p in named if '.backbone.' in f'.{n}'], [p for n, p in named if '.backbone.' not in f'.{n}']
     opt = torch.optim.AdamW([dict(params=rest)] + ([dict(params=bb, lr=backbone_lr or lr)] if bb else []), lr=lr, weight_decay=weight_decay)
-    spe = math.ceil(len(train) / batch_size)
+    sampler = LengthBucketSampler([_length(it) for it in train], batch_size, bucket=bucket, seed=seed)
+    spe = len(sampler.global_batches(0))
     sched = get_cosine_schedule_with_warmup(opt, round(warmup_epochs * spe), epochs * spe)
     losses = []
-    for _ in range(epochs):
+    for ep in range(epochs):
         model.train(); tot = 0.
-        for ix in _batches(len(train), batch_size, gen):
+        for ix in sampler.global_batches(ep):
             b = _to(collate_clips([train[i] for i in ix]), device)
             loss = nn.functional.mse_loss(model(b).float(), b['labels'])
             opt.zero_grad(set_to_none=True); loss.backward()
@@ -309,21 +313,70 @@ def split_2to1(n:int, # number of clips
     m = np.array([x in a for x in g.tolist()])
     return np.flatnonzero(m), np.flatnonzero(~m)
 
-# %% ../nbs/07_vision.ipynb #ff596fe2
-def run_seeds(make_model, # () -> a fresh model
-              data, # (train, evals), or seed -> (train, evals)
-              seeds:list, threads:int=0, # torch threads while training; 0 = leave as is
-              **fit_kw) -> dict:
-    "Train a fresh model per seed: eval name -> list of (N, 6) predictions (one per seed), and 'seconds'."
-    out, t0, old = {}, time.time(), torch.get_num_threads()
+# %% ../nbs/07_vision.ipynb #a32ebda4
+_JOBS = {}  # name -> (make_model, data, threads, fit_kw) of the running run_jobs, inherited by forked workers
+
+def _seed_job(arg:tuple) -> tuple:
+    "Train seed s of job `name` (in this process or a forked worker): (name, s, predictions per eval set, seconds)."
+    (name, s), t0 = arg, time.time()
+    make_model, data, threads, kw = _JOBS[name]
     if threads: torch.set_num_threads(threads)
+    train, evals = data(s) if callable(data) else data
+    seed_everything(s); r = fit_predict(make_model(), train, evals, seed=s, **kw)
+    return name, s, {k: r[k] for k in evals}, time.time() - t0
+
+def _worker(tasks, results):
+    "A forked worker: run tasks until None; report errors instead of dying silently."
+    import traceback
+    for arg in iter(tasks.get, None):
+        try: results.put(_seed_job(arg))
+        except BaseException: results.put(('__error__', arg, traceback.format_exc()))
+
+def _run_forked(args:list, workers:int) -> list:
+    "Results of _seed_job over args from `workers` forked processes (no pickling of the jobs: they are inherited)."
+    import multiprocessing as mp, queue
+    ctx = mp.get_context('fork'); tasks, results = ctx.Queue(), ctx.Queue()
+    for a in args + [None] * workers: tasks.put(a)
+    procs = [ctx.Process(target=_worker, args=(tasks, results), daemon=True) for _ in range(workers)]
+    for p in procs: p.start()
+    out = []
     try:
-        for s in seeds:
-            train, evals = data(s) if callable(data) else data
-            seed_everything(s); r = fit_predict(make_model(), train, evals, seed=s, **fit_kw)
-            for k in evals: out.setdefault(k, []).append(r[k])
-    finally: torch.set_num_threads(old)
-    return dict(out, seconds=time.time() - t0)
+        while len(out) < len(args):
+            try: r = results.get(timeout=2)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs): raise RuntimeError(f"training workers exited with {len(args) - len(out)} runs unfinished")
+                continue
+            if r[0] == '__error__': raise RuntimeError(f"run {r[1]} failed in a worker:\n{r[2]}")
+            out.append(r)
+    finally:
+        for p in procs:
+            if p.is_alive(): p.terminate()
+            p.join()
+    pos = {a: i for i, a in enumerate(args)}
+    return sorted(out, key=lambda r: pos[(r[0], r[1])])
+
+def run_jobs(jobs:dict, # name -> (make_model: () -> fresh model, data: (train, evals) or seed -> (train, evals))
+             seeds:list, threads:int=0, # torch threads per training run; 0 = leave as is
+             workers:int=1, # runs at once in forked processes (Linux); 1 = one after the other here
+             **fit_kw) -> dict:
+    "Train every (job, seed) from a fresh model: name -> dict(eval name -> [(N, 6) per seed], seconds=summed run time)."
+    import sys
+    global _JOBS
+    old = torch.get_num_threads(); _JOBS = {n: (m, d, threads, fit_kw) for n, (m, d) in jobs.items()}
+    args = [(n, s) for n in jobs for s in seeds]
+    try:
+        if workers > 1 and len(args) > 1 and sys.platform == 'linux': res = _run_forked(args, min(workers, len(args)))
+        else: res = [_seed_job(a) for a in args]
+    finally: _JOBS = {}; torch.set_num_threads(old)
+    out = {n: dict(seconds=0.) for n in jobs}
+    for n, s, preds, sec in res:
+        for k, v in preds.items(): out[n].setdefault(k, []).append(v)
+        out[n]['seconds'] += sec
+    return out
+
+def run_seeds(make_model, data, seeds:list, **kw) -> dict:
+    "`run_jobs` of one job: eval name -> [(N, 6) per seed], seconds."
+    return run_jobs({'job': (make_model, data)}, seeds, **kw)['job']
 
 def split_stats(preds:list, labels:list, # per seed: predictions (N_s, 6) and labels (N_s, 6) of that seed's clips
                 n_boot:int=1000, seed:int=0) -> dict:
@@ -361,16 +414,17 @@ def face_items(root, # ABAW-layout data root
     items = [dict(fid=int(f), labels=y[i], faces=x) for i, (f, x) in enumerate(zip(df.Filename.tolist(), faces)) if len(x)]
     return items, [int(f) for f, x in zip(df.Filename.tolist(), faces) if not len(x)]
 
-# %% ../nbs/07_vision.ipynb #baf4bba6
+# %% ../nbs/07_vision.ipynb #2c1a09ed
 class PixelPCA:
     "Eigenfaces: the top-k principal components of (N, 3, S, S) uint8 frames, whitened; fitted without labels."
     def __init__(self, k:int=64): self.k = k
-    def fit(self, frames:torch.Tensor, seed:int=0, max_frames:int=20_000):
+    def fit(self, frames:torch.Tensor, seed:int=0, max_frames:int=8_000):
         g = torch.Generator().manual_seed(seed)
         x = frames[torch.randperm(len(frames), generator=g)[:max_frames]].flatten(1).float() / 255
         self.mean = x.mean(0); torch.manual_seed(seed)
         _, s, v = torch.svd_lowrank(x - self.mean, q=self.k + 8, niter=3)
         self.comp, self.scale = v[:, :self.k], s[:self.k] / math.sqrt(len(x) - 1)
+        self.explained = float((s[:self.k] ** 2).sum() / ((x - self.mean) ** 2).sum())  # share of pixel variance kept
         return self
     def __call__(self, frames:torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, k)
         return ((frames.flatten(1).float() / 255 - self.mean) @ self.comp) / self.scale

@@ -118,3 +118,22 @@ def test_smoke_study_writes_vision_results(smoke_run):
     assert any(k.startswith('train | vision') for k in m['two_to_one']) and any(k.startswith('valid | vision') for k in m['two_to_one'])
     assert r['provenance']['data_kind'] == 'synthetic' and m['timing']['train']['clips'] > 0
     for f in ('vision_timing', 'vision_rows', 'vision_faces'): assert (smoke_run/f'figures/{f}.png').exists()
+
+def test_forked_seed_runs_equal_sequential_runs():
+    "run_jobs with two forked workers gives exactly the predictions of the same runs one after the other."
+    from emi_nb.vision import run_jobs, FrameMLP
+    g = torch.Generator().manual_seed(0)
+    items = [dict(fid=i, labels=torch.rand(6, generator=g), faces=torch.randn(int(torch.randint(1, 9, (1,), generator=g)), 5, generator=g)) for i in range(24)]
+    jobs = {'a': (lambda: VisionModel(FrameMLP(5, 8), hidden=8), (items[:16], dict(v=items[16:]))),
+            'b': (lambda: VisionModel(FrameMLP(5, 8), hidden=8, padding='zeros'), lambda s: (items[s:s + 16], dict(v=items[:4])))}
+    seq = run_jobs(jobs, [1, 2, 3], threads=1, epochs=2, batch_size=4)
+    par = run_jobs(jobs, [1, 2, 3], threads=1, workers=2, epochs=2, batch_size=4)
+    for k in jobs:
+        assert len(par[k]['v']) == 3
+        for x, y in zip(seq[k]['v'], par[k]['v']): np.testing.assert_allclose(x, y, atol=1e-6)
+
+def test_forked_worker_error_is_reported():
+    from emi_nb.vision import run_jobs
+    def boom(): raise ValueError('deliberate')
+    with pytest.raises(RuntimeError, match='deliberate'):
+        run_jobs({'x': (boom, ([], {}))}, [1, 2], workers=2)
