@@ -184,8 +184,18 @@ def _data_line(results:dict, params:dict, profile:str, own:bool) -> str:
     if root: return f'data root <code>{escape(root)}</code> (not found here; no results saved)'
     return f'<span class="emi-kind-synthetic">SYNTHETIC</span> data: the generated corpus of profile {escape(profile)} (no results saved in this run yet)'
 
-# %% ../nbs/10_site.ipynb #9b7ed918
+# %% ../nbs/10_site.ipynb #d21dc00b
 SHOWN_PACKAGES = ['python', 'emi_nb', 'torch', 'transformers', 'numpy', 'pandas', 'scipy', 'sklearn', 'librosa', 'soundfile', 'av']
+
+def _seeds(r:dict) -> set:
+    "Seeds a results JSON records: its config's seed, a top-level `seeds` list, and the seeds of grid rows' splits."
+    res = {r['seed']} if isinstance(r.get('seed'), int) else set()
+    if isinstance(r.get('seeds'), list): res |= {s for s in r['seeds'] if isinstance(s, int)}
+    rows = (r.get('metrics') or {}).get('rows') if isinstance(r.get('metrics'), dict) else None
+    for st in (rows.values() if isinstance(rows, dict) else []):
+        for sp in ((st.get('splits') or {}).values() if isinstance(st, dict) else []):
+            if isinstance(sp, dict) and isinstance(sp.get('seeds'), list): res |= {s for s in sp['seeds'] if isinstance(s, int)}
+    return res
 
 def provenance_rows(run:dict, nb, stem:str) -> list[tuple[str, str]]:
     "(label, HTML) rows of the provenance box of page `stem` built from executed notebook `nb`."
@@ -193,7 +203,7 @@ def provenance_rows(run:dict, nb, stem:str) -> list[tuple[str, str]]:
     params = pm.get('parameters') or man.get('parameters') or {}
     prof = params.get('profile') or man.get('profile') or '?'
     own = page_results(run, nb)
-    seeds = sorted({r['seed'] for r in (own or run['results']).values() if isinstance(r.get('seed'), int)})
+    seeds = sorted(set().union(*map(_seeds, (own or run['results']).values())))
     if not seeds: seeds = [params['seed']] if 'seed' in params else [make_config(prof).seed] if prof != '?' else []
     vers = man.get('versions') or {}
     entry = next((e for e in man.get('notebooks', []) if Path(e.get('notebook', '')).stem == stem), {})
@@ -212,7 +222,7 @@ def provenance_html(rows) -> str:
     body = ''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in rows)
     return f'<div class="emi-provenance"><table>{body}</table></div>'
 
-# %% ../nbs/10_site.ipynb #a6773265
+# %% ../nbs/10_site.ipynb #96fdbee6
 FULL = dict(use_global=True, use_head=True, use_lstm=True, use_vad=True, lstm_dropout=0.0, freeze_backbone=False, train_on='train')
 _EMO = r't2\.(audeering|vad)\.'
 PAPER_ROWS = [  # row, paper rho_VAL, paper rho_TEST (quoted from Tables 1 and 2), where ours are: [(results, row pattern)], config
@@ -233,7 +243,7 @@ PAPER_ROWS = [  # row, paper rho_VAL, paper rho_TEST (quoted from Tables 1 and 2
     ('audio + vision', .198, None, [('vision', r'joint-unfrozen'), ('vision', r'joint-frozen')], None),
 ]
 
-# %% ../nbs/10_site.ipynb #418d74f8
+# %% ../nbs/10_site.ipynb #c8188a9b
 def grid_row(run:dict, where:list, split:str) -> tuple[dict, str]|None:
     "(stats, 'results.json: row') of the first row of `where` [(results name, pattern)] that has `split` statistics."
     for res, pat in where:
@@ -251,7 +261,7 @@ def _fmt_stats(s:dict) -> str:
     ci = s.get('ci') if isinstance(s.get('ci'), list) and len(s['ci']) == 2 else None
     return f(s['mean']) + (f" ± {f(s.get('sd'))}" if n > 1 else '') + (f' [{f(ci[0])}, {f(ci[1])}]' if ci else '') + f' (n={n})'
 
-# %% ../nbs/10_site.ipynb #55df4685
+# %% ../nbs/10_site.ipynb #9a6859be
 VAL_KEYS = ('valid.rho', 'val_rho', 'rho_val', 'best_val_rho')
 TEST_KEYS = ('test.rho', 'test_rho', 'rho_test')
 
@@ -289,7 +299,7 @@ def _fmt_runs(vals:list) -> str:
     ci = vals[0][1]
     return f'{xs[0]:.3f}' + (f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '') + ' (n=1)'
 
-# %% ../nbs/10_site.ipynb #fe6b0190
+# %% ../nbs/10_site.ipynb #cab227e1
 def paper_vs_here(run_dir) -> 'pd.DataFrame':
     "The paper's rows (quoted) beside this run's: ρ mean ± sd [95% CI] (n seeds), or 'not run'."
     import pandas as pd
@@ -309,7 +319,7 @@ def paper_vs_here(run_dir) -> 'pd.DataFrame':
                      'data': kind(names) if names else '–', 'source': '; '.join(dict.fromkeys(src)) or '–'})
     return pd.DataFrame(rows).set_index('row').rename_axis(None)
 
-# %% ../nbs/10_site.ipynb #1a77a516
+# %% ../nbs/10_site.ipynb #beed7517
 MATHJAX_CONFIG = 'TeX-AMS-MML_HTMLorMML-full,Safe'
 _MJ_SKIP = ('extensions/a11y', 'jax/output/SVG', 'localization/')
 
@@ -330,7 +340,7 @@ def copy_mathjax(site:Path) -> str:
         shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
     return f'mathjax/MathJax.js?config={MATHJAX_CONFIG}'
 
-# %% ../nbs/10_site.ipynb #8ed8e887
+# %% ../nbs/10_site.ipynb #239cb0cf
 TEMPLATES = Path(emi_nb.__file__).parent/'templates'
 
 def page_exporter(mathjax_url:str):
@@ -345,7 +355,7 @@ def page_exporter(mathjax_url:str):
     return HTMLExporter(config=c, template_name='emi', extra_template_basedirs=[str(TEMPLATES)], mathjax_url=mathjax_url,
                         exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True, log=log)
 
-# %% ../nbs/10_site.ipynb #fcee93cc
+# %% ../nbs/10_site.ipynb #666e4e9a
 def page_nav(nav:dict, pages:dict, current:str, known:dict|None=None) -> dict:
     "Template resources for the navigation of page `current`; `pages` maps stem -> title of the rendered pages."
     def item(e):
@@ -359,7 +369,7 @@ def page_nav(nav:dict, pages:dict, current:str, known:dict|None=None) -> dict:
                 navbar_left=[item(e) for e in nav['left'] if e['stem'] is None or e['stem'] in pages],
                 navbar_right=[item(e) for e in nav['right'] if e['stem'] is None])
 
-# %% ../nbs/10_site.ipynb #2778ce0e
+# %% ../nbs/10_site.ipynb #4eb707f7
 def with_provenance(nb, box_html:str) -> nbformat.NotebookNode:
     "`nb` with a markdown cell holding `box_html` after its title cell (first cell if it has no title)."
     nb = copy.deepcopy(nb)
@@ -375,7 +385,7 @@ def render_page(exporter, nb, out:Path, resources:dict) -> Path:
     out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/10_site.ipynb #44f88022
+# %% ../nbs/10_site.ipynb #28945baf
 def fallback_index(run:dict) -> nbformat.NotebookNode:
     "A front-page notebook for a run that did not execute index.ipynb."
     v4 = nbformat.v4
@@ -387,7 +397,7 @@ def fallback_index(run:dict) -> nbformat.NotebookNode:
     nb.metadata['papermill'] = dict(parameters=run['manifest'].get('parameters', {}))
     return nb
 
-# %% ../nbs/10_site.ipynb #11fc30c5
+# %% ../nbs/10_site.ipynb #6f039fc7
 def source_titles(nav:dict, root) -> dict:
     "Titles of the project's notebooks the sidebar lists, {stem: title} (names pages a run did not execute)."
     res = {}
@@ -414,7 +424,7 @@ def render_offline(run:dict, nav:dict, site:Path, root=None) -> Path:
         render_page(exporter, page, site/f'{s}.html', res)
     return site/'index.html'
 
-# %% ../nbs/10_site.ipynb #d9f6753f
+# %% ../nbs/10_site.ipynb #f8298b38
 def quarto_project(qy:dict, stems:list, out:str) -> dict:
     "The project's Quarto config for a generated project holding the run's notebooks `stems` side by side."
     def conv(items):
@@ -437,7 +447,7 @@ def quarto_project(qy:dict, stems:list, out:str) -> dict:
     q.setdefault('project', {}).update({'output-dir': out, 'render': [f'{s}.ipynb' for s in stems]})
     return q
 
-# %% ../nbs/10_site.ipynb #7ace3de3
+# %% ../nbs/10_site.ipynb #19cdf9ae
 def render_quarto(run:dict, qy:dict, site:Path, root=None, exe:str='quarto') -> Path:
     "Render the run's notebooks with Quarto into `site`; returns site/index.html. `root`: folder of `_quarto.yml`."
     src = run['dir']/'quarto'
@@ -458,7 +468,7 @@ def render_quarto(run:dict, qy:dict, site:Path, root=None, exe:str='quarto') -> 
     subprocess.run([exe, 'render', str(src), '--no-execute'], check=True)
     return site/'index.html'
 
-# %% ../nbs/10_site.ipynb #a72e3b58
+# %% ../nbs/10_site.ipynb #9fd450f1
 def render_site(run_dir, # a run directory of `emi_study` (manifest.json, notebooks/, results/)
                 quarto:bool|None=None, # use Quarto; None = when `quarto` is on the PATH
                 quarto_yml=None) -> Path: # navigation; None = the project's `_quarto.yml`
