@@ -16,10 +16,10 @@ from .model import EmotionModel, EMIModel, backbone_config, load_backbone
 __all__ = ['FIGURE_KEYS', 'PATHS', 'PREDICT_DEFAULT', 'REAL_DURATIONS', 'P3_ROWS', 'TRAIN_CHILD', 'FORWARD_CHILD', 'PAPER_RECIPE',
            'GPU_PEAK', 'pick_threads', 'stats', 'ratio', 'time_variants', 'figure', 'check_bench', 'noise_clips',
            'bare_backbone', 'bare_network', 'our_predictor', 'p1_inference', 'padding_share', 'sampler_batches',
-           'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames', 'p3_cache', 'find_study',
-           'stage_table', 'p4_study', 'RSSPeak', 'run_children', 'run_child', 'train_job', 'forward_job', 'lstm_flops',
-           'count_flops', 'flops_per_audio_second', 'epoch_estimate', 'cuda_path_checks', 'profile_step', 'machine',
-           'bench_markdown', 'publish_bench']
+           'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames', 'max_abs_diff', 'table2_mix',
+           'p3_cache', 'find_study', 'stage_table', 'p4_study', 'RSSPeak', 'run_children', 'run_child', 'train_job',
+           'forward_job', 'lstm_flops', 'count_flops', 'p3_flop_estimate', 'flops_per_audio_second', 'epoch_estimate',
+           'code_mentions', 'cuda_path_checks', 'profile_step', 'machine', 'bench_markdown', 'publish_bench']
 
 # %% ../nbs/08_benchmarks.ipynb #8cb7296e
 def pick_threads(cores:int|None=None, load:float|None=None) -> int:
@@ -194,15 +194,34 @@ class SubsetFrames:
     def __len__(self): return len(self.idx)
     def batch(self, idx) -> tuple: return self.src.batch(self.idx[np.asarray(idx)])
 
-# %% ../nbs/08_benchmarks.ipynb #e67a8942
-P3_ROWS = ('global', 'global+head+lstm+vad')  # cheapest and most expensive head of Table 2
+# %% ../nbs/08_benchmarks.ipynb #48800bcb
+def max_abs_diff(a, b) -> float:
+    "Largest absolute difference between two nested results (dicts, lists, arrays, numbers); NaN equals NaN."
+    if isinstance(a, dict):
+        if set(a) != set(b): return float('inf')
+        return max([max_abs_diff(a[k], b[k]) for k in a] or [0.0])
+    if isinstance(a, (list, tuple)) and any(x is None or isinstance(x, (dict, list, tuple, str)) for x in a):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b): return float('inf')
+        return max([max_abs_diff(x, y) for x, y in zip(a, b)] or [0.0])
+    if a is None or b is None or isinstance(a, (str, bool)): return 0.0 if a == b else float('inf')
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if x.shape != y.shape: return float('inf')
+    d = np.where(np.isnan(x) & np.isnan(y), 0.0, np.abs(x - y))
+    return float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
 
-def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained dir)
-             root, n_train:int=24, reps:int=5, warmup:int=1, rows=P3_ROWS) -> dict:
-    "One epoch of frozen-backbone Table 2 rows from the feature cache and from the live backbone: times, identity."
-    from emi_nb.ablations import feature_store, LiveFrames, train_head, labels_for
-    from emi_nb.data import EMIDataset
+# %% ../nbs/08_benchmarks.ipynb #3e6bbc4e
+P3_ROWS = {'no LSTM': 'global', 'LSTM': 'global+head+lstm+vad'}  # representative (costliest) row of each kind of head
+
+def table2_mix() -> dict:
+    "How many Table 2 rows have each kind of head."
     from emi_nb.model import TABLE2_ROWS
+    return {k: sum((r['use_lstm'] == (k == 'LSTM')) for r in TABLE2_ROWS.values()) for k in P3_ROWS}
+
+# %% ../nbs/08_benchmarks.ipynb #cb7bbfa4
+def _p3_sources(cfg:StudyConfig, src:str, root, n_train:int) -> tuple:
+    "(cached and live subsets of train/valid, labels, extraction seconds) for P3."
+    from emi_nb.ablations import feature_store, LiveFrames, labels_for
+    from emi_nb.data import EMIDataset
     bb = load_backbone(src).eval(); t0 = time.time()
     store = {s: feature_store(src, root, s, cfg.max_seconds, quarantine=cfg.quarantine, log=None) for s in ('train', 'valid')}
     t_store = time.time() - t0
@@ -211,18 +230,27 @@ def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained 
     n, rng = dict(train=n_train, valid=max(2, n_train // 2)), np.random.default_rng(cfg.seed)
     pick = {s: np.sort(rng.choice(len(store[s]), min(n[s], len(store[s])), replace=False)) for s in store}
     sub = {k: {s: SubsetFrames(v[s], pick[s]) for s in store} for k, v in (('cache', store), ('live', live))}
-    y = {s: labels_for(root, s, sub['cache'][s].fids) for s in store}
-    rc = {r: cfg.replace(**TABLE2_ROWS[r], freeze_backbone=True, epochs=1, n_boot=0, device='cpu') for r in rows}
-    res = {}
-    def run(kind):
-        for r, c in rc.items(): res[kind, r] = train_head(c, bb, sub[kind]['train'], sub[kind]['valid'], y['train'], y['valid'])
-    t = time_variants(dict(cache=lambda: run('cache'), live=lambda: run('live')), reps, warmup)
-    same = {r: res['cache', r]['metrics'] == res['live', r]['metrics'] and
-               np.array_equal(res['cache', r]['preds']['valid']['pred'], res['live', r]['preds']['valid']['pred']) for r in rows}
-    return dict(speedup=ratio(t['live'], t['cache']), seconds=t, identical=same, store_seconds=t_store, rows=list(rows),
-                clips={s: len(p) for s, p in pick.items()}, rho={r: res['cache', r]['metrics']['valid']['rho'] for r in rows})
+    return bb, sub, {s: labels_for(root, s, sub['cache'][s].fids) for s in store}, t_store
 
-# %% ../nbs/08_benchmarks.ipynb #12ce69f9
+# %% ../nbs/08_benchmarks.ipynb #5dfd0ce4
+def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained dir)
+             root, n_train:int=16, reps:int=5) -> dict:
+    "One epoch of each kind of frozen-backbone row from the feature cache and from the live backbone: times, identity."
+    from emi_nb.ablations import train_head
+    from emi_nb.model import TABLE2_ROWS
+    bb, sub, y, t_store = _p3_sources(cfg, src, root, n_train)
+    rc = {k: cfg.replace(**TABLE2_ROWS[r], freeze_backbone=True, epochs=1, n_boot=0, device='cpu') for k, r in P3_ROWS.items()}
+    run = lambda kind, k: train_head(rc[k], bb, sub[kind]['train'], sub[kind]['valid'], y['train'], y['valid'])
+    check = {k: (run('cache', k), run('live', k)) for k in P3_ROWS}  # also the warm-up
+    diff = {k: max_abs_diff(dict(m=a['metrics'], p=a['preds']['valid']['pred']), dict(m=b['metrics'], p=b['preds']['valid']['pred']))
+            for k, (a, b) in check.items()}
+    t = time_variants({f'{kind}:{k}': (lambda kind=kind, k=k: run(kind, k)) for k in P3_ROWS for kind in ('cache', 'live')}, reps, 0)
+    mix = table2_mix(); grid = {kind: sum(n * np.asarray(t[f'{kind}:{k}']) for k, n in mix.items()) for kind in ('cache', 'live')}
+    return dict(grid=ratio(grid['live'], grid['cache']), per_kind={k: ratio(t[f'live:{k}'], t[f'cache:{k}']) for k in P3_ROWS},
+                seconds=t, mix=mix, rows=P3_ROWS, exact={k: d == 0 for k, d in diff.items()}, max_diff=diff, store_seconds=t_store,
+                clips={s: len(v) for s, v in sub['cache'].items()}, rho={k: a['metrics']['valid']['rho'] for k, (a, _) in check.items()})
+
+# %% ../nbs/08_benchmarks.ipynb #ff2e9f47
 def find_study(study_run:str='', # a run directory; '' = the latest synthetic run
                root=None) -> Path|None:
     "The run directory of the study to time, or None when there is no synthetic run yet."
@@ -237,7 +265,7 @@ def _epoch(s:str) -> float:
     from datetime import datetime
     return datetime.strptime(s, '%Y-%m-%dT%H:%M:%S%z').timestamp() if s else float('nan')
 
-# %% ../nbs/08_benchmarks.ipynb #87d3d761
+# %% ../nbs/08_benchmarks.ipynb #0a0a8c49
 def stage_table(man:dict) -> pd.DataFrame:
     "Seconds per notebook of a study manifest, then site + runner (the rest of the wall time), with shares."
     rows = [dict(stage=n['notebook'], seconds=n.get('seconds'), status=n['status']) for n in man['notebooks']]
@@ -248,7 +276,7 @@ def stage_table(man:dict) -> pd.DataFrame:
     df['share'] = df.seconds / df.seconds.sum()
     return df
 
-# %% ../nbs/08_benchmarks.ipynb #c81433e1
+# %% ../nbs/08_benchmarks.ipynb #e72b3009
 def p4_study(study_dir:Path|None) -> tuple:
     "(figure, stage table or None) for the study run at `study_dir`."
     what = 'wall time of the synthetic study (make study after install and corpus build), 2 cores'
@@ -260,7 +288,7 @@ def p4_study(study_dir:Path|None) -> tuple:
     note = f"run {Path(study_dir).name}: status {man['status']}, profile {man.get('profile')}, {os.cpu_count()} cores now"
     return figure(what, total, 1200.0, unit='s', note=note, run=str(study_dir), commit=man.get('commit', '')), df
 
-# %% ../nbs/08_benchmarks.ipynb #4bdb09e9
+# %% ../nbs/08_benchmarks.ipynb #5178a845
 class RSSPeak:
     "Context manager: peak resident memory (bytes) of this process while inside, by polling; `.delta` above the start."
     def __init__(self, every:float=0.002): self.every = every
@@ -275,7 +303,7 @@ class RSSPeak:
     def __exit__(self, *exc):
         self._stop.set(); self._t.join(); self.peak = max(self.peak, self._rss()); self.delta = self.peak - self.start
 
-# %% ../nbs/08_benchmarks.ipynb #046ac8be
+# %% ../nbs/08_benchmarks.ipynb #a2cd1d0f
 def run_children(jobs:list, # (python source, args dict) pairs
                  timeout:float=900) -> list:
     "Run each job's script in its own child process (args as JSON in argv[1]); the JSON of each last stdout line."
@@ -297,7 +325,7 @@ def run_child(script:str, args:dict, timeout:float=900) -> dict:
     "One child: the JSON of its last stdout line."
     return run_children([(script, args)], timeout)[0]
 
-# %% ../nbs/08_benchmarks.ipynb #9add8a84
+# %% ../nbs/08_benchmarks.ipynb #16a583e8
 TRAIN_CHILD = r'''
 import json, resource, sys, tempfile
 import torch
@@ -328,7 +356,7 @@ def train_job(profile:str, steps:int=2, fit:bool=False, threads:int=0, **overrid
     "The child job measuring peak RSS (bytes) of training steps (or a one-epoch fit) of `profile`."
     return TRAIN_CHILD, dict(profile=profile, steps=steps, fit=fit, threads=threads, overrides=overrides)
 
-# %% ../nbs/08_benchmarks.ipynb #b8cc0b9f
+# %% ../nbs/08_benchmarks.ipynb #878ef310
 FORWARD_CHILD = r'''
 import json, resource, sys
 import torch
@@ -350,7 +378,7 @@ def forward_job(preset:str='paper', seconds:float=12.0, reps:int=2, threads:int=
     "The child job measuring the resident memory a no-grad forward of one clip adds above the loaded model."
     return FORWARD_CHILD, dict(preset=preset, seconds=seconds, reps=reps, threads=threads)
 
-# %% ../nbs/08_benchmarks.ipynb #6caa8949
+# %% ../nbs/08_benchmarks.ipynb #7df76538
 def lstm_flops(lstm:torch.nn.LSTM, frames:int) -> int:
     "Matmul FLOPs of a forward of `lstm` (unidirectional, batch 1) over `frames` steps."
     d, n = lstm.hidden_size, 0
@@ -371,7 +399,15 @@ def count_flops(preset:str='paper', seconds:float=12.0) -> dict:
         res['head'] = fc.get_total_flops()
     return dict(res, total=sum(res.values()), frames=int(h.shape[1]), seconds=seconds)
 
-# %% ../nbs/08_benchmarks.ipynb #586f7a8d
+# %% ../nbs/08_benchmarks.ipynb #40c893a8
+def p3_flop_estimate(preset:str='paper', seconds:float=7.0) -> dict:
+    "FLOP ratio recompute/cached per kind of row and for the Table 2 mix (backbone forward vs head training ~3x forward)."
+    c = count_flops(preset, seconds); head = {'no LSTM': 3 * c['head'], 'LSTM': 3 * (c['lstm'] + c['head'])}
+    per = {k: (c['backbone'] + h) / h for k, h in head.items()}
+    mix = table2_mix()
+    return dict(per_kind=per, grid=sum(n * (c['backbone'] + head[k]) for k, n in mix.items()) / sum(n * head[k] for k, n in mix.items()))
+
+# %% ../nbs/08_benchmarks.ipynb #d7dd73c9
 def flops_per_audio_second(preset:str='paper', durations=None, lengths=(1.0, 6.0, 12.0)) -> dict:
     "Forward FLOPs per audio second, at each of `lengths` and averaged over `durations` (s) by a quadratic fit."
     c = {L: count_flops(preset, L)['total'] for L in lengths}
@@ -381,7 +417,7 @@ def flops_per_audio_second(preset:str='paper', durations=None, lengths=(1.0, 6.0
         d = np.asarray(durations, float); res['mean_over_durations'] = float(np.polyval(coef, d).sum() / d.sum())
     return res
 
-# %% ../nbs/08_benchmarks.ipynb #bee44506
+# %% ../nbs/08_benchmarks.ipynb #2346ddc1
 PAPER_RECIPE = dict(train_hours=15.0, valid_hours=9.0, dropped=0.014, epochs=30, fwd_bwd=3.0)  # REFERENCE (quoted)
 GPU_PEAK = {'A100 (bf16 dense)': 312e12, 'H100 SXM (bf16 dense)': 989e12}  # vendor datasheet peaks, FLOP/s
 
@@ -395,26 +431,36 @@ def epoch_estimate(flops_per_s:float, # forward FLOPs per audio second
     return dict(epoch_train_pflop=train / 1e15, epoch_valid_pflop=valid / 1e15, run_pflop=recipe['epochs'] * (train + valid) / 1e15,
                 epoch_seconds=sec, run_hours=recipe['epochs'] * sec / 3600, peak=peak, mfu=mfu)
 
-# %% ../nbs/08_benchmarks.ipynb #8487dca4
+# %% ../nbs/08_benchmarks.ipynb #6d0036e5
+def code_mentions(fn, *names) -> bool:
+    "Whether the compiled code of `fn` (nested code included) uses every one of `names` (attribute, global or keyword)."
+    seen, todo = set(), [getattr(inspect.unwrap(fn), '__code__', fn)]
+    while todo:
+        c = todo.pop(); seen.update(c.co_names)
+        for k in c.co_consts:
+            if hasattr(k, 'co_names'): todo.append(k)
+            elif isinstance(k, str): seen.add(k)
+            elif isinstance(k, tuple): seen.update(x for x in k if isinstance(x, str))
+    return all(n in seen for n in names)
+
 def cuda_path_checks() -> pd.DataFrame:
-    "What the CUDA code path does, checked by constructing or reading the training module's pieces."
+    "What the CUDA code path does, checked on the loaded training module (built objects, or the names its code uses)."
     from emi_nb import train, config
-    src = lambda f: inspect.getsource(f)
-    ds = [dict(fid=i, wav=torch.zeros(800 + i)) for i in range(4)]
+    ds = [dict(fid=i, wav=torch.zeros(800 + i)) for i in range(4)]; L = np.array([800 + i for i in range(4)])
     cfg = StudyConfig(profile='paper')
-    tl = train.make_loader(ds, np.array([len(d['wav']) for d in ds]), cfg, True, device='cpu')
-    rows = [('bf16 autocast when supported (amp=auto)', 'torch.bfloat16' in src(config.amp_dtype), 'config.amp_dtype source'),
-            ('training forward under autocast', 'autocast' in src(train.Trainer._step), 'Trainer._step source'),
-            ('prediction under autocast', 'autocast' in src(train.predict), 'train.predict source'),
-            ('pinned memory on CUDA', train.make_loader(ds, np.array([800] * 4), cfg, False, device='cuda').pin_memory, 'make_loader built for cuda'),
-            ('non-blocking host-to-device copies', 'non_blocking' in src(train._to), 'train._to source'),
-            ('bucketed training batches', isinstance(tl.batch_sampler, train.LengthBucketSampler) and tl.batch_sampler.bucket, 'make_loader built'),
-            ('GradScaler only for fp16', 'enabled=self.dtype == torch.float16' in src(train.Trainer._setup), 'Trainer._setup source'),
-            ('emi_predict batches on CUDA, one clip per batch on CPU (PREDICT_DEFAULT)', "1 if dev.type == 'cpu' else cfg.eval_batch_size" in src(train.emi_predict_cli), 'emi_predict_cli source'),
-            ('DataLoader workers decode audio off the GPU feeding thread', cfg.num_workers > 0, f'StudyConfig.num_workers = {cfg.num_workers}')]
+    tl = train.make_loader(ds, L, cfg, True, device='cpu')
+    rows = [('bf16 autocast when supported (amp=auto)', code_mentions(config.amp_dtype, 'bfloat16', 'is_bf16_supported'), 'config.amp_dtype code'),
+            ('training forward under autocast', code_mentions(train.Trainer._step, 'autocast'), 'Trainer._step code'),
+            ('prediction under autocast', code_mentions(train.predict, 'autocast') and code_mentions(train._predict_items, 'autocast'), 'predict, _predict_items code'),
+            ('pinned host memory on CUDA', bool(train.make_loader(ds, L, cfg, False, device='cuda').pin_memory), 'make_loader built for cuda'),
+            ('non-blocking host-to-device copies', code_mentions(train._to, 'non_blocking'), 'train._to code'),
+            ('length-bucketed training batches', isinstance(tl.batch_sampler, train.LengthBucketSampler) and tl.batch_sampler.bucket, 'make_loader built'),
+            ('GradScaler only for fp16', code_mentions(train.Trainer._setup, 'GradScaler', 'float16'), 'Trainer._setup code'),
+            ('emi_predict batches on CUDA, one clip per batch on CPU', code_mentions(train.emi_predict_cli, 'eval_batch_size', 'cpu'), 'emi_predict_cli code'),
+            ('DataLoader workers decode audio beside the GPU', cfg.num_workers > 0, f'StudyConfig.num_workers = {cfg.num_workers}')]
     return pd.DataFrame(rows, columns=['check', 'in place', 'how checked'])
 
-# %% ../nbs/08_benchmarks.ipynb #529ea9cd
+# %% ../nbs/08_benchmarks.ipynb #dc69ef39
 def profile_step(cfg:StudyConfig, seconds:float=6.0, batch:int|None=None, top:int=10) -> tuple:
     "(phase table, top-operator table) of one profiled training step (forward, MSE, backward, AdamW) of cfg's preset."
     from torch.profiler import profile, record_function, ProfilerActivity
@@ -435,7 +481,7 @@ def profile_step(cfg:StudyConfig, seconds:float=6.0, batch:int|None=None, top:in
     ops['share'] = ops.self_cpu_s / sum(e.self_cpu_time_total for e in ka) * 1e6
     return phases.to_frame().assign(share=lambda d: d.seconds / d.seconds.sum()), ops
 
-# %% ../nbs/08_benchmarks.ipynb #2026fc92
+# %% ../nbs/08_benchmarks.ipynb #dc0391f8
 def machine() -> dict:
     "CPU model, cores, torch threads and platform of this machine."
     cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), '') \
@@ -444,7 +490,7 @@ def machine() -> dict:
                 torch=torch.__version__, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 load_average=[round(x, 2) for x in os.getloadavg()])
 
-# %% ../nbs/08_benchmarks.ipynb #8c69fe5a
+# %% ../nbs/08_benchmarks.ipynb #36f5cbd5
 def _fmt(v, unit:str) -> str:
     if v is None: return '–'
     return {'share': f'{v:.1%}', 'ratio': f'{v:.2f}', 'x': f'{v:.1f}×', 's': f'{v:.0f} s', 'GB': f'{v:.2f} GB', 'min': f'{v:.1f} min'}.get(unit, f'{v:.3g}')
@@ -471,7 +517,7 @@ def bench_markdown(res:dict) -> str:
                         f"validation), about {g['epoch_minutes']:.1f} min on an {g['gpu']} at {g['mfu']:.0%} MFU ({g['run_hours']:.1f} h for 30 epochs)."]
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/08_benchmarks.ipynb #65018c46
+# %% ../nbs/08_benchmarks.ipynb #93c2960e
 def publish_bench(res:dict, root=None, readme:bool=True) -> tuple:
     "Write benchmarks/latest.json and latest.md under `root` (and regenerate README.md); returns both paths."
     root = Path(root or project_root()); check_bench(res)
