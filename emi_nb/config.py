@@ -21,7 +21,7 @@ EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excite
 VAD_NAMES = ['arousal', 'dominance', 'valence']  # output order of the audeering head
 SR = 16_000  # every backbone here expects 16 kHz mono
 
-# %% ../nbs/00_config.ipynb #a87c406f
+# %% ../nbs/00_config.ipynb #8df33e61
 @dataclass
 class StudyConfig:
     "Flat, typed config of one study run; defaults are the paper's recipe."
@@ -49,6 +49,7 @@ class StudyConfig:
     freeze_feature_encoder: bool = False  # the CNN feature encoder; paper trains it too
     batched: bool = True            # batched + attention-masked backbone; False = per clip, as the reference code
     grad_checkpointing: bool = False  # trade compute for memory on long clips (GPU)
+    lstm_packed: bool|None = None   # packed LSTM input; None = packed on CUDA, padded + last-frame gather on CPU (same values, ~10x faster there)
     # -- training recipe
     loss: str = 'mse'               # mse | ccc | pearson (1-rho); MSE won in the paper
     lr: float = 1e-4                # AdamW learning rate of the reference code
