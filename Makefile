@@ -65,7 +65,7 @@ bench: env corpus
 	$(BIN)/emi_study --profile $(PROFILE) --only 08 --no-site --out runs/bench-$$(date +%Y%m%d-%H%M%S)
 
 lab: env
-	$(BIN)/jupyter lab --notebook-dir=nbs
+	$(BIN)/jupyter lab --notebook-dir=nbs --MappingKernelManager.default_kernel_name=emi-study $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean:
 	rm -rf runs _docs _proc .pytest_cache
