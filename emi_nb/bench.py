@@ -250,16 +250,19 @@ def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained 
                 seconds=t, mix=mix, rows=P3_ROWS, exact={k: d == 0 for k, d in diff.items()}, max_diff=diff, store_seconds=t_store,
                 clips={s: len(v) for s, v in sub['cache'].items()}, rho={k: a['metrics']['valid']['rho'] for k, (a, _) in check.items()})
 
-# %% ../nbs/08_benchmarks.ipynb #ff2e9f47
+# %% ../nbs/08_benchmarks.ipynb #25cf3dda
 def find_study(study_run:str='', # a run directory; '' = the latest synthetic run
                root=None) -> Path|None:
-    "The run directory of the study to time, or None when there is no synthetic run yet."
+    "The study run to time: `study_run`, else runs/synthetic-latest, else the newest complete runs/synthetic-*; or None."
     if study_run:
         p = Path(study_run)
         if not (p/'manifest.json').exists(): raise FileNotFoundError(f"{p}: no manifest.json (not an emi_study run directory)")
         return p.resolve()
-    p = Path(root or project_root())/'runs'/'synthetic-latest'
-    return p.resolve() if (p/'manifest.json').exists() else None
+    runs = Path(root or project_root())/'runs'
+    if (runs/'synthetic-latest'/'manifest.json').exists(): return (runs/'synthetic-latest').resolve()
+    done = [m.parent for m in sorted(runs.glob('synthetic-*/manifest.json'), key=lambda m: m.stat().st_mtime)
+            if json.loads(m.read_text()).get('status') == 'ok']
+    return done[-1].resolve() if done else None
 
 def _epoch(s:str) -> float:
     from datetime import datetime
@@ -276,12 +279,12 @@ def stage_table(man:dict) -> pd.DataFrame:
     df['share'] = df.seconds / df.seconds.sum()
     return df
 
-# %% ../nbs/08_benchmarks.ipynb #e72b3009
+# %% ../nbs/08_benchmarks.ipynb #b83afe31
 def p4_study(study_dir:Path|None) -> tuple:
     "(figure, stage table or None) for the study run at `study_dir`."
     what = 'wall time of the synthetic study (make study after install and corpus build), 2 cores'
     if study_dir is None:
-        return figure(what, None, 1200.0, unit='s', note='no synthetic study run found (runs/synthetic-latest): run make study'), None
+        return figure(what, None, 1200.0, unit='s', note='no complete synthetic study run found under runs/: run make study'), None
     man = json.loads((Path(study_dir)/'manifest.json').read_text()); df = stage_table(man)
     done = man['status'] == 'ok' and man.get('profile') == 'synthetic'
     total = float(df.seconds.sum()) if done else None

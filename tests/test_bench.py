@@ -90,3 +90,10 @@ def test_publish_writes_json_and_markdown(tmp_path):
 def test_threads_follow_the_load():
     from emi_nb.bench import pick_threads
     assert pick_threads(2, 0.5) == 2 and pick_threads(2, 2.5) == 1 and pick_threads(8, 8.0) == 8
+
+def test_find_study_falls_back_to_the_newest_complete_run(tmp_path):
+    from emi_nb.bench import find_study
+    (tmp_path/'runs/synthetic-latest/figures').mkdir(parents=True)  # a plain folder, as notebook tests leave it
+    save_json(tmp_path/'runs/synthetic-20240101-100000/manifest.json', dict(status='ok', profile='synthetic', notebooks=[]))
+    save_json(tmp_path/'runs/synthetic-20240102-100000/manifest.json', dict(status='failed', profile='synthetic', notebooks=[]))
+    assert find_study('', root=tmp_path).name == 'synthetic-20240101-100000'
