@@ -61,8 +61,10 @@ pytest: env browser
 
 test: check-export nbtest pytest
 
+# Publishes benchmarks/latest.{json,md} and refreshes the README's ratios; commit them afterwards.
+BENCH_PARAMS ?= -p reps=7 -p p1_clips=4 -p p1_seconds=6
 bench: env corpus
-	$(BIN)/emi_study --profile $(PROFILE) --only 08 --no-site --out runs/bench-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/emi_study --profile $(PROFILE) --only 08 --no-site --out runs/bench-$$(date +%Y%m%d-%H%M%S) -p publish=true $(BENCH_PARAMS)
 
 lab: env
 	$(BIN)/jupyter lab --notebook-dir=nbs --MappingKernelManager.default_kernel_name=emi-study $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -96,7 +96,7 @@ def run_notebook(nb:Path, out_nb:Path, params:dict, log:Path, kernel:str|None=No
             raise NotebookFailed(nb, None, f"{type(e).__name__}: {e}") from e
     return time.time() - t0
 
-# %% ../nbs/09_study.ipynb #d766721b
+# %% ../nbs/09_study.ipynb #1f57421a
 def _manifest(run_dir, **kw):
     return save_json(Path(run_dir)/'manifest.json', kw)
 
@@ -104,11 +104,10 @@ def default_run_dir(profile:str) -> Path:
     return project_root()/'runs'/f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 def link_latest(run_dir:Path, profile:str):
-    "Point runs/<profile>-latest at `run_dir` (a symlink next to it)."
+    "Point runs/<profile>-latest at `run_dir`; a real folder there (from interactive runs) is moved aside, not deleted."
     link = run_dir.parent/f'{profile}-latest'
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() or link.is_file(): link.unlink()
-        else: return
+    if link.is_symlink() or link.is_file(): link.unlink()
+    elif link.exists(): link.rename(link.with_name(f"{link.name}.interactive-{time.strftime('%Y%m%d-%H%M%S')}"))
     link.symlink_to(run_dir.name)
 
 # %% ../nbs/09_study.ipynb #bdebd66e
