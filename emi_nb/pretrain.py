@@ -20,11 +20,11 @@ from .train import LengthBucketSampler, emi_loss
 __all__ = ['PRETRAIN_VERSION', 'PRETRAIN_RECIPES', 'VADDataset', 'evaluate_vad', 'train_vad', 'vad_size', 'pretrain_backbone',
            'backbone_key', 'resolve_backbone']
 
-# %% ../nbs/04_pretrain.ipynb #74456888
+# %% ../nbs/04_pretrain.ipynb #787d9b2c
 PRETRAIN_VERSION = '1'
 PRETRAIN_RECIPES = {
     'tiny':  dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=3.0, loss='ccc', seed=0),
-    'small': dict(epochs=6, batch_size=32, lr=2e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0),
+    'small': dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0),
     'paper': dict(epochs=10, batch_size=32, lr=1e-4, warmup_epochs=1.0, max_seconds=8.0, loss='ccc', seed=0),
 }
 
