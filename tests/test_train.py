@@ -148,3 +148,12 @@ def test_emi_loss_global_batch_weights():
         full = emi_loss(p[:4], y[:4], kind)[0]
         padded = emi_loss(p, y, kind, torch.tensor([1., 1, 1, 1, 0, 0]))[0]
         assert float(full) == pytest.approx(float(padded), abs=1e-6), kind
+
+def test_early_stopping_and_train_valid(tmp_path):
+    "patience stops a run whose validation rho does not improve; train+valid keeps the last epoch and scores the hidden test labels."
+    base = make_config('smoke', backbone='preset:tiny', device='cpu', run_dir=str(tmp_path), max_steps=1, n_boot=50)
+    r = fit(base.replace(epochs=4, patience=1, lr=0.0), 'flat', quiet=True)['metrics']    # lr 0: rho never improves
+    assert r['epochs_run'] == 2 and r['stopped_early'] and r['best_epoch'] == 1
+    r = fit(base.replace(epochs=2, train_on='train+valid'), 'full', quiet=True)['metrics']
+    assert r['best_epoch'] == 2 and r['valid_in_sample'] and r['test'] is not None and len(r['test']['ci']) == 2
+    assert r['curves'][0]['steps'] == 1
