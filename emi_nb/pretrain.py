@@ -20,12 +20,12 @@ from .train import LengthBucketSampler, emi_loss
 __all__ = ['PRETRAIN_VERSION', 'PRETRAIN_RECIPES', 'VADDataset', 'evaluate_vad', 'train_vad', 'vad_size', 'pretrain_backbone',
            'backbone_key', 'resolve_backbone']
 
-# %% ../nbs/04_pretrain.ipynb #787d9b2c
+# %% ../nbs/04_pretrain.ipynb #f315a043
 PRETRAIN_VERSION = '1'
-PRETRAIN_RECIPES = {
-    'tiny':  dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=3.0, loss='ccc', seed=0),
-    'small': dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0),
-    'paper': dict(epochs=10, batch_size=32, lr=1e-4, warmup_epochs=1.0, max_seconds=8.0, loss='ccc', seed=0),
+PRETRAIN_RECIPES = {  # threads: CPU threads (0 = torch's default); pinned, as CPU results depend on the thread count
+    'tiny':  dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=3.0, loss='ccc', seed=0, threads=1),
+    'small': dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0, threads=1),
+    'paper': dict(epochs=10, batch_size=32, lr=1e-4, warmup_epochs=1.0, max_seconds=8.0, loss='ccc', seed=0, threads=0),
 }
 
 # %% ../nbs/04_pretrain.ipynb #488a1c9a
@@ -83,7 +83,7 @@ def train_vad(model:EmotionModel, train:VADDataset, valid:VADDataset, recipe:dic
         log(f"vad epoch {e+1}/{recipe['epochs']}  loss {tot/n:.4f}  held-out rho {ev['mean_rho']:.3f}  ccc {ev['mean_ccc']:.3f}")
     return curves
 
-# %% ../nbs/04_pretrain.ipynb #3e208f47
+# %% ../nbs/04_pretrain.ipynb #759de6f0
 def vad_size(cfg:StudyConfig) -> str:
     "Size of the synthetic VAD corpus for cfg (as the EMI corpus: smoke for the smoke profile)."
     return cfg.synth_size or ('smoke' if cfg.profile == 'smoke' else 'synthetic')
@@ -96,13 +96,18 @@ def pretrain_backbone(cfg:StudyConfig, out, # folder to write (save_pretrained l
     t0 = time.time(); preset = cfg.backbone_preset; recipe = recipe or PRETRAIN_RECIPES[preset]
     root = Path(vad_root or ensure_vad_corpus(vad_size(cfg), cfg.synth_seed)); dev = get_device(cfg.device)
     tr, va = VADDataset(root, 'train', recipe['max_seconds']), VADDataset(root, 'valid', recipe['max_seconds'])
-    seed_everything(recipe['seed']); m = load_backbone(f'preset:{preset}', device=dev)
-    untrained = evaluate_vad(m, va, dev)
-    curves = train_vad(m, tr, va, recipe, dev, log)
+    n_threads = torch.get_num_threads()
+    if recipe.get('threads') and dev.type == 'cpu': torch.set_num_threads(recipe['threads'])
+    try:
+        seed_everything(recipe['seed']); m = load_backbone(f'preset:{preset}', device=dev)
+        untrained = evaluate_vad(m, va, dev)
+        curves = train_vad(m, tr, va, recipe, dev, log)
+        held_out = evaluate_vad(m, va, dev)
+    finally: torch.set_num_threads(n_threads)
     out = Path(out); m.save_pretrained(out)
     save_json(out/'pretrain.json', dict(preset=preset, recipe=recipe, version=PRETRAIN_VERSION, vad_root=str(root),
               vad_fingerprint=data_fingerprint(root), n_train=len(tr), n_valid=len(va), curves=curves,
-              held_out=evaluate_vad(m, va, dev), untrained=untrained, seconds=round(time.time() - t0, 1)))
+              held_out=held_out, untrained=untrained, seconds=round(time.time() - t0, 1)))
     return out
 
 # %% ../nbs/04_pretrain.ipynb #b77a065e

@@ -390,17 +390,18 @@ def _end_epoch(self:Trainer):
     st['done'] = st['epoch'] >= cfg.epochs or bool(cfg.patience and st['bad_epochs'] >= cfg.patience)
     self._save_state()
 
-# %% ../nbs/05_train.ipynb #af3d1c96
+# %% ../nbs/05_train.ipynb #d698fe0a
 RESUME_FREE = ('run_dir', 'device', 'num_workers')
 
 @patch
 def _save_state(self:Trainer):
     "Publish the complete run state as the latest checkpoint (rank 0 writes; every rank waits)."
-    st = self.st
+    st, rngs = self.st, [rng_state()]
+    if self.world > 1: rngs = [None] * self.world; torch.distributed.all_gather_object(rngs, rng_state())   # every rank's own
     if self.rank == 0:
         acc = {k: (torch.cat(v) if v else torch.zeros(0, len(EMOTIONS))) if k in ('preds', 'labels') else v for k, v in st['acc'].items()}
         state = dict(opt=self.opt.state_dict(), sched=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                     sampler=self.sampler.state_dict(), rng=rng_state(), run={**st, 'acc': acc})
+                     sampler=self.sampler.state_dict(), rng=rngs, run={**st, 'acc': acc})
         def write(d):
             write_weights(d, self.model, self.cfg, name=self.name, epoch=st['epoch'], step=st['step'])
             torch.save(state, d/'state.pt')
@@ -417,9 +418,12 @@ def _load_state(self:Trainer) -> bool:
     diff = {k: (saved.get(k), v) for k, v in asdict(self.cfg).items() if k not in RESUME_FREE and saved.get(k) != v}
     if diff: raise ValueError(f"{d}: cannot resume, the config differs: {diff} (saved, now)")
     load_model(self.model, str(d/'model.safetensors'), device=str(self.device))
-    s = torch.load(d/'state.pt', weights_only=True, map_location=self.device)
+    s = torch.load(d/'state.pt', weights_only=True, map_location='cpu')
     self.opt.load_state_dict(s['opt']); self.sched.load_state_dict(s['sched']); self.scaler.load_state_dict(s['scaler'])
-    self.sampler.load_state_dict(s['sampler']); set_rng_state({**s['rng'], 'torch': s['rng']['torch'].cpu()})
+    self.sampler.load_state_dict(s['sampler'])
+    rngs = s['rng']
+    if len(rngs) != self.world: warnings.warn(f"{d}: saved by {len(rngs)} process(es), resumed by {self.world}: same batches, other dropout draws")
+    set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
     run = s['run']; acc = run['acc']
     acc.update(preds=[acc['preds'].cpu()] if len(acc['preds']) else [], labels=[acc['labels'].cpu()] if len(acc['labels']) else [])
     self.st = run
