@@ -21,10 +21,11 @@ from .train import emi_loss, LengthBucketSampler, make_optimizer, make_scheduler
 __all__ = ['ASR_QUOTED', 'PLANS', 'FULL', 'T1_QUOTED', 'ABLATIONS_VERSION', 'KEY_FREE', 'FEATURE_VERSION', 'Row',
            'untrained_backbone', 'table2_backbones', 'plan_for', 'table2_rows', 'table1_rows', 'explore_rows',
            'row_config', 'row_key', 'row_seeds', 'weights_checksum', 'audio_fingerprint', 'threads', 'clip_frames',
-           'n_frames', 'pad_frames', 'FrameStore', 'extract_store', 'backbone_checksum', 'feature_key', 'feature_store',
-           'ensure_stores', 'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head',
-           'SkipRow', 'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid', 'boot_seed_means',
-           'seed_stats', 'paired_stats', 'grid_stats', 'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap']
+           'n_frames', 'pad_frames', 'FrameStore', 'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key',
+           'feature_store', 'ensure_stores', 'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames',
+           'train_head', 'SkipRow', 'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid',
+           'boot_seed_means', 'seed_stats', 'paired_stats', 'grid_stats', 'stats_table', 'agreement', 'bar_chart',
+           'emotion_heatmap']
 
 # %% ../nbs/06_ablations.ipynb #d904b4dd
 @dataclass
@@ -59,30 +60,33 @@ def untrained_backbone(preset:str='small', # geometry: tiny | small | paper
         shutil.rmtree(d, ignore_errors=True); os.replace(tmp, d)
     return str(d)
 
-# %% ../nbs/06_ablations.ipynb #f4aaa457
+# %% ../nbs/06_ablations.ipynb #116b8667
 def table2_backbones(cfg:StudyConfig, asr:str='', xlsr:str='', emotion:str='') -> dict:
     "name -> dict(path, label, quoted) of Table 2's backbones: real checkpoints by path, else the offline stand-ins."
     from emi_nb.pretrain import resolve_backbone
     emo = emotion or cfg.backbone
     res = {'audeering' if emo else 'vad': dict(path=emo or resolve_backbone(cfg, log=lambda *a: None),
-           label='audeering (given)' if emo else f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)', quoted=TABLE2_QUOTED)}
-    if asr: res['w2v2-l'] = dict(path=asr, label='W2V2-L (given)', quoted={'global': {'W2V2-L (ASR)': ASR_QUOTED['W2V2-L (ASR)']}})
-    if xlsr: res['xlsr'] = dict(path=xlsr, label='XLSR (given)', quoted={'global': {'W2V2-L XLSR (ASR)': ASR_QUOTED['W2V2-L XLSR (ASR)']}})
+           label=f'emotion backbone {Path(emo).name} (given, in audeering\'s place)' if emo else f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)',
+           quoted=TABLE2_QUOTED)}
+    if asr: res['w2v2-l'] = dict(path=asr, label=f'W2V2-L {Path(asr).name} (given)', quoted={'global': {'W2V2-L (ASR)': ASR_QUOTED['W2V2-L (ASR)']}})
+    if xlsr: res['xlsr'] = dict(path=xlsr, label=f'XLSR {Path(xlsr).name} (given)', quoted={'global': {'W2V2-L XLSR (ASR)': ASR_QUOTED['W2V2-L XLSR (ASR)']}})
     if not (asr or xlsr):
         res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), quoted={'global': dict(ASR_QUOTED)},
                                 label=f'untrained {cfg.backbone_preset}, no emotion pre-training (stand-in for W2V2-L / XLSR)')
     return res
 
-# %% ../nbs/06_ablations.ipynb #1f73c0c9
+# %% ../nbs/06_ablations.ipynb #5521f8b5
 _ALL_T1, _ALL_X = ('train', 'dropout', 'train+val', 'train+val-long'), ('fixed-nomask', 'masked-random', 'ccc', 'pearson', 'collapsed')
 PLANS = {  # None = the config's value (epochs, seeds); 0 seeds = every grid seed
     'smoke':     dict(head_epochs=2, fit_epochs=None, fit_seeds=1, fit_max_steps=2, long_factor=2.0, table2_frozen=True, t1_frozen=True,
                       t1_seeds=0, pad_seeds=0, loss_seeds=0, table2_rows=('global', 'global+head+lstm+vad'), t1_rows=('train', 'train+val'),
-                      explore=('fixed-nomask', 'pearson'), workers=1, fit_threads=1),
+                      explore=('fixed-nomask', 'pearson'), workers=1, fit_threads=1, pad_cut=6.0),
     'synthetic': dict(head_epochs=2, fit_epochs=None, fit_seeds=1, fit_max_steps=0, long_factor=1.5, table2_frozen=True, t1_frozen=True,
-                      t1_seeds=1, pad_seeds=1, loss_seeds=0, table2_rows=tuple(TABLE2_ROWS), t1_rows=_ALL_T1, explore=_ALL_X, workers=2, fit_threads=0),
+                      t1_seeds=1, pad_seeds=1, loss_seeds=0, table2_rows=tuple(TABLE2_ROWS), t1_rows=_ALL_T1,
+                      explore=('fixed-nomask', 'ccc', 'pearson', 'collapsed'), workers=2, fit_threads=0, pad_cut=12.0),
     'paper':     dict(head_epochs=None, fit_epochs=None, fit_seeds=0, fit_max_steps=0, long_factor=2.0, table2_frozen=False, t1_frozen=False,
-                      t1_seeds=0, pad_seeds=0, loss_seeds=0, table2_rows=tuple(TABLE2_ROWS), t1_rows=_ALL_T1, explore=_ALL_X, workers=1, fit_threads=0),
+                      t1_seeds=0, pad_seeds=0, loss_seeds=0, table2_rows=tuple(TABLE2_ROWS), t1_rows=_ALL_T1, explore=_ALL_X, workers=1,
+                      fit_threads=0, pad_cut=12.0),
 }
 
 def plan_for(cfg:StudyConfig, **overrides) -> dict:
@@ -92,7 +96,7 @@ def plan_for(cfg:StudyConfig, **overrides) -> dict:
     p['fit_epochs'] = p['fit_epochs'] or cfg.epochs
     return p
 
-# %% ../nbs/06_ablations.ipynb #2178c298
+# %% ../nbs/06_ablations.ipynb #af493f4b
 FULL = 'global+head+lstm+vad'
 
 def _quote(q, source:str) -> dict:
@@ -113,7 +117,7 @@ def table2_rows(backbones:dict, plan:dict) -> dict:
             n = f't2.{b}.{c}'
             rows[n] = Row(n, 'table2', {**TABLE2_ROWS[c], 'backbone': info['path'], 'freeze_backbone': fz, 'epochs': ep,
                           **({} if fz else {'max_steps': plan['fit_max_steps']})}, 'head' if fz else 'fit', f"{info['label']}: {c}",
-                          _quote(info['quoted'].get(c), b), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k),
+                          _quote(info['quoted'].get(c), 'audeering' if b == emo else b), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k),
                           options={**(dict(test=True) if b == emo and fz else {}), **({} if fz else dict(threads=plan['fit_threads']))})
     return rows
 
@@ -144,8 +148,8 @@ def table1_rows(emotion:str, plan:dict) -> dict:
                               options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
     return rows
 
-# %% ../nbs/06_ablations.ipynb #25f61d23
-def explore_rows(emotion:str, plan:dict) -> dict:
+# %% ../nbs/06_ablations.ipynb #35ba3ff6
+def explore_rows(emotion:str, plan:dict, max_seconds:float=12.0) -> dict:
     "Section 6.2's rows on the frozen emotion backbone: padding without mask, random batches, CCC and 1-rho losses."
     ex, rows = plan['explore'], {}
     base = {'backbone': emotion, 'freeze_backbone': True, 'epochs': plan['head_epochs']}
@@ -153,10 +157,12 @@ def explore_rows(emotion:str, plan:dict) -> dict:
         k = plan['pad_seeds' if table == 'padding' else 'loss_seeds']
         rows[name] = Row(name, table, {**TABLE2_ROWS[sw], **base, **(ov or {})}, 'head', label, ref=ref, seeds=k,
                          note=_short(True, plan['head_epochs'], k), **kw)
-    pref, lref = 'pad.masked-bucketed', 'loss.mse'
-    add(pref, 'padding', 'masked, length-bucketed batches (ours)', FULL, dict(bucket=True), pref, options=dict(test=True))
-    if 'masked-random' in ex: add('pad.masked-random', 'padding', 'masked, random batches', FULL, dict(bucket=False), pref)
-    if 'fixed-nomask' in ex: add('pad.fixed-nomask', 'padding', 'zero-padded to the cut, no mask', FULL, ref=pref,
+    pref, lref, same = 'pad.masked-bucketed', 'loss.mse', plan['pad_cut'] == max_seconds   # same cut: Table 2's full row
+    cut = {} if same else dict(max_seconds=plan['pad_cut'])
+    add(pref, 'padding', f"masked, length-bucketed batches (ours), cut {plan['pad_cut']:g} s", FULL, dict(bucket=True, **cut), pref,
+        options=dict(test=True) if same else {})
+    if 'masked-random' in ex: add('pad.masked-random', 'padding', 'masked, random batches', FULL, dict(bucket=False, **cut), pref)
+    if 'fixed-nomask' in ex: add('pad.fixed-nomask', 'padding', f"zero-padded to {plan['pad_cut']:g} s, no mask", FULL, cut, ref=pref,
                                  options=dict(pad='fixed'), quoted={'paper (approx.)': -0.1})
     add(lref, 'loss', 'MSE (paper)', 'global+head', ref=lref, options=dict(test=True))
     if 'ccc' in ex: add('loss.ccc', 'loss', 'CCC', 'global+head', dict(loss='ccc'), lref)
@@ -273,14 +279,19 @@ def extract_store(backbone:EmotionModel, ds:EMIDataset, out, dtype:str='float16'
     shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
     return FrameStore(out)
 
-# %% ../nbs/06_ablations.ipynb #d128902d
+# %% ../nbs/06_ablations.ipynb #1be0f4a7
+def load_frozen(src:str) -> EmotionModel:
+    "load_backbone in eval mode, with any weights missing from the checkpoint (an ASR model's VAD head) drawn from seed 0."
+    with torch.random.fork_rng():
+        torch.manual_seed(0); return load_backbone(src).eval()
+
 _CHECKSUMS = {}
 
 def backbone_checksum(src:str, model:EmotionModel|None=None) -> str:
     "weights_checksum of the backbone at `src`, remembered per (path, weights file mtime) within a process."
     p = Path(src); files = sorted(p.glob('*.safetensors')) + sorted(p.glob('*.bin')) if p.is_dir() else []
     k = (str(p.resolve()) if p.is_dir() else src, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
-    if k not in _CHECKSUMS: _CHECKSUMS[k] = weights_checksum(model if model is not None else load_backbone(src))
+    if k not in _CHECKSUMS: _CHECKSUMS[k] = weights_checksum(model if model is not None else load_frozen(src))
     return _CHECKSUMS[k]
 
 def feature_key(src:str, root, split:str, max_seconds:float, dtype:str='float16', pad:bool=False, quarantine:bool=False) -> tuple:
@@ -291,7 +302,7 @@ def feature_key(src:str, root, split:str, max_seconds:float, dtype:str='float16'
                  max_seconds=float(max_seconds), dtype=dtype, pad='fixed' if pad else 'none', quarantine=bool(quarantine))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
-# %% ../nbs/06_ablations.ipynb #21baf794
+# %% ../nbs/06_ablations.ipynb #1a1d2d0a
 def feature_store(src:str, # backbone save_pretrained dir (not 'preset:': random weights differ per load)
                   root, split:str, max_seconds:float=12.0, dtype:str='float16', pad:bool=False, device='cpu',
                   quarantine:bool=False, log=print) -> FrameStore:
@@ -303,7 +314,7 @@ def feature_store(src:str, # backbone save_pretrained dir (not 'preset:': random
     with FileLock(str(d.parent/f'.{key}.lock')):
         if (d/'meta.json').exists(): return FrameStore(d)
         ds = EMIDataset(root, split, max_seconds=max_seconds, quarantine=quarantine, labels=False)
-        bb = load_backbone(src); assert weights_checksum(bb) == parts['weights'], f"{src}: weights changed while keying"
+        bb = load_frozen(src); assert weights_checksum(bb) == parts['weights'], f"{src}: weights changed while keying"
         st = extract_store(bb, ds, d, dtype, int(max_seconds * SR) if pad else 0, get_device(device) if isinstance(device, str) else device,
                            dict(key=key, parts=parts, backbone=str(src), root=str(root), quarantined=ds.report))
         if log: log(f"features: {split} under {Path(src).name} ({len(st)} clips, pad={parts['pad']}) extracted in {st.meta['seconds']} s -> {d.name}")
@@ -394,7 +405,7 @@ def _head_epoch(model, opt, sched, src, y, sampler, cfg, device) -> dict:
         a['steps'] += 1; a['skipped'] += not ok; a['flat_pred'] += info['flat_pred'] > 0
     return a
 
-# %% ../nbs/06_ablations.ipynb #f22c3366
+# %% ../nbs/06_ablations.ipynb #f96d7983
 def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config and VAD head geometry are used here
                train, valid, # sources of frames (FrameStore | LiveFrames | ConcatFrames) with .fids, .samples, .batch
                y_train:np.ndarray, y_valid:np.ndarray, # (N, 6) labels in the sources' order
@@ -407,7 +418,10 @@ def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config
     sched = make_scheduler(cfg, opt, len(sampler.global_batches(0)))
     curves, best, best_rho, bad = [], None, -np.inf, 0
     for e in range(cfg.epochs):
-        sampler.set_epoch(e); a = _head_epoch(model, opt, sched, train, y_train, sampler, cfg, dev)
+        sampler.set_epoch(e)
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler.step\(\)` before')  # a skipped step still advances the schedule
+            a = _head_epoch(model, opt, sched, train, y_train, sampler, cfg, dev)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore'); rho = mean_rho(predict_frames(model, valid, cfg.eval_batch_size, dev), y_valid, warn=False)
         curves.append(dict(epoch=e + 1, train_loss=a['loss'] / max(a['n'], 1), val_rho=rho, steps=a['steps'], skipped_steps=a['skipped'],
@@ -450,11 +464,11 @@ def _check_test(root:Path, row:Row):
     if not (root/'test_labels.csv').exists():
         raise SkipRow(f"{row.name} is scored on the held-out test labels; {root} has none (real data: the test labels are hidden)")
 
-# %% ../nbs/06_ablations.ipynb #ff9f10f9
+# %% ../nbs/06_ablations.ipynb #0504be83
 def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
     root = _data_root(cfg); pad = row.options.get('pad') == 'fixed'
     if _needs_test(row, cfg): _check_test(root, row)
-    dt, bb = row.options.get('dtype', 'float16'), load_backbone(cfg.backbone)
+    dt, bb = row.options.get('dtype', 'float16'), load_frozen(cfg.backbone)
     if row.options.get('source') == 'live':
         st = lambda s: LiveFrames(bb, EMIDataset(root, s, cfg.max_seconds, cfg.quarantine, labels=False), dt, int(cfg.max_seconds * SR) if pad else 0, get_device(cfg.device))
     else: st = lambda s: feature_store(cfg.backbone, root, s, cfg.max_seconds, dt, pad, cfg.device, cfg.quarantine, log=log)
@@ -518,7 +532,7 @@ def _warn_list(ws) -> list:
         if s not in seen: seen.append(s)
     return seen
 
-# %% ../nbs/06_ablations.ipynb #173552fe
+# %% ../nbs/06_ablations.ipynb #bbc95e7a
 def run_job(rcfg:StudyConfig, row:Row|dict, seed:int, key:str, path, runner=None, threads:int=0) -> dict:
     "Run one (row, seed) and write its record to `path`; exceptions become a failed record, interrupts propagate."
     if isinstance(row, dict): row = Row(**row)
@@ -531,7 +545,7 @@ def run_job(rcfg:StudyConfig, row:Row|dict, seed:int, key:str, path, runner=None
         except SkipRow as e: rec.update(status='skipped', reason=str(e))
         except Exception as e: rec.update(status='failed', error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=8))
     torch.set_num_threads(old)
-    rec.update(warnings=_warn_list(ws), wall_seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2), threads=threads or old, finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    rec.update(warnings=_warn_list(ws), started=round(t0, 2), wall_seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2), threads=threads or old, finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
     save_json(path, rec)
     return rec
 
@@ -601,7 +615,7 @@ def _run_parallel(jobs:list, runner, workers:int, log) -> list:
             raise
     return out
 
-# %% ../nbs/06_ablations.ipynb #98190a64
+# %% ../nbs/06_ablations.ipynb #d1a4edbc
 def _rhos(P:np.ndarray, Y:np.ndarray, idx:np.ndarray) -> np.ndarray:
     "Mean rho per resample: P (S, N, K) predictions of S seeds, Y (N, K), idx (B, N) -> (B, S)."
     Pb, Yb = P[:, idx], Y[idx][None]                                   # (S, B, N, K), (1, B, N, K)
@@ -613,12 +627,14 @@ def _rhos(P:np.ndarray, Y:np.ndarray, idx:np.ndarray) -> np.ndarray:
         warnings.simplefilter('ignore', RuntimeWarning); return np.nanmean(r, -1).T
 
 def boot_seed_means(P, Y, n_boot:int=1000, seed:int=0, chunk:int=32) -> np.ndarray:
-    "(n_boot,) seed-mean rho of P (S, N, K) on clip resamples shared by all seeds (rng from `seed`)."
+    "(n_boot,) seed-mean rho of P (S, N, K) on clip resamples shared by all seeds (rng from `seed`); NaN where undefined."
     P, Y = np.asarray(P, np.float64), np.asarray(Y, np.float64); rng = np.random.default_rng(seed)
     idx = rng.integers(0, Y.shape[0], size=(n_boot, Y.shape[0]))
-    return np.concatenate([np.nanmean(_rhos(P, Y, idx[i:i + chunk]), 1) for i in range(0, n_boot, chunk)])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        return np.concatenate([np.nanmean(_rhos(P, Y, idx[i:i + chunk]), 1) for i in range(0, n_boot, chunk)])
 
-# %% ../nbs/06_ablations.ipynb #bf157a09
+# %% ../nbs/06_ablations.ipynb #c57a7f3f
 def _ci(b:np.ndarray) -> list:
     b = b[np.isfinite(b)]
     return [float(x) for x in np.quantile(b, [0.025, 0.975])] if len(b) else [float('nan')] * 2
@@ -627,9 +643,11 @@ def seed_stats(P, Y, n_boot:int=1000, seed:int=0) -> dict:
     "rho per seed, their mean and sd, per-emotion means and the 95% bootstrap CI of the seed-mean over clips."
     P = np.asarray(P); r = np.array([mean_rho(p, Y, warn=False) for p in P])
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); pe = np.nanmean([pearson(p, Y, warn=False) for p in P], 0)
-    return dict(rhos=r.tolist(), mean=float(np.nanmean(r)), sd=float(np.nanstd(r, ddof=1)) if len(r) > 1 else float('nan'),
-                ci=_ci(boot_seed_means(P, Y, n_boot, seed)), per_emotion=dict(zip(EMOTIONS, pe.tolist())), n_seeds=len(r), n_clips=len(Y))
+        warnings.simplefilter('ignore', RuntimeWarning)
+        pe = np.nanmean([pearson(p, Y, warn=False) for p in P], 0)
+        m, sd = float(np.nanmean(r)), (float(np.nanstd(r, ddof=1)) if np.isfinite(r).sum() > 1 else float('nan'))
+    return dict(rhos=r.tolist(), mean=m, sd=sd, ci=_ci(boot_seed_means(P, Y, n_boot, seed)), per_emotion=dict(zip(EMOTIONS, pe.tolist())),
+                n_seeds=len(r), n_clips=len(Y), n_undefined=int(np.isnan(r).sum()))
 
 def paired_stats(PA, PB, Y, n_boot:int=1000, seed:int=0) -> dict:
     "Row A minus row B on the same seeds and clips: delta of seed-means, its 95% bootstrap CI, p, and per-seed deltas."
@@ -637,7 +655,8 @@ def paired_stats(PA, PB, Y, n_boot:int=1000, seed:int=0) -> dict:
     d = a - b; d = d[np.isfinite(d)]
     per = [mean_rho(x, Y, warn=False) - mean_rho(z, Y, warn=False) for x, z in zip(PA, PB)]
     p = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))) if len(d) else float('nan')
-    return dict(delta=float(np.nanmean(per)), ci=_ci(d), p=p, per_seed=per)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning); return dict(delta=float(np.nanmean(per)), ci=_ci(d), p=p, per_seed=per)
 
 # %% ../nbs/06_ablations.ipynb #97ff6fdc
 def _preds(recs:list, split:str, fids) -> tuple:
@@ -650,7 +669,7 @@ def _preds(recs:list, split:str, fids) -> tuple:
         if all(int(f) in m for f in fids): seeds.append(r['seed']); P.append(np.stack([m[int(f)] for f in fids]))
     return seeds, (np.stack(P) if P else np.zeros((0, len(fids), len(EMOTIONS))))
 
-# %% ../nbs/06_ablations.ipynb #a60c59db
+# %% ../nbs/06_ablations.ipynb #49c2f1ba
 def _labels_of(root, split:str) -> tuple:
     "(fids, labels) of a split; (None, None) when it has no labels here (real test data)."
     if split == 'test' and not (Path(root)/'test_labels.csv').exists(): return None, None
@@ -667,7 +686,8 @@ def grid_stats(records:dict, rows:dict, root, n_boot:int=1000, seed:int=0) -> di
         st = dict(name=n, table=row.table, label=row.label, score=row.score, quoted=row.quoted, ref=row.ref, note=row.note, runner=row.runner,
                   epochs=row.overrides.get('epochs'), status={k: sum(r['status'] == k for r in recs) for k in ('ok', 'failed', 'skipped')},
                   errors=sorted({r.get('error') or r.get('reason') for r in recs if r['status'] != 'ok'}),
-                  warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={})
+                  warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={},
+                  adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}))
         for split, (fids, y) in Ys.items():
             seeds, P = _preds(recs, split, fids) if y is not None else ([], None)
             if seeds: st['splits'][split] = dict(seeds=seeds, **seed_stats(P, y, n_boot, seed))
@@ -679,7 +699,7 @@ def grid_stats(records:dict, rows:dict, root, n_boot:int=1000, seed:int=0) -> di
         out[n] = st
     return out
 
-# %% ../nbs/06_ablations.ipynb #2e80b1da
+# %% ../nbs/06_ablations.ipynb #fd8ad403
 def _f(x, d=3) -> str: return '–' if x is None or (isinstance(x, float) and not np.isfinite(x)) else f'{x:.{d}f}'
 
 def stats_table(stats:dict, table:str) -> pd.DataFrame:
@@ -688,69 +708,89 @@ def stats_table(stats:dict, table:str) -> pd.DataFrame:
     for n, s in stats.items():
         if s['table'] != table: continue
         v = s.get('vs_ref')
-        rows.append({'row': n, 'what': s['label'], 'split': s['score'], 'seeds': s.get('n_seeds', 0),
-                     'ρ ours (mean ± sd)': f"{_f(s.get('mean'))} ± {_f(s.get('sd'))}" if 'mean' in s else (s['errors'][0] if s['errors'] else '–'),
+        rows.append({'row': n, 'what': s['label'] + (f" (run of {', '.join(s['adopted'])}, reused)" if s.get('adopted') else ''), 'split': s['score'], 'seeds': s.get('n_seeds', 0),
+                     'ρ ours (mean ± sd)': (f"{_f(s.get('mean'))} ± {_f(s.get('sd'))}" if np.isfinite(s['mean']) else 'undefined: constant predictions (NaN)')
+                                           if 'mean' in s else (s['errors'][0] if s['errors'] else '–'),
                      '95% CI': f"[{_f(s['ci'][0])}, {_f(s['ci'][1])}]" if 'ci' in s else '',
-                     f"Δρ vs ref [95% CI]": f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v else '',
+                     f"Δρ vs ref [95% CI]": f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v and np.isfinite(v['delta']) else '',
                      'p': _f(v['p'], 3) if v else '', 'ref': s['ref'] if v else '',
                      'ρ ours, other split': '; '.join(f"{k}: {_f(x['mean'])} ± {_f(x['sd'])}" for k, x in s.get('splits', {}).items() if k != s['score']),
                      'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–', 'shortened': s['note']})
     return pd.DataFrame(rows).set_index('row') if rows else pd.DataFrame()
 
-# %% ../nbs/06_ablations.ipynb #458f5b7e
-def _quoted_one(s:dict) -> float|None:
-    "The paper's number for a row on the row's split (first quoted value; ρ_TEST for test rows)."
-    q = s['quoted']
+# %% ../nbs/06_ablations.ipynb #95af3b3e
+def _quoted_on(s:dict|None, split:str) -> float|None:
+    "The paper's number for a row on `split` (ρ_VAL / ρ_TEST keys of Table 1; Table 2 and the rest are validation)."
+    q = (s or {}).get('quoted') or {}
     if not q: return None
-    if s['score'] == 'test' and 'ρ_TEST' in q: return q['ρ_TEST']
-    if s['score'] == 'valid' and 'ρ_VAL' in q: return q['ρ_VAL']
-    return None if set(q) <= {'ρ_VAL', 'ρ_TEST'} else next(iter(q.values()))
+    key = {'valid': 'ρ_VAL', 'test': 'ρ_TEST'}[split]
+    if set(q) <= {'ρ_VAL', 'ρ_TEST'}: return q.get(key)
+    return next(iter(q.values())) if split == 'valid' else None
+
+def _quoted_one(s:dict) -> float|None: return _quoted_on(s, s['score'])
 
 def _paper_deltas(stats:dict, S:list) -> list:
-    "(row, paper's difference to the ref row, our paired Δ dict) for rows where both the row and its ref are quoted."
+    "(row, paper's difference to the ref row on the row's split, our paired Δ) where both are quoted on that split."
     out = []
     for s in S:
-        r = stats.get(s['ref']); q, qr = _quoted_one(s), (_quoted_one(r) if r else None)
-        if s.get('vs_ref') and q is not None and qr is not None and s['name'] != s['ref']: out.append((s, q - qr, s['vs_ref']))
+        q, qr = _quoted_on(s, s['score']), _quoted_on(stats.get(s['ref']), s['score'])
+        if s.get('vs_ref') and np.isfinite(s['vs_ref']['delta']) and q is not None and qr is not None and s['name'] != s['ref']:
+            out.append((s, q - qr, s['vs_ref']))
     return out
 
+# %% ../nbs/06_ablations.ipynb #f46ee963
 def agreement(stats:dict, table:str) -> str:
     "Sentences, computed from the numbers, on what agrees with the paper (quoted) in one table and what does not."
     from scipy.stats import spearmanr
-    S = [s for s in stats.values() if s['table'] == table and 'mean' in s]
-    if not S: return f"{table}: no finished rows."
+    S = [s for s in stats.values() if s['table'] == table and 'mean' in s and np.isfinite(s['mean'])]
+    if not S: return f"{table}: no finished rows with a defined ρ."
     out, pairs = [], [(s, _quoted_one(s)) for s in S if _quoted_one(s) is not None]
     if len(pairs) >= 3 and len({q for _, q in pairs}) > 1:
         rs = spearmanr([s['mean'] for s, _ in pairs], [q for _, q in pairs]).statistic
         out.append(f"Order: over the {len(pairs)} rows with a quoted number, the rank correlation of our ρ with the paper's is {rs:+.2f} "
                    f"({'the order largely agrees' if rs >= 0.6 else 'the order partly agrees' if rs > 0 else 'the order does not agree'}).")
-    pd_ = _paper_deltas(stats, S)
-    if pd_:
-        hw = lambda v: (v['ci'][1] - v['ci'][0]) / 2
-        small = [(s, d, v) for s, d, v in pd_ if abs(d) < hw(v)]; big = [(s, d, v) for s, d, v in pd_ if abs(d) >= hw(v)]
-        agree = [s['name'] for s, d, v in pd_ if (v['ci'][1] < 0 and d < 0) or (v['ci'][0] > 0 and d > 0)]
-        if small: out.append(f"Noise: the paper's differences to {S[0]['ref']} of {', '.join(f'{d:+.3f}' for _, d, _ in small)} "
-                             f"({', '.join(s['name'] for s, _, _ in small)}) are smaller than the half-widths of our paired 95% intervals "
-                             f"({', '.join(f'{hw(v):.3f}' for _, _, v in small)}): at our resolution they would be noise.")
-        bigs = ', '.join('%s %+.3f' % (s['name'], d) for s, d, _ in big)
-        if big: out.append(f"The paper's larger differences ({bigs}) exceed our interval "
-                           f"half-widths; ours {'agree in sign and are resolved' if agree else 'are not resolved in the same direction'}"
-                           + (f" for {', '.join(agree)}." if agree else '.'))
-    worse = [s['name'] for s in S if s.get('vs_ref') and s['vs_ref']['ci'][1] < 0]; better = [s['name'] for s in S if s.get('vs_ref') and s['vs_ref']['ci'][0] > 0]
-    same = [s['name'] for s in S if s.get('vs_ref') and s['vs_ref']['ci'][0] <= 0 <= s['vs_ref']['ci'][1]]
-    out.append(f"Ours against {S[0]['ref'] or 'the reference'} (paired, same seeds and clips): " + '; '.join(x for x in [
+    hw = lambda v: (v['ci'][1] - v['ci'][0]) / 2
+    res = lambda v: v['ci'][1] < 0 or v['ci'][0] > 0
+    src = [(s, next(iter(s['quoted'])), _quoted_one(s)) for s in S if _quoted_one(s) is not None]
+    nb = [abs(b[2] - a[2]) for a, b in zip(src, src[1:]) if a[1] == b[1]]   # neighbouring rows quoted from the same source
+    ref = stats.get(S[0]['ref'])
+    if nb and ref and 'ci' in ref and np.all(np.isfinite(ref['ci'])):
+        h, sds = hw(ref), [s['sd'] for s in S if np.isfinite(s.get('sd', np.nan))]
+        out.append(f"Resolution: the paper's differences between neighbouring rows ({', '.join('%.3f' % d for d in nb)}) against our noise: "
+                   f"{sum(d < h for d in nb)} of {len(nb)} are smaller than the 95% CI half-width of our {ref['name']} ({h:.3f})"
+                   + (f", {sum(d < np.median(sds) for d in nb)} smaller than our median sd over seeds ({np.median(sds):.3f})" if sds else '') + '.')
+    pdl = _paper_deltas(stats, S); small = [x for x in pdl if abs(x[1]) < hw(x[2])]; big = [x for x in pdl if abs(x[1]) >= hw(x[2])]
+    if small:
+        out.append(f"Noise: the paper's differences to {small[0][0]['ref']} of " + ', '.join('%+.3f (%s)' % (d, s['name']) for s, d, _ in small)
+                   + " are smaller than the half-widths of our paired 95% intervals (" + ', '.join('%.3f' % hw(v) for _, _, v in small)
+                   + "): a single run at our resolution could not tell them from zero"
+                   + ('; we resolve a difference there all the same: ' + ', '.join('%s %+.3f' % (s['name'], v['delta']) for s, _, v in small if res(v)) if any(res(v) for _, _, v in small) else '') + '.')
+    if big:
+        agree = [s['name'] for s, d, v in big if res(v) and np.sign(v['delta']) == np.sign(d)]
+        other = [s['name'] for s, d, v in big if s['name'] not in agree]
+        out.append("The paper's larger differences (" + ', '.join('%s %+.3f' % (s['name'], d) for s, d, _ in big) + ") exceed our interval half-widths; "
+                   + (f"ours agree in sign and are resolved for {', '.join(agree)}" if agree else 'none is resolved in the same direction by ours')
+                   + (f"; not for {', '.join(other)}" if agree and other else '') + '.')
+    V = [s for s in S if s.get('vs_ref') and np.isfinite(s['vs_ref']['delta'])]
+    worse = [s['name'] for s in V if s['vs_ref']['ci'][1] < 0]; better = [s['name'] for s in V if s['vs_ref']['ci'][0] > 0]
+    same = [s['name'] for s in V if s['vs_ref']['ci'][0] <= 0 <= s['vs_ref']['ci'][1]]
+    if V: out.append(f"Ours against {V[0]['ref']} (paired, same seeds and clips): " + '; '.join(x for x in [
         f"worse beyond the clip noise: {', '.join(worse)}" if worse else '', f"better: {', '.join(better)}" if better else '',
         f"not distinguishable: {', '.join(same)}" if same else ''] if x) + '.')
+    undefined = [s['name'] for s in stats.values() if s['table'] == table and 'mean' in s and not np.isfinite(s['mean'])]
+    if undefined: out.append(f"Undefined ρ (constant predictions, reported as NaN): {', '.join(undefined)}.")
     return ' '.join(out)
 
-# %% ../nbs/06_ablations.ipynb #49b5922a
+# %% ../nbs/06_ablations.ipynb #c3cffa6b
 def bar_chart(stats:dict, tables:tuple=('table2', 'table1'), title:str=''):
     "Horizontal bars of our rho with 95% CI whiskers per row, the paper's quoted rho beside (hatched, hollow)."
     import matplotlib.pyplot as plt
     S = [s for s in stats.values() if s['table'] in tables and 'mean' in s]
     fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(S) + 1.4)); y = np.arange(len(S))[::-1]
-    ax.barh(y + 0.2, [s['mean'] for s in S], 0.38, xerr=np.abs(np.array([[s['mean'] - s['ci'][0], s['ci'][1] - s['mean']] for s in S]).T),
-            color='tab:blue', capsize=3, label='ours (mean over seeds, 95% CI over clips)')
+    m = np.array([s['mean'] for s in S], float); ok = np.isfinite(m)
+    err = np.abs(np.array([[s['mean'] - s['ci'][0], s['ci'][1] - s['mean']] if o else [0.0, 0.0] for s, o in zip(S, ok)], float).T)
+    ax.barh(y[ok] + 0.2, m[ok], 0.38, xerr=err[:, ok], color='tab:blue', capsize=3, label='ours (mean over seeds, 95% CI over clips)')
+    for yy in y[~ok]: ax.text(0.005, yy + 0.2, 'undefined: constant predictions', va='center', fontsize=7, color='tab:red')
     q = [_quoted_one(s) for s in S]
     ax.barh([yy - 0.2 for yy, v in zip(y, q) if v is not None], [v for v in q if v is not None], 0.38, fill=False, hatch='///',
             edgecolor='tab:gray', label='paper (quoted, real data, single run)')

@@ -126,3 +126,18 @@ def test_parallel_workers_same_numbers(tmp_path, smoke):
     for k in one:
         assert one[k]['status'] == two[k]['status'] == 'ok', (one[k].get('error'), two[k].get('error'))
         assert one[k]['metrics'] == two[k]['metrics']
+
+def test_asr_checkpoint_without_head_caches_stably(tmp_path, smoke):
+    "An ASR-style checkpoint (no VAD head): the fresh head is drawn from a fixed seed, so checksum and frames are stable."
+    import warnings
+    from transformers import Wav2Vec2ForCTC
+    from emi_nb.model import backbone_config
+    from emi_nb.ablations import load_frozen, weights_checksum, feature_store
+    root, _ = smoke
+    torch.manual_seed(3); Wav2Vec2ForCTC(backbone_config('tiny', vocab_size=32)).save_pretrained(tmp_path/'asr')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        a, b = load_frozen(str(tmp_path/'asr')), load_frozen(str(tmp_path/'asr'))
+        assert weights_checksum(a) == weights_checksum(b)
+        st = feature_store(str(tmp_path/'asr'), root, 'valid', 6.0, log=None)
+    assert len(st) == 16 and st.hidden.shape[1] == 32
