@@ -405,7 +405,7 @@ def _head_epoch(model, opt, sched, src, y, sampler, cfg, device) -> dict:
         a['steps'] += 1; a['skipped'] += not ok; a['flat_pred'] += info['flat_pred'] > 0
     return a
 
-# %% ../nbs/06_ablations.ipynb #f96d7983
+# %% ../nbs/06_ablations.ipynb #362914ea
 def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config and VAD head geometry are used here
                train, valid, # sources of frames (FrameStore | LiveFrames | ConcatFrames) with .fids, .samples, .batch
                y_train:np.ndarray, y_valid:np.ndarray, # (N, 6) labels in the sources' order
@@ -414,7 +414,7 @@ def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config
     dev = get_device(cfg.device); t0 = time.time()
     model = head_model(cfg, backbone, init, dev)
     opt = make_optimizer(cfg, model)
-    sampler = LengthBucketSampler(train.samples, cfg.batch_size, bucket=cfg.bucket, seed=cfg.seed, max_batches=cfg.max_steps)
+    sampler = LengthBucketSampler(train.samples, cfg.batch_size, bucket=cfg.bucket, seed=cfg.seed, pool=cfg.bucket_pool, max_batches=cfg.max_steps)
     sched = make_scheduler(cfg, opt, len(sampler.global_batches(0)))
     curves, best, best_rho, bad = [], None, -np.inf, 0
     for e in range(cfg.epochs):

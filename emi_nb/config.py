@@ -21,7 +21,7 @@ EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excite
 VAD_NAMES = ['arousal', 'dominance', 'valence']  # output order of the audeering head
 SR = 16_000  # every backbone here expects 16 kHz mono
 
-# %% ../nbs/00_config.ipynb #8df33e61
+# %% ../nbs/00_config.ipynb #73bbd330
 @dataclass
 class StudyConfig:
     "Flat, typed config of one study run; defaults are the paper's recipe."
@@ -63,6 +63,7 @@ class StudyConfig:
     patience: int = 0               # early stopping on val rho; 0 = off (paper keeps the best epoch)
     amp: str = 'auto'               # auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16
     bucket: bool = True             # length-bucketed batches (dynamic padding); False = random batches
+    bucket_pool: int = 50           # batches sorted together by length (transformers' group_by_length uses 50)
     train_on: str = 'train'         # train | train+valid (the final submission's recipe)
     max_steps: int = 0              # cap on optimiser steps per epoch; 0 = none (smoke runs only)
     # -- study

@@ -189,7 +189,7 @@ class EMIModel(nn.Module):
             enable = getattr(backbone, 'activation_checkpointing_enable', None) or backbone.gradient_checkpointing_enable
             enable(dict(use_reentrant=False))
 
-# %% ../nbs/03_model.ipynb #bebf8386
+# %% ../nbs/03_model.ipynb #4195b3b9
 @patch
 def _check_batched(self:EMIModel, batched:bool) -> bool:
     "Batched only when padding cannot change the backbone's output (layer-norm conv encoder)."
@@ -209,6 +209,13 @@ def set_freeze(self:EMIModel, backbone:bool=False, feature_encoder:bool=False):
     for p in fe.parameters(): p.requires_grad_(not (backbone or feature_encoder))
     for p in self.backbone.classifier.parameters(): p.requires_grad_(not backbone and self.use_vad)
     fe._requires_grad = not (backbone or feature_encoder)
+    return self.train(self.training)
+
+@patch
+def train(self:EMIModel, mode:bool=True):
+    "As `nn.Module.train`, but a frozen backbone stays in eval mode: a fixed feature extractor, no dropout nor masking."
+    torch.nn.Module.train(self, mode)
+    if mode and self.freeze_backbone: self.backbone.eval()
     return self
 
 # %% ../nbs/03_model.ipynb #b02add1b

@@ -50,7 +50,7 @@ def emi_loss(pred:torch.Tensor, # (B, 6) predictions (any dtype; computed in fp3
     if not ok.any(): return None, {**info, 'skipped': True}
     return 1 - score[ok].mean(), info
 
-# %% ../nbs/05_train.ipynb #cd7ee648
+# %% ../nbs/05_train.ipynb #c85aa00f
 class LengthBucketSampler(torch.utils.data.Sampler):
     "Batches of similar-length clips, deterministic in (seed, epoch), dealt out to `num_replicas` ranks."
     def __init__(self, lengths, # samples per clip
@@ -58,7 +58,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
                  shuffle:bool=True, bucket:bool=True, seed:int=0,
                  num_replicas:int=1, rank:int=0,
                  split:str='rows', # rows: each global batch is shared by the ranks; batches: whole batches dealt out
-                 pool:int=8, # batches per sorting pool
+                 pool:int=50, # batches per sorting pool (transformers' group_by_length: 50)
                  max_batches:int=0): # cap per epoch; 0 = none
         self.lengths, self.bs, self.shuffle, self.bucket, self.seed = np.asarray(lengths), batch_size, shuffle, bucket, seed
         self.world, self.rank, self.split, self.pool, self.max_batches = num_replicas, rank, split, pool, max_batches
@@ -252,12 +252,12 @@ def evaluate(model, loader, device, dtype=None, n_boot:int=0, seed:int=0, world:
         rep = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False), per_emotion=dict(zip(EMOTIONS, pearson(p, y, warn=False))))
     return dict(rep, mse=float(((p - y)**2).mean()), fids=fids, preds=p, labels=y)
 
-# %% ../nbs/05_train.ipynb #c74ee161
+# %% ../nbs/05_train.ipynb #7cbe2f69
 def make_loader(ds, lengths, cfg:StudyConfig, train:bool, rank:int=0, world:int=1, device=None):
     "DataLoader over `ds` with bucketed batches (train: shuffled, global batch dealt out; eval: whole batches dealt)."
     s = LengthBucketSampler(lengths, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train,
                             bucket=cfg.bucket or not train, seed=cfg.seed, num_replicas=world, rank=rank,
-                            split='rows' if train else 'batches', max_batches=cfg.max_steps if train else 0)
+                            split='rows' if train else 'batches', pool=cfg.bucket_pool, max_batches=cfg.max_steps if train else 0)
     pin = device is not None and torch.device(device).type == 'cuda'
     g = torch.Generator().manual_seed(cfg.seed)   # its own: a new iterator must not draw from the global RNG (resume)
     return torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin, generator=g)

@@ -41,3 +41,18 @@ def test_smoke_study_runs_every_notebook(smoke_run):
     expected = sorted(p.name for p in (ROOT/'nbs').glob('[0-9][0-9]_*.ipynb')) + ['index.ipynb']
     assert ran == expected and all(n['status'] == 'ok' for n in man['notebooks'])
     for n in man['notebooks']: assert (smoke_run/n['output']).exists() and (smoke_run/n['log']).exists()
+
+def test_parameters_cells_are_typed_and_documented(caplog):
+    "Every study notebook has one parameters cell; papermill reads each line's type, default and help without warnings."
+    import logging, re
+    from papermill.inspection import inspect_notebook
+    from emi_nb.study import study_notebooks
+    for nb in study_notebooks():
+        src = [c.source for c in nbformat.read(nb, 4).cells if 'parameters' in c.metadata.get('tags', [])]
+        assert len(src) == 1, f'{nb.name}: {len(src)} parameters cells'
+        lines = [l for l in src[0].splitlines() if re.match(r'^\w+\s*:', l)]
+        with caplog.at_level(logging.WARNING, logger='papermill'):
+            caplog.clear(); params = inspect_notebook(str(nb))
+        assert not [r for r in caplog.records if 'Unable to parse' in r.getMessage()], f'{nb.name}: {caplog.text}'
+        assert len(params) == len(lines), f'{nb.name}: papermill sees {sorted(params)}'
+        assert all(p['inferred_type_name'] != 'None' and p['help'] for p in params.values()), f'{nb.name}: untyped or undocumented'
