@@ -17,9 +17,10 @@ __all__ = ['FIGURE_KEYS', 'PATHS', 'PREDICT_DEFAULT', 'REAL_DURATIONS', 'P3_ROWS
            'GPU_PEAK', 'pick_threads', 'stats', 'ratio', 'time_variants', 'figure', 'check_bench', 'noise_clips',
            'bare_backbone', 'bare_network', 'our_predictor', 'p1_inference', 'padding_share', 'sampler_batches',
            'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames', 'max_abs_diff', 'table2_mix',
-           'p3_cache', 'find_study', 'stage_table', 'p4_study', 'RSSPeak', 'run_children', 'run_child', 'train_job',
-           'forward_job', 'lstm_flops', 'count_flops', 'p3_flop_estimate', 'flops_per_audio_second', 'epoch_estimate',
-           'code_mentions', 'cuda_path_checks', 'profile_step', 'machine', 'bench_markdown', 'publish_bench']
+           'p3_cache', 'p3_paper_components', 'find_study', 'stage_table', 'p4_study', 'RSSPeak', 'run_children',
+           'run_child', 'train_job', 'forward_job', 'lstm_flops', 'count_flops', 'p3_flop_estimate',
+           'flops_per_audio_second', 'epoch_estimate', 'code_mentions', 'cuda_path_checks', 'profile_step', 'machine',
+           'bench_markdown', 'publish_bench']
 
 # %% ../nbs/08_benchmarks.ipynb #8cb7296e
 def pick_threads(cores:int|None=None, load:float|None=None) -> int:
@@ -250,7 +251,27 @@ def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained 
                 seconds=t, mix=mix, rows=P3_ROWS, exact={k: d == 0 for k, d in diff.items()}, max_diff=diff, store_seconds=t_store,
                 clips={s: len(v) for s, v in sub['cache'].items()}, rho={k: a['metrics']['valid']['rho'] for k, (a, _) in check.items()})
 
-# %% ../nbs/08_benchmarks.ipynb #25cf3dda
+# %% ../nbs/08_benchmarks.ipynb #09b6b810
+def p3_paper_components(seconds:float=4.0, # clip length (the profile's cut)
+                        batch:int=4, # clips per batch
+                        reps:int=5, preset:str='paper', device='cpu') -> dict:
+    "Per batch: the frozen backbone's forward vs a training step of the full fusion head on its frames (random weights)."
+    from emi_nb.model import EMIModel, load_backbone
+    torch.manual_seed(0)
+    m = EMIModel(load_backbone(f'preset:{preset}'), freeze_backbone=True).to(device).train()
+    x = torch.randn(batch, int(seconds * SR), device=device)
+    with torch.no_grad(): h, v, mask = m.backbone_frames(x)   # (B, T', H), (B, T', 3), (B, T')
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    def backbone():
+        with torch.no_grad(): m.backbone_frames(x)
+    def head():
+        m.head_logits(m.fuse(h, v, mask)).pow(2).mean().backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    t = time_variants(dict(backbone=backbone, head=head), reps, 1)
+    both = np.asarray(t['backbone']) + np.asarray(t['head'])
+    return dict(speedup=ratio(both, t['head']), seconds=t, batch=batch, clip_seconds=seconds, preset=preset, d=m.d,
+                head_params=sum(p.numel() for p in m.parameters() if p.requires_grad))
+
+# %% ../nbs/08_benchmarks.ipynb #d65941da
 def find_study(study_run:str='', # a run directory; '' = the latest synthetic run
                root=None) -> Path|None:
     "The study run to time: `study_run`, else runs/synthetic-latest, else the newest complete runs/synthetic-*; or None."
@@ -268,7 +289,7 @@ def _epoch(s:str) -> float:
     from datetime import datetime
     return datetime.strptime(s, '%Y-%m-%dT%H:%M:%S%z').timestamp() if s else float('nan')
 
-# %% ../nbs/08_benchmarks.ipynb #0a0a8c49
+# %% ../nbs/08_benchmarks.ipynb #483ff77a
 def stage_table(man:dict) -> pd.DataFrame:
     "Seconds per notebook of a study manifest, then site + runner (the rest of the wall time), with shares."
     rows = [dict(stage=n['notebook'], seconds=n.get('seconds'), status=n['status']) for n in man['notebooks']]
@@ -279,7 +300,7 @@ def stage_table(man:dict) -> pd.DataFrame:
     df['share'] = df.seconds / df.seconds.sum()
     return df
 
-# %% ../nbs/08_benchmarks.ipynb #b83afe31
+# %% ../nbs/08_benchmarks.ipynb #09e65213
 def p4_study(study_dir:Path|None) -> tuple:
     "(figure, stage table or None) for the study run at `study_dir`."
     what = 'wall time of the synthetic study (make study after install and corpus build), 2 cores'
@@ -291,7 +312,7 @@ def p4_study(study_dir:Path|None) -> tuple:
     note = f"run {Path(study_dir).name}: status {man['status']}, profile {man.get('profile')}, {os.cpu_count()} cores now"
     return figure(what, total, 1200.0, unit='s', note=note, run=str(study_dir), commit=man.get('commit', '')), df
 
-# %% ../nbs/08_benchmarks.ipynb #5178a845
+# %% ../nbs/08_benchmarks.ipynb #4eab4f9f
 class RSSPeak:
     "Context manager: peak resident memory (bytes) of this process while inside, by polling; `.delta` above the start."
     def __init__(self, every:float=0.002): self.every = every
@@ -306,7 +327,7 @@ class RSSPeak:
     def __exit__(self, *exc):
         self._stop.set(); self._t.join(); self.peak = max(self.peak, self._rss()); self.delta = self.peak - self.start
 
-# %% ../nbs/08_benchmarks.ipynb #a2cd1d0f
+# %% ../nbs/08_benchmarks.ipynb #e9d74724
 def run_children(jobs:list, # (python source, args dict) pairs
                  timeout:float=900) -> list:
     "Run each job's script in its own child process (args as JSON in argv[1]); the JSON of each last stdout line."
@@ -328,7 +349,7 @@ def run_child(script:str, args:dict, timeout:float=900) -> dict:
     "One child: the JSON of its last stdout line."
     return run_children([(script, args)], timeout)[0]
 
-# %% ../nbs/08_benchmarks.ipynb #16a583e8
+# %% ../nbs/08_benchmarks.ipynb #66bb2170
 TRAIN_CHILD = r'''
 import json, resource, sys, tempfile
 import torch
@@ -359,7 +380,7 @@ def train_job(profile:str, steps:int=2, fit:bool=False, threads:int=0, **overrid
     "The child job measuring peak RSS (bytes) of training steps (or a one-epoch fit) of `profile`."
     return TRAIN_CHILD, dict(profile=profile, steps=steps, fit=fit, threads=threads, overrides=overrides)
 
-# %% ../nbs/08_benchmarks.ipynb #878ef310
+# %% ../nbs/08_benchmarks.ipynb #05ff71bf
 FORWARD_CHILD = r'''
 import json, resource, sys
 import torch
@@ -381,7 +402,7 @@ def forward_job(preset:str='paper', seconds:float=12.0, reps:int=2, threads:int=
     "The child job measuring the resident memory a no-grad forward of one clip adds above the loaded model."
     return FORWARD_CHILD, dict(preset=preset, seconds=seconds, reps=reps, threads=threads)
 
-# %% ../nbs/08_benchmarks.ipynb #7df76538
+# %% ../nbs/08_benchmarks.ipynb #0950f453
 def lstm_flops(lstm:torch.nn.LSTM, frames:int) -> int:
     "Matmul FLOPs of a forward of `lstm` (unidirectional, batch 1) over `frames` steps."
     d, n = lstm.hidden_size, 0
@@ -402,7 +423,7 @@ def count_flops(preset:str='paper', seconds:float=12.0) -> dict:
         res['head'] = fc.get_total_flops()
     return dict(res, total=sum(res.values()), frames=int(h.shape[1]), seconds=seconds)
 
-# %% ../nbs/08_benchmarks.ipynb #40c893a8
+# %% ../nbs/08_benchmarks.ipynb #ab4667f5
 def p3_flop_estimate(preset:str='paper', seconds:float=7.0) -> dict:
     "FLOP ratio recompute/cached per kind of row and for the Table 2 mix (backbone forward vs head training ~3x forward)."
     c = count_flops(preset, seconds); head = {'no LSTM': 3 * c['head'], 'LSTM': 3 * (c['lstm'] + c['head'])}
@@ -410,7 +431,7 @@ def p3_flop_estimate(preset:str='paper', seconds:float=7.0) -> dict:
     mix = table2_mix()
     return dict(per_kind=per, grid=sum(n * (c['backbone'] + head[k]) for k, n in mix.items()) / sum(n * head[k] for k, n in mix.items()))
 
-# %% ../nbs/08_benchmarks.ipynb #d7dd73c9
+# %% ../nbs/08_benchmarks.ipynb #0a13f8c1
 def flops_per_audio_second(preset:str='paper', durations=None, lengths=(1.0, 6.0, 12.0)) -> dict:
     "Forward FLOPs per audio second, at each of `lengths` and averaged over `durations` (s) by a quadratic fit."
     c = {L: count_flops(preset, L)['total'] for L in lengths}
@@ -420,7 +441,7 @@ def flops_per_audio_second(preset:str='paper', durations=None, lengths=(1.0, 6.0
         d = np.asarray(durations, float); res['mean_over_durations'] = float(np.polyval(coef, d).sum() / d.sum())
     return res
 
-# %% ../nbs/08_benchmarks.ipynb #2346ddc1
+# %% ../nbs/08_benchmarks.ipynb #4ea6ccfc
 PAPER_RECIPE = dict(train_hours=15.0, valid_hours=9.0, dropped=0.014, epochs=30, fwd_bwd=3.0)  # REFERENCE (quoted)
 GPU_PEAK = {'A100 (bf16 dense)': 312e12, 'H100 SXM (bf16 dense)': 989e12}  # vendor datasheet peaks, FLOP/s
 
@@ -434,7 +455,7 @@ def epoch_estimate(flops_per_s:float, # forward FLOPs per audio second
     return dict(epoch_train_pflop=train / 1e15, epoch_valid_pflop=valid / 1e15, run_pflop=recipe['epochs'] * (train + valid) / 1e15,
                 epoch_seconds=sec, run_hours=recipe['epochs'] * sec / 3600, peak=peak, mfu=mfu)
 
-# %% ../nbs/08_benchmarks.ipynb #6d0036e5
+# %% ../nbs/08_benchmarks.ipynb #1d29cf00
 def code_mentions(fn, *names) -> bool:
     "Whether the compiled code of `fn` (nested code included) uses every one of `names` (attribute, global or keyword)."
     seen, todo = set(), [getattr(inspect.unwrap(fn), '__code__', fn)]
@@ -463,7 +484,7 @@ def cuda_path_checks() -> pd.DataFrame:
             ('DataLoader workers decode audio beside the GPU', cfg.num_workers > 0, f'StudyConfig.num_workers = {cfg.num_workers}')]
     return pd.DataFrame(rows, columns=['check', 'in place', 'how checked'])
 
-# %% ../nbs/08_benchmarks.ipynb #dc69ef39
+# %% ../nbs/08_benchmarks.ipynb #8556b84b
 def profile_step(cfg:StudyConfig, seconds:float=6.0, batch:int|None=None, top:int=10) -> tuple:
     "(phase table, top-operator table) of one profiled training step (forward, MSE, backward, AdamW) of cfg's preset."
     from torch.profiler import profile, record_function, ProfilerActivity
@@ -484,7 +505,7 @@ def profile_step(cfg:StudyConfig, seconds:float=6.0, batch:int|None=None, top:in
     ops['share'] = ops.self_cpu_s / sum(e.self_cpu_time_total for e in ka) * 1e6
     return phases.to_frame().assign(share=lambda d: d.seconds / d.seconds.sum()), ops
 
-# %% ../nbs/08_benchmarks.ipynb #dc0391f8
+# %% ../nbs/08_benchmarks.ipynb #ad0b180f
 def machine() -> dict:
     "CPU model, cores, torch threads and platform of this machine."
     cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), '') \
@@ -493,7 +514,7 @@ def machine() -> dict:
                 torch=torch.__version__, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 load_average=[round(x, 2) for x in os.getloadavg()])
 
-# %% ../nbs/08_benchmarks.ipynb #36f5cbd5
+# %% ../nbs/08_benchmarks.ipynb #de178422
 def _fmt(v, unit:str) -> str:
     if v is None: return '–'
     return {'share': f'{v:.1%}', 'ratio': f'{v:.2f}', 'x': f'{v:.1f}×', 's': f'{v:.0f} s', 'GB': f'{v:.2f} GB', 'min': f'{v:.1f} min'}.get(unit, f'{v:.3g}')
@@ -520,7 +541,7 @@ def bench_markdown(res:dict) -> str:
                         f"validation), about {g['epoch_minutes']:.1f} min on an {g['gpu']} at {g['mfu']:.0%} MFU ({g['run_hours']:.1f} h for 30 epochs)."]
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/08_benchmarks.ipynb #93c2960e
+# %% ../nbs/08_benchmarks.ipynb #dabe723d
 def publish_bench(res:dict, root=None, readme:bool=True) -> tuple:
     "Write benchmarks/latest.json and latest.md under `root` (and regenerate README.md); returns both paths."
     root = Path(root or project_root()); check_bench(res)

@@ -20,12 +20,12 @@ from .train import LengthBucketSampler, emi_loss
 __all__ = ['PRETRAIN_VERSION', 'PRETRAIN_RECIPES', 'VADDataset', 'evaluate_vad', 'train_vad', 'vad_size', 'pretrain_backbone',
            'backbone_key', 'resolve_backbone']
 
-# %% ../nbs/04_pretrain.ipynb #f315a043
+# %% ../nbs/04_pretrain.ipynb #57f53e79
 PRETRAIN_VERSION = '1'
 PRETRAIN_RECIPES = {  # threads: CPU threads (0 = torch's default); pinned, as CPU results depend on the thread count
-    'tiny':  dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=3.0, loss='ccc', seed=0, threads=1),
-    'small': dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0, threads=1),
-    'paper': dict(epochs=10, batch_size=32, lr=1e-4, warmup_epochs=1.0, max_seconds=8.0, loss='ccc', seed=0, threads=0),
+    'tiny':  dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=3.0, loss='ccc', seed=0, threads=1, pool=8),
+    'small': dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0, threads=1, pool=8),
+    'paper': dict(epochs=10, batch_size=32, lr=1e-4, warmup_epochs=1.0, max_seconds=8.0, loss='ccc', seed=0, threads=0, pool=8),
 }
 
 # %% ../nbs/04_pretrain.ipynb #488a1c9a
@@ -58,11 +58,11 @@ def evaluate_vad(model:EmotionModel, ds:VADDataset, device, dtype=None, batch_si
     return dict(rho=dict(zip(VAD_NAMES, r.tolist())), ccc=dict(zip(VAD_NAMES, c.tolist())),
                 mean_rho=float(np.nanmean(r)) if np.isfinite(r).any() else float('nan'), mean_ccc=float(np.nanmean(c)) if np.isfinite(c).any() else float('nan'), n=len(Y))
 
-# %% ../nbs/04_pretrain.ipynb #8cbae80d
+# %% ../nbs/04_pretrain.ipynb #fbe2f20c
 def train_vad(model:EmotionModel, train:VADDataset, valid:VADDataset, recipe:dict, device, log=print) -> list:
     "Train the backbone and its VAD head on `train` with `recipe`; returns per-epoch curves (held-out ρ, CCC)."
     seed_everything(recipe['seed']); dtype = amp_dtype(device, 'auto')
-    s = LengthBucketSampler(train.lengths, recipe['batch_size'], seed=recipe['seed'])
+    s = LengthBucketSampler(train.lengths, recipe['batch_size'], seed=recipe['seed'], pool=recipe.get('pool', 8))
     dl = torch.utils.data.DataLoader(train, batch_sampler=s, collate_fn=collate, pin_memory=device.type == 'cuda', generator=torch.Generator())
     opt = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=0.01)
     from transformers import get_cosine_schedule_with_warmup
