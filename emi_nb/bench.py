@@ -20,7 +20,7 @@ __all__ = ['FIGURE_KEYS', 'PATHS', 'PREDICT_DEFAULT', 'REAL_DURATIONS', 'P3_ROWS
            'p3_cache', 'p3_paper_components', 'find_study', 'stage_table', 'p4_study', 'RSSPeak', 'run_children',
            'run_child', 'train_job', 'forward_job', 'lstm_flops', 'count_flops', 'p3_flop_estimate',
            'flops_per_audio_second', 'epoch_estimate', 'code_mentions', 'cuda_path_checks', 'profile_step', 'machine',
-           'bench_markdown', 'publish_bench']
+           'plot_bench', 'bench_markdown', 'publish_bench']
 
 # %% ../nbs/08_benchmarks.ipynb #8cb7296e
 def pick_threads(cores:int|None=None, load:float|None=None) -> int:
@@ -514,7 +514,26 @@ def machine() -> dict:
                 torch=torch.__version__, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 load_average=[round(x, 2) for x in os.getloadavg()])
 
-# %% ../nbs/08_benchmarks.ipynb #de178422
+# %% ../nbs/08_benchmarks.ipynb #e0e8c6ff
+def plot_bench(figs:dict, stages:pd.DataFrame|None=None):
+    "Left: every measured P-figure as value/goal with min–max whiskers, coloured met/not met. Right: P4's stage seconds."
+    import matplotlib.pyplot as plt
+    rows = [(k, f) for k, f in figs.items() if f.get('value') is not None and f.get('goal')]
+    fig, ax = plt.subplots(1, 2 if stages is not None else 1, figsize=(11 if stages is not None else 6, 0.45 * max(len(rows), 6) + 1), squeeze=False)
+    a = ax[0, 0]; y = np.arange(len(rows))
+    v = np.array([f['value'] / f['goal'] for _, f in rows])
+    lo = np.array([(f.get('min') if f.get('min') is not None else f['value']) / f['goal'] for _, f in rows])
+    hi = np.array([(f.get('max') if f.get('max') is not None else f['value']) / f['goal'] for _, f in rows])
+    a.barh(y, v, xerr=[np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)], color=['tab:green' if f['met'] else 'tab:red' for _, f in rows], alpha=.75)
+    a.axvline(1, color='k', lw=.8); a.set_yticks(y); a.set_yticklabels([f"{k} ({f['op']} goal)" for k, f in rows], fontsize=8)
+    a.set_xlabel('value / goal'); a.set_title('P-figures against their goals (green: met)', fontsize=9)
+    if stages is not None:
+        b = ax[0, 1]; st = stages.iloc[::-1]
+        b.barh(range(len(st)), st.seconds, color='tab:blue', alpha=.7); b.set_yticks(range(len(st))); b.set_yticklabels(st.stage, fontsize=8)
+        b.set_xlabel('seconds'); b.set_title(f'P4: study stages, total {stages.seconds.sum() / 60:.1f} min', fontsize=9)
+    fig.tight_layout(); return fig
+
+# %% ../nbs/08_benchmarks.ipynb #1206bb19
 def _fmt(v, unit:str) -> str:
     if v is None: return '–'
     return {'share': f'{v:.1%}', 'ratio': f'{v:.2f}', 'x': f'{v:.1f}×', 's': f'{v:.0f} s', 'GB': f'{v:.2f} GB', 'min': f'{v:.1f} min'}.get(unit, f'{v:.3g}')
@@ -541,7 +560,7 @@ def bench_markdown(res:dict) -> str:
                         f"validation), about {g['epoch_minutes']:.1f} min on an {g['gpu']} at {g['mfu']:.0%} MFU ({g['run_hours']:.1f} h for 30 epochs)."]
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/08_benchmarks.ipynb #dabe723d
+# %% ../nbs/08_benchmarks.ipynb #1cf9e951
 def publish_bench(res:dict, root=None, readme:bool=True) -> tuple:
     "Write benchmarks/latest.json and latest.md under `root` (and regenerate README.md); returns both paths."
     root = Path(root or project_root()); check_bench(res)
