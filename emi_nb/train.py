@@ -50,7 +50,7 @@ def emi_loss(pred:torch.Tensor, # (B, 6) predictions (any dtype; computed in fp3
     if not ok.any(): return None, {**info, 'skipped': True}
     return 1 - score[ok].mean(), info
 
-# %% ../nbs/05_train.ipynb #c85aa00f
+# %% ../nbs/05_train.ipynb #45b0211f
 class LengthBucketSampler(torch.utils.data.Sampler):
     "Batches of similar-length clips, deterministic in (seed, epoch), dealt out to `num_replicas` ranks."
     def __init__(self, lengths, # samples per clip
@@ -58,7 +58,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
                  shuffle:bool=True, bucket:bool=True, seed:int=0,
                  num_replicas:int=1, rank:int=0,
                  split:str='rows', # rows: each global batch is shared by the ranks; batches: whole batches dealt out
-                 pool:int=50, # batches per sorting pool (transformers' group_by_length: 50)
+                 pool:int=32, # batches per sorting pool
                  max_batches:int=0): # cap per epoch; 0 = none
         self.lengths, self.bs, self.shuffle, self.bucket, self.seed = np.asarray(lengths), batch_size, shuffle, bucket, seed
         self.world, self.rank, self.split, self.pool, self.max_batches = num_replicas, rank, split, pool, max_batches
