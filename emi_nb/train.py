@@ -314,7 +314,7 @@ def _new_acc(self:Trainer) -> dict:
     "Per-epoch accumulators (part of the checkpoint, so a resumed epoch reports the same numbers)."
     return dict(loss_sum=0.0, n=0, steps=0, skipped=0, flat_pred=0, flat_target=0, preds=[], labels=[])
 
-# %% ../nbs/05_train.ipynb #85ebaf09
+# %% ../nbs/05_train.ipynb #e32e0e63
 @patch
 def _step(self:Trainer, batch:dict, gb) -> float:
     "One optimiser step on this rank's share of global batch `gb`; returns the global batch loss."
@@ -335,7 +335,7 @@ def _step(self:Trainer, batch:dict, gb) -> float:
         self.scaler.step(self.opt); self.scaler.update()
     self.opt.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()`')   # a skipped step: intended
+        warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)`')   # a skipped step: intended
         self.sched.step()
     a = self.acc; keep = W > 0
     a['steps'] += 1; a['skipped'] += not ok; a['flat_pred'] += info['flat_pred'] > 0; a['flat_target'] += info['flat_target'] > 0
