@@ -514,16 +514,15 @@ def machine() -> dict:
                 torch=torch.__version__, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 load_average=[round(x, 2) for x in os.getloadavg()])
 
-# %% ../nbs/08_benchmarks.ipynb #e0e8c6ff
+# %% ../nbs/08_benchmarks.ipynb #0124d03d
 def plot_bench(figs:dict, stages:pd.DataFrame|None=None):
     "Left: every measured P-figure as value/goal with min–max whiskers, coloured met/not met. Right: P4's stage seconds."
     import matplotlib.pyplot as plt
     rows = [(k, f) for k, f in figs.items() if f.get('value') is not None and f.get('goal')]
     fig, ax = plt.subplots(1, 2 if stages is not None else 1, figsize=(11 if stages is not None else 6, 0.45 * max(len(rows), 6) + 1), squeeze=False)
     a = ax[0, 0]; y = np.arange(len(rows))
-    v = np.array([f['value'] / f['goal'] for _, f in rows])
-    lo = np.array([(f.get('min') if f.get('min') is not None else f['value']) / f['goal'] for _, f in rows])
-    hi = np.array([(f.get('max') if f.get('max') is not None else f['value']) / f['goal'] for _, f in rows])
+    rel = lambda k: np.array([(f['value'] if f.get(k) is None else f[k]) / f['goal'] for _, f in rows])
+    v, lo, hi = rel('value'), rel('min'), rel('max')
     a.barh(y, v, xerr=[np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)], color=['tab:green' if f['met'] else 'tab:red' for _, f in rows], alpha=.75)
     a.axvline(1, color='k', lw=.8); a.set_yticks(y); a.set_yticklabels([f"{k} ({f['op']} goal)" for k, f in rows], fontsize=8)
     a.set_xlabel('value / goal'); a.set_title('P-figures against their goals (green: met)', fontsize=9)

@@ -58,11 +58,11 @@ def evaluate_vad(model:EmotionModel, ds:VADDataset, device, dtype=None, batch_si
     return dict(rho=dict(zip(VAD_NAMES, r.tolist())), ccc=dict(zip(VAD_NAMES, c.tolist())),
                 mean_rho=float(np.nanmean(r)) if np.isfinite(r).any() else float('nan'), mean_ccc=float(np.nanmean(c)) if np.isfinite(c).any() else float('nan'), n=len(Y))
 
-# %% ../nbs/04_pretrain.ipynb #fbe2f20c
+# %% ../nbs/04_pretrain.ipynb #5c8f44c9
 def train_vad(model:EmotionModel, train:VADDataset, valid:VADDataset, recipe:dict, device, log=print) -> list:
     "Train the backbone and its VAD head on `train` with `recipe`; returns per-epoch curves (held-out ρ, CCC)."
     seed_everything(recipe['seed']); dtype = amp_dtype(device, 'auto')
-    s = LengthBucketSampler(train.lengths, recipe['batch_size'], seed=recipe['seed'], pool=recipe.get('pool', 8))
+    s = LengthBucketSampler(train.lengths, recipe['batch_size'], seed=recipe['seed'], pool=recipe['pool'])
     dl = torch.utils.data.DataLoader(train, batch_sampler=s, collate_fn=collate, pin_memory=device.type == 'cuda', generator=torch.Generator())
     opt = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=0.01)
     from transformers import get_cosine_schedule_with_warmup
