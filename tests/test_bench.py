@@ -48,7 +48,7 @@ def test_simulated_real_durations_match_the_quoted_statistics():
 
 def test_stage_table_and_p4(tmp_path):
     man = dict(status='ok', profile='synthetic', started='2024-01-01T10:00:00+0100', ended='2024-01-01T10:21:00+0100',
-               notebooks=[dict(notebook='00_config.ipynb', seconds=60.0, status='ok'), dict(notebook='05_train.ipynb', seconds=1100.0, status='ok')])
+               notebooks=[dict(notebook='00_config.ipynb', seconds=60.0, status='ok'), dict(notebook='08_train.ipynb', seconds=1100.0, status='ok')])
     df = stage_table(man)
     assert df.seconds.tolist() == [60.0, 1100.0, 100.0] and df.share.sum() == pytest.approx(1)
     save_json(tmp_path/'run/manifest.json', man)
