@@ -4,17 +4,21 @@
 
 # %% ../nbs/00_config.ipynb #bbe74e1e
 from __future__ import annotations
-import dataclasses, hashlib, json, os, platform, random, subprocess, sys, time
+import dataclasses, hashlib, json, os, platform, random, subprocess, sys, time, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Any
 import numpy as np
 
 # %% auto #0
-__all__ = ['EMOTIONS', 'VAD_NAMES', 'SR', 'PROFILES', 'PACKAGES', 'MEDIA_DIRS', 'StudyConfig', 'make_config', 'project_root',
+__all__ = ['EMOTIONS', 'VAD_NAMES', 'SR', 'TABLE2_COMPONENTS', 'TABLE1_ROWS', 'EXPLORE_ROWS', 'CHOICES', 'DEVICE_RE', 'POSITIVE',
+           'PROFILES', 'TRAINING_FREE', 'PACKAGES', 'MEDIA_DIRS', 'CorpusConfig', 'PretrainConfig', 'AblationsConfig',
+           'VisionConfig', 'BenchConfig', 'StudyConfig', 'ConfigError', 'config_fields', 'coerce', 'check',
+           'make_config', 'config_from_dict', 'training_view', 'add_config_flags', 'config_from_args', 'project_root',
            'cache_dir', 'run_path', 'get_device', 'amp_dtype', 'seed_everything', 'package_versions', 'git_commit',
-           'data_fingerprint', 'data_kind', 'save_json', 'provenance', 'save_results', 'load_results', 'data_label',
-           'stamp', 'save_figure', 'progress']
+           'data_fingerprint', 'data_kind', 'fsync_path', 'replace_durably', 'atomic_path', 'save_json', 'provenance',
+           'save_results', 'load_results', 'data_label', 'stamp', 'save_figure', 'threads', 'parallel', 'progress',
+           'add_progress_flag', 'set_progress']
 
 # %% ../nbs/00_config.ipynb #424f274d
 EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excitement', 'Joy']  # fixed column order of the task
@@ -23,77 +27,357 @@ SR = 16_000  # every backbone here expects 16 kHz mono
 
 # %% ../nbs/00_config.ipynb #a9a0a510
 @dataclass
+class CorpusConfig:
+    "The synthetic corpora (ignored for real data): sizes, seed and render workers."
+    seed: int = 0                   # generator seed (the training seed is StudyConfig.seed)
+    train: int = 600                # EMI train clips (ABAW: 8,072)
+    valid: int = 300                # EMI validation clips (ABAW: 4,588)
+    test: int = 300                 # EMI test clips; labels kept in test_labels.csv (ABAW: 4,586, labels hidden)
+    speaker_clips: int = 8          # clips per speaker; speakers never cross splits (as in ABAW)
+    scale: float = 1.0              # duration scale; < 1 shortens every clip (smoke)
+    long_clip: float = 75.0         # length of the one very long clip, s (ABAW's longest: 1,250 s)
+    vad_train: int = 400            # clips of the VAD pre-training corpus
+    vad_valid: int = 100            # held-out clips of the VAD corpus
+    vad_min_seconds: float = 2.0    # shortest VAD clip, s
+    vad_max_seconds: float = 6.0    # longest VAD clip, s
+    workers: int = 0                # render processes; 0 = min(2, cores); the bytes do not depend on it
+
+# %% ../nbs/00_config.ipynb #bfdfe32d
+@dataclass
+class PretrainConfig:
+    "Recipe of the offline backbone's VAD pre-training (the stand-in for audeering's MSP-Podcast stage)."
+    epochs: int = 10                # maximum epochs; the best held-out epoch is kept
+    patience: int = 0               # stop after this many epochs without a gain; 0 = run every epoch
+    batch_size: int = 32            # clips per step
+    lr: float = 1e-4                # AdamW learning rate
+    warmup_epochs: float = 1.0      # linear warm-up, then cosine decay
+    max_seconds: float = 8.0        # cut of the VAD clips, s
+    loss: str = 'ccc'               # ccc | mse | pearson: CCC, the MSP-Podcast challenge metric
+    seed: int = 0                   # seed of the pre-training (weights, batches)
+    threads: int = 0                # CPU threads; 0 = torch's default (CPU results depend on the thread count)
+    pool: int = 8                   # batches sorted together by length
+    weight_decay: float = 0.01      # AdamW weight decay, as the EMI recipe
+    grad_clip: float = 100.0        # gradient value clipping, as the EMI recipe
+
+# %% ../nbs/00_config.ipynb #a1cd2844
+TABLE2_COMPONENTS = ('global', 'global+head', 'head+lstm', 'global+head+lstm', 'head+lstm+vad', 'global+head+lstm+vad')
+TABLE1_ROWS = ('train', 'dropout', 'train+val', 'train+val-long')
+EXPLORE_ROWS = ('fixed-nomask', 'masked-random', 'ccc', 'pearson', 'collapsed')
+
+@dataclass
+class AblationsConfig:
+    "The ablation grid: which rows run, how long and with how many seeds."
+    head_epochs: int = 0            # epochs of frozen-backbone rows on cached features; 0 = StudyConfig.epochs
+    fit_epochs: int = 0             # epochs of end-to-end rows; 0 = StudyConfig.epochs
+    fit_seeds: int = 0              # seeds of end-to-end rows; 0 = StudyConfig.seeds
+    fit_max_steps: int = 0          # optimiser steps per epoch of end-to-end rows; 0 = all
+    fit_threads: int = 0            # CPU threads of an end-to-end row; 0 = all cores
+    long_factor: float = 2.0        # epochs of 'longer training' relative to the other rows
+    table2_frozen: bool = False     # Table 2 on a frozen backbone (cached features) instead of end to end
+    t1_frozen: bool = False         # Table 1's variants on a frozen backbone instead of end to end
+    t1_seeds: int = 0               # seeds of frozen Table 1 variants; 0 = StudyConfig.seeds
+    pad_seeds: int = 0              # seeds of the padding rows; 0 = StudyConfig.seeds
+    loss_seeds: int = 0             # seeds of the loss rows; 0 = StudyConfig.seeds
+    table2_rows: tuple[str, ...] = TABLE2_COMPONENTS  # Table 2 component sets that run
+    t1_rows: tuple[str, ...] = TABLE1_ROWS  # Table 1 audio rows that run
+    explore: tuple[str, ...] = EXPLORE_ROWS  # exploratory rows of section 6.2 that run
+    pad_cut: float = 12.0           # cut of the padding rows, s: the paper's, where padding matters
+    workers: int = 0                # processes for head rows; 0 = 2 on a CPU, 1 on a GPU
+    feature_dtype: str = 'float16'  # float16 | float32: storage of cached backbone outputs
+    backbone_asr: str = ''          # W2V2-L (facebook/wav2vec2-large-960h) dir; '' = the untrained stand-in
+    backbone_xlsr: str = ''         # XLSR (facebook/wav2vec2-large-xlsr-53) dir; '' = the untrained stand-in
+
+# %% ../nbs/00_config.ipynb #bae6bc0a
+@dataclass
+class VisionConfig:
+    "The vision rows: face frames, encoder and the expensive unfrozen rows."
+    encoder: str = 'pca'            # pca (eigenfaces + a trained frame layer) | cnn (FaceCNN from scratch) | timm:NAME
+    encoder_weights: str = ''       # local weights file of a timm encoder; '' = random init
+    size: int = 24                  # face crops scaled to size x size pixels
+    fps: float = 6.0                # face frames per second, as the organisers' face folders
+    pca_dims: int = 64              # eigenfaces kept by the pca encoder
+    hidden: int = 64                # GRU width of the vision model
+    workers: int = 2                # seeds trained side by side (one thread each)
+    unfrozen: str = 'auto'          # auto | on | off: joint row with the audio backbone unfrozen (auto: not in smoke)
+    unfrozen_seeds: int = 1         # seeds of the unfrozen rows outside the paper profile
+    allow_pickle: bool = False      # read the organisers' vit/*.pkl features (pickles run code: trusted files only)
+
+# %% ../nbs/00_config.ipynb #a3f777b3
+@dataclass
+class BenchConfig:
+    "The benchmarks: repetitions, sizes of the measured work, publishing."
+    reps: int = 5                   # timed repetitions per variant (median, min, max)
+    p1_clips: int = 3               # clips per P1 repetition
+    p1_seconds: float = 2.5         # longest P1 clip, s; the clips spread evenly from half of it
+    p1_preset: str = ''             # backbone geometry of P1/P5; '' = paper (tiny in the smoke profile)
+    p3_clips: int = 16              # training clips per P3 repetition (validation: half as many)
+    p3_paper_batch: int = 4         # clips per batch of the P3 component measurement at the paper geometry
+    p5_fit: bool = False            # also measure a real one-epoch fit in a child process (slow)
+    study_run: str = ''             # run whose manifest.json times P4; '' = runs/synthetic-latest
+    threads: int = 0                # torch threads; 0 = one per core, 1 when the machine is oversubscribed
+    publish: bool = False           # write benchmarks/latest.{json,md} (what `make bench` does)
+
+# %% ../nbs/00_config.ipynb #b8007b66
+@dataclass
 class StudyConfig:
-    "Flat, typed config of one study run; defaults are the paper's recipe."
+    "Typed config of one study run; defaults are the paper's recipe."
     # -- where things are
     profile: str = 'paper'          # smoke | synthetic | paper: sizes the fields below (see PROFILES)
-    data_root: str = ''             # ABAW-layout root; '' = the synthetic corpus built for this profile
-    backbone: str = ''              # local save_pretrained dir; '' = the study's VAD-pretrained offline backbone; 'preset:NAME' = random init
-    run_dir: str = ''               # where results, figures, checkpoints go; '' = runs/<profile>-latest
+    data_root: str = ''             # ABAW-layout root; '' = the synthetic corpus of `corpus`
+    backbone: str = ''              # local save_pretrained dir; '' = the study's offline backbone; 'preset:NAME' = random init
+    run_dir: str = ''               # results, figures, checkpoints; '' = runs/<profile>-latest
     device: str = 'auto'            # auto | cpu | cuda | cuda:N
-    seed: int = 1                   # the reference code's seed
+    seed: int = 1                   # training seed (the reference code's)
     # -- data
     max_seconds: float = 12.0       # paper cut: 95.6% of clips whole, 1.4% of audio dropped
     quarantine: bool = False        # skip and report bad files instead of raising (never zero-fill)
-    synth_seed: int = 0             # seed of the synthetic corpus (ignored for real data)
-    synth_size: str = ''            # synthetic corpus size: smoke | synthetic; '' = same as profile
+    allow_shared_ids: bool = False  # accept a Filename in two splits (leakage; for deliberate re-splits only)
     num_workers: int = 0            # DataLoader workers; 0 keeps CPU runs deterministic and cheap
+    decode_workers: int = 4         # threads decoding audio when a split is loaded
     # -- model
-    backbone_preset: str = 'small'  # geometry for 'preset:' backbones and offline pre-training: tiny | small | paper
+    backbone_preset: str = 'small'  # tiny | small | paper: geometry of 'preset:' backbones and of the offline backbone
     use_global: bool = True         # global mean vector (Table 2 column)
     use_head: bool = True           # regression head 2d->2d->tanh->6; False = one linear layer (Table 2 column)
     use_lstm: bool = True           # 2-layer LSTM read at the last valid frame (Table 2 column)
     use_vad: bool = True            # append the VAD head's per-frame output, d = hidden+3 (Table 2 column)
     lstm_dropout: float = 0.0       # 0.1 = the paper's 'w/ dropout' row
     freeze_backbone: bool = False   # paper: backbone and VAD head unfrozen (Table 1 'frozen' row sets True)
-    freeze_feature_encoder: bool = False  # the CNN feature encoder; paper trains it too
+    freeze_feature_encoder: bool = False  # the CNN feature encoder; the paper trains it too
     batched: bool = True            # batched + attention-masked backbone; False = per clip, as the reference code
     grad_checkpointing: bool = False  # trade compute for memory on long clips (GPU)
-    lstm_packed: bool|None = None   # packed LSTM input; None = packed on CUDA, padded + last-frame gather on CPU (same values, ~10x faster there)
+    lstm_packed: bool|None = None   # packed LSTM input; None = packed on CUDA, gather on CPU (same values, ~10x faster there)
     # -- training recipe
     loss: str = 'mse'               # mse | ccc | pearson (1-rho); MSE won in the paper
     lr: float = 1e-4                # AdamW learning rate of the reference code
     backbone_lr: float = 0.0        # 0 = same as lr
     weight_decay: float = 0.01      # torch AdamW default, as the reference code left it
     warmup_epochs: float = 1.0      # one warm-up epoch, then cosine decay
-    epochs: int = 30                # reference code
+    epochs: int = 30                # maximum epochs; the reference code trains 30 and keeps the best
+    patience: int = 0               # early stopping: epochs without a gain > min_delta; 0 = off (the paper)
+    min_delta: float = 0.005        # a gain in validation rho below this is noise (early stopping, convergence)
     batch_size: int = 32            # reference code
     eval_batch_size: int = 32       # reference code
     grad_clip: float = 100.0        # clip gradients by value, reference code
-    patience: int = 0               # early stopping on val rho; 0 = off (paper keeps the best epoch)
     amp: str = 'auto'               # auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16
+    scaler_init: float = 1024.0     # initial loss scale of fp16's GradScaler, the reference code's 2**10
     bucket: bool = True             # length-bucketed batches (dynamic padding); False = random batches
-    bucket_pool: int = 32           # batches sorted together by length; keep several pools per epoch (see the sampler)
+    bucket_pool: int = 32           # batches sorted together by length; keep several pools per epoch
     train_on: str = 'train'         # train | train+valid (the final submission's recipe)
     max_steps: int = 0              # cap on optimiser steps per epoch; 0 = none (smoke runs only)
     # -- study
     seeds: int = 3                  # seeds per ablation row; mean, sd and CI over them
     n_boot: int = 1000              # bootstrap resamples for 95% CIs
+    compare_untrained: bool = True  # the training notebook also trains from the untrained backbone
     tag: str = ''                   # free label carried into results (e.g. an ablation row name)
+    # -- notebooks' own knobs
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the synthetic corpora
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the offline backbone's recipe
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)  # the ablation grid
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the vision rows
+    bench: BenchConfig = field(default_factory=BenchConfig)  # the benchmarks
 
     def replace(self, **kw) -> StudyConfig:
-        "A copy with `kw` changed; unknown keys raise."
-        unknown = set(kw) - {f.name for f in fields(self)}
-        if unknown: raise TypeError(f"StudyConfig has no field(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **kw)
+        "A copy with `kw` changed (dotted keys reach sub-configs); unknown keys and wrong types raise."
+        return _apply(self, kw)
 
-# %% ../nbs/00_config.ipynb #58dbc67f
+# %% ../nbs/00_config.ipynb #c3428727
+class ConfigError(ValueError):
+    "A config key or value that cannot be used; the message names it."
+
+CHOICES = {'profile': ('smoke', 'synthetic', 'paper'), 'backbone_preset': ('tiny', 'small', 'paper'),
+           'loss': ('mse', 'ccc', 'pearson'), 'amp': ('auto', 'off', 'bf16', 'fp16'), 'train_on': ('train', 'train+valid'),
+           'pretrain.loss': ('mse', 'ccc', 'pearson'), 'ablations.feature_dtype': ('float16', 'float32'),
+           'vision.unfrozen': ('auto', 'on', 'off'), 'ablations.table2_rows': TABLE2_COMPONENTS,
+           'ablations.t1_rows': TABLE1_ROWS, 'ablations.explore': EXPLORE_ROWS,
+           'bench.p1_preset': ('', 'tiny', 'small', 'paper')}
+DEVICE_RE = r'auto|cpu|cuda(:\d+)?'
+POSITIVE = ('epochs', 'batch_size', 'eval_batch_size', 'seeds', 'n_boot', 'bucket_pool', 'pretrain.epochs',
+            'pretrain.batch_size', 'pretrain.pool', 'bench.reps', 'vision.size', 'vision.hidden', 'vision.pca_dims')
+
+# %% ../nbs/00_config.ipynb #856e457b
+import functools
+
+@functools.lru_cache(maxsize=None)
+def config_fields(cls=None, prefix:str='') -> dict:
+    "Every leaf field of `cls` (default StudyConfig) by dotted name: {name: (type, default, help)}."
+    import typing
+    from fastcore.docments import docments
+    cls = cls or StudyConfig
+    hints = typing.get_type_hints(cls)
+    try: docs = docments(cls)
+    except (OSError, TypeError): docs = {}
+    res = {}
+    for f in fields(cls):
+        t, name = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(t): res.update(config_fields(t, name + '.'))
+        else: res[name] = (t, f.default if f.default is not dataclasses.MISSING else f.default_factory(), docs.get(f.name) or '')
+    return res
+
+# %% ../nbs/00_config.ipynb #bbf3e555
+_TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+def _bool(v):
+    "A bool from a bool, 0/1 or a yes/no word; None when it is none of them."
+    if isinstance(v, bool): return v
+    if isinstance(v, int) and v in (0, 1): return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
+    return None
+
+def _number(v, tp):
+    "An int or float from a number or its text; None when it does not fit `tp` exactly."
+    if isinstance(v, bool): return None
+    if isinstance(v, str):
+        try: v = float(v) if tp is float or any(c in v.lower() for c in '.e') else int(v)
+        except ValueError: return None
+    if tp is int: return int(v) if isinstance(v, (int, float)) and float(v).is_integer() else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+# %% ../nbs/00_config.ipynb #11d0ff67
+def _none_ok(tp) -> tuple:
+    "(whether `tp` admits None, the type without None)."
+    import typing, types
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return True, next(a for a in args if a is not type(None))
+    return False, tp
+
+def coerce(key:str, # dotted field name, for the message
+           value, tp):
+    "`value` converted to type `tp`; ConfigError naming key, value and type when it does not fit."
+    import typing
+    nullable, tp = _none_ok(tp)
+    if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in ('none', 'null', ''))): return None
+    if typing.get_origin(tp) is tuple:
+        items = [x.strip() for x in value.split(',') if x.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(x, str) for x in items): return tuple(items)
+        out = None
+    elif tp is bool: out = _bool(value)
+    elif tp in (int, float): out = _number(value, tp)
+    elif tp is str: out = value if isinstance(value, str) else None if isinstance(value, (bool, list, dict)) or value is None else str(value)
+    else: out = value if isinstance(value, tp) else None
+    if out is None: raise ConfigError(f"{key}={value!r}: expected {getattr(tp, '__name__', tp)}")
+    return out
+
+# %% ../nbs/00_config.ipynb #151309d2
+def _get(cfg, key:str):
+    "The value of dotted field `key` of `cfg`."
+    for k in key.split('.'): cfg = getattr(cfg, k)
+    return cfg
+
+def check(cfg:StudyConfig) -> StudyConfig:
+    "`cfg` itself when every choice, device and count is valid; ConfigError naming the first field that is not."
+    import re
+    for key, allowed in CHOICES.items():
+        v = _get(cfg, key)
+        bad = [x for x in v if x not in allowed] if isinstance(v, tuple) else [] if v in allowed else [v]
+        if bad: raise ConfigError(f"{key}={bad[0]!r}: choose one of {' | '.join(map(repr, allowed))}")
+    if not re.fullmatch(DEVICE_RE, cfg.device): raise ConfigError(f"device={cfg.device!r}: use auto | cpu | cuda | cuda:N")
+    for key in POSITIVE:
+        if _get(cfg, key) < 1: raise ConfigError(f"{key}={_get(cfg, key)!r}: must be at least 1")
+    return cfg
+
+# %% ../nbs/00_config.ipynb #28f38c18
+def _close(key:str, names) -> str:
+    "The names closest to a misspelt `key`, as a hint."
+    import difflib
+    names = list(names)
+    near = [n for n in names if key.startswith(n) or n.endswith('.' + key)]
+    near += difflib.get_close_matches(key, names, n=3, cutoff=0.5) or difflib.get_close_matches(key, names, n=3, cutoff=0.3)
+    near = list(dict.fromkeys(near))[:3]
+    return f"; did you mean {', '.join(near)}?" if near else ''
+
+def _flat(kw:dict, prefix:str='') -> dict:
+    "Nested dicts of overrides as one dict of dotted keys."
+    res = {}
+    for k, v in kw.items():
+        if isinstance(v, dict) and not prefix + k in config_fields(): res.update(_flat(v, prefix + k + '.'))
+        else: res[prefix + k] = v
+    return res
+
+# %% ../nbs/00_config.ipynb #357e5740
+def _apply(cfg:StudyConfig, kw:dict) -> StudyConfig:
+    "A copy of `cfg` with the overrides `kw` (dotted or nested keys) converted, applied and checked."
+    known = config_fields(type(cfg))
+    new = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in fields(cfg)
+                                      if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    for key, value in _flat(kw).items():
+        if key not in known: raise ConfigError(f"unknown config field {key!r}{_close(key, known)}")
+        *path, leaf = key.split('.')
+        obj = new
+        for p in path: obj = getattr(obj, p)
+        setattr(obj, leaf, coerce(key, value, known[key][0]))
+    return check(new)
+
+# %% ../nbs/00_config.ipynb #7e9c68ee
+_SMALL_PRETRAIN = {'pretrain.epochs': 6, 'pretrain.batch_size': 16, 'pretrain.lr': 3e-3, 'pretrain.warmup_epochs': 0.5,
+                   'pretrain.threads': 1}
 PROFILES: dict[str, dict[str, Any]] = {
-    'smoke': dict(backbone_preset='tiny', epochs=2, batch_size=8, eval_batch_size=16, lr=1e-3,
-                  warmup_epochs=0.5, max_seconds=6.0, seeds=2, n_boot=200, device='cpu'),
-    'synthetic': dict(backbone_preset='small', epochs=4, batch_size=16, eval_batch_size=32, lr=2e-3,  # measured: 2 trainings side by side fit 05's 200 s on 2 cores
-                      warmup_epochs=1.0, max_seconds=4.0, seeds=3, n_boot=1000, device='auto',     # 4 s cut: training costs ~linear in audio seconds
-                      bucket_pool=8),  # 38 batches per epoch: pools of 8 keep ~5 independently shuffled pools
-    'paper': dict(),
+    'smoke': {'backbone_preset': 'tiny', 'epochs': 2, 'batch_size': 8, 'eval_batch_size': 16, 'lr': 1e-3,
+              'warmup_epochs': 0.5, 'max_seconds': 6.0, 'seeds': 2, 'n_boot': 200, 'device': 'cpu',
+              **_SMALL_PRETRAIN, 'pretrain.max_seconds': 3.0,
+              'corpus.train': 32, 'corpus.valid': 16, 'corpus.test': 16, 'corpus.vad_train': 48, 'corpus.vad_valid': 16,
+              'corpus.speaker_clips': 4, 'corpus.scale': 0.32, 'corpus.long_clip': 7.5,
+              'corpus.vad_min_seconds': 1.0, 'corpus.vad_max_seconds': 2.5,
+              'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.fit_max_steps': 2,
+              'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.fit_threads': 1,
+              'ablations.table2_rows': ('global', 'global+head+lstm+vad'), 'ablations.t1_rows': ('train', 'train+val'),
+              'ablations.explore': ('fixed-nomask', 'pearson'), 'ablations.workers': 1, 'ablations.pad_cut': 6.0,
+              'vision.unfrozen': 'off'},
+    'synthetic': {'backbone_preset': 'small', 'epochs': 4, 'batch_size': 16, 'eval_batch_size': 32, 'lr': 2e-3,
+                  'warmup_epochs': 1.0, 'max_seconds': 4.0, 'seeds': 3, 'n_boot': 1000, 'bucket_pool': 8,
+                  **_SMALL_PRETRAIN, 'pretrain.max_seconds': 4.0,
+                  'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.long_factor': 1.5,
+                  'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.t1_seeds': 1,
+                  'ablations.pad_seeds': 1, 'ablations.explore': ('fixed-nomask', 'ccc', 'pearson', 'collapsed'),
+                  'ablations.workers': 2},
+    'paper': {'backbone_preset': 'paper'},
 }
 
-# %% ../nbs/00_config.ipynb #8850ff3a
+# %% ../nbs/00_config.ipynb #4c903164
 def make_config(profile:str='synthetic', # smoke | synthetic | paper
                 **overrides) -> StudyConfig:
-    "The profile's config with `overrides` applied; `None` values mean 'the profile's value'."
-    if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    kw = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
-    return StudyConfig(profile=profile).replace(**kw)
+    "The profile's config with `overrides` (field names, dotted for sub-configs) converted, applied and checked."
+    if profile not in PROFILES: raise ConfigError(f"unknown profile {profile!r}; choose one of {' | '.join(PROFILES)}")
+    return StudyConfig(profile=profile).replace(**{**PROFILES[profile], **overrides})
+
+# %% ../nbs/00_config.ipynb #714c231d
+def config_from_dict(d:dict, # asdict() of a StudyConfig, e.g. a checkpoint's saved config
+                     source:str='') -> StudyConfig:
+    "The StudyConfig of a saved dict; ConfigError naming `source` and the field when it does not fit."
+    try: return StudyConfig(profile=d.get('profile', 'paper')).replace(**d)
+    except ConfigError as e: raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+# %% ../nbs/00_config.ipynb #0005d3b6
+TRAINING_FREE = ('run_dir', 'device', 'num_workers', 'decode_workers', 'tag', 'seeds', 'n_boot', 'compare_untrained',
+                 'ablations', 'vision', 'bench')
+
+def training_view(cfg:StudyConfig) -> dict:
+    "The fields of `cfg` a training's result depends on, as a dict."
+    return {k: v for k, v in asdict(cfg).items() if k not in TRAINING_FREE}
+
+# %% ../nbs/00_config.ipynb #29e5d456
+def add_config_flags(ap, cls=None, only:tuple=()) -> None:
+    "Add a `--field-name` flag for every leaf field of `cls` (default StudyConfig), or those named/prefixed in `only`."
+    import argparse
+    for name, (tp, default, doc) in config_fields(cls).items():
+        if only and not any(name == o or (o.endswith('.') and name.startswith(o)) for o in only): continue
+        flag = '--' + name.replace('_', '-')
+        show = ', '.join(default) if isinstance(default, tuple) else default
+        text = (f"{doc} (default {show!r})" if doc else f"(default {show!r})").replace('%', '%%')
+        kw = dict(default=argparse.SUPPRESS, dest=name, help=text)
+        if _none_ok(tp)[1] is bool: kw.update(nargs='?', const='true', metavar='BOOL')
+        else: kw.update(metavar=getattr(tp, '__name__', 'LIST').upper() if tp in (int, float, str) else 'A,B')
+        if name in CHOICES and not isinstance(default, tuple): kw['choices'] = CHOICES[name]
+        ap.add_argument(flag, **kw)
+
+# %% ../nbs/00_config.ipynb #062ec608
+def config_from_args(args, # an argparse Namespace from a parser with add_config_flags
+                     base:StudyConfig|None=None) -> StudyConfig:
+    "`base` (default: the profile's config) with every config flag given on the command line applied."
+    given = {k: v for k, v in vars(args).items() if k in config_fields()}
+    profile = given.pop('profile', None)
+    if base is None: return make_config(profile or 'synthetic', **given)
+    return base.replace(**({'profile': profile} if profile else {}), **given)
 
 # %% ../nbs/00_config.ipynb #12c2f484
 def project_root() -> Path:
@@ -166,16 +450,19 @@ def git_commit(path=None) -> str:
 MEDIA_DIRS = ('audio', 'raw', 'face_images')
 
 def data_fingerprint(root) -> str:
-    "sha256 over the split CSVs' bytes and the relative path + size of every media file under `root`."
-    root = Path(root); h = hashlib.sha256()
-    for f in sorted(root.glob('*.csv')): h.update(f.name.encode()); h.update(f.read_bytes())
+    "sha256 over the split CSVs' bytes and the relative path + size of every media entry (links not followed)."
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(root.glob('*.csv')):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     for d in MEDIA_DIRS:
         if not (root/d).is_dir(): continue
         for dirpath, dirnames, filenames in os.walk(root/d):
             dirnames.sort()
             for fn in sorted(filenames):
                 p = Path(dirpath)/fn
-                h.update(f'{p.relative_to(root)}:{p.stat().st_size};'.encode())
+                h.update(f'{p.relative_to(root)}:{p.lstat().st_size};'.encode())
     return h.hexdigest()[:16]
 
 def data_kind(root) -> str:
@@ -183,7 +470,44 @@ def data_kind(root) -> str:
     return 'synthetic' if (Path(root)/'SYNTHETIC.json').exists() else 'real'
 
 # %% ../nbs/00_config.ipynb #7faf32af
+def fsync_path(p):
+    "Flush file or folder `p` to disk."
+    fd = os.open(p, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def replace_durably(tmp, dst):
+    "Rename `tmp` (a file, or a folder whose files are flushed first) to `dst`, then flush the parent folder."
+    tmp, dst = Path(tmp), Path(dst)
+    for f in ([*tmp.rglob('*'), tmp] if tmp.is_dir() else [tmp]):
+        if f.is_file() or f.is_dir(): fsync_path(f)
+    os.replace(tmp, dst)
+    fsync_path(dst.parent)
+
+# %% ../nbs/00_config.ipynb #afd272eb
+from contextlib import contextmanager
+
+@contextmanager
+def atomic_path(path, # final file or folder
+                folder:bool=False): # yield a fresh temporary folder instead of a file path
+    "Yield a temporary sibling of `path` to write; on success it replaces `path` durably, on error it is removed."
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    if folder: tmp.mkdir()
+    try:
+        yield tmp
+        if folder and path.is_dir(): shutil.rmtree(path)
+        replace_durably(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+# %% ../nbs/00_config.ipynb #0ea27a68
 def _jsonable(o):
+    "`o` with numpy values, paths and dataclasses turned into JSON types (NaN becomes None)."
     if isinstance(o, (np.floating,)): return None if np.isnan(o) else float(o)
     if isinstance(o, float) and o != o: return None
     if isinstance(o, np.integer): return int(o)
@@ -195,12 +519,9 @@ def _jsonable(o):
     return o
 
 def save_json(path, obj) -> Path:
-    "Write `obj` as JSON atomically (NaN becomes null, numpy and dataclasses converted)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    "Write `obj` as JSON durably (NaN becomes null, numpy and dataclasses converted)."
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=True, allow_nan=False))
+    return Path(path)
 
 # %% ../nbs/00_config.ipynb #6cdee226
 def provenance(cfg:StudyConfig|None=None, data_root=None) -> dict:
@@ -240,11 +561,65 @@ def save_figure(fig, cfg:StudyConfig, name:str, data_root=None):
     return fig
 
 # %% ../nbs/00_config.ipynb #847b8288
+class threads:
+    "Context manager: torch uses `n` CPU threads inside the block (0 = leave as is)."
+    def __init__(self, n:int): self.n = n
+    def __enter__(self):
+        import torch
+        self.old = torch.get_num_threads()
+        if self.n: torch.set_num_threads(self.n)
+        return self
+    def __exit__(self, *a):
+        import torch
+        torch.set_num_threads(self.old)
+
+# %% ../nbs/00_config.ipynb #e8d35108
+def _pinned(fn, n:int, *args):
+    "`fn(*args)` with torch pinned to `n` threads (runs inside a worker)."
+    with threads(n): return fn(*args)
+
+def parallel(fn, # called as fn(*job) for every job
+             jobs:list, # argument tuples
+             workers:int=1, # processes; 1 = one after the other in this process
+             n_threads:int=1, # torch threads per job (0 = leave as is)
+             on_result=None): # called with (job index, result) as each job ends
+    "[fn(*job) for job in jobs], in worker processes when workers > 1; results in the order of `jobs`."
+    if workers <= 1 or len(jobs) <= 1:
+        res = []
+        for i, j in enumerate(jobs):
+            res.append(_pinned(fn, n_threads, *j))
+            if on_result: on_result(i, res[-1])
+        return res
+    from joblib import Parallel, delayed, parallel_config
+    out = {}
+    with parallel_config(backend='loky', inner_max_num_threads=max(n_threads, 1)):
+        run = Parallel(n_jobs=min(workers, len(jobs)), return_as='generator_unordered')
+        for i, r in run(delayed(lambda i, j: (i, _pinned(fn, n_threads, *j)))(i, j) for i, j in enumerate(jobs)):
+            out[i] = r
+            if on_result: on_result(i, r)
+    return [out[i] for i in range(len(jobs))]
+
+# %% ../nbs/00_config.ipynb #df81afc1
+warnings.filterwarnings('ignore', message='IProgress not found')
+os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+
 def progress(it=None, **kw):
     "tqdm that redraws in a terminal, and logs sparse plain lines under papermill (`EMI_PROGRESS=log`)."
-    from tqdm.auto import tqdm as tqdm_auto
     from tqdm import tqdm as tqdm_plain
     mode = os.environ.get('EMI_PROGRESS', '')
     if mode == 'off': kw['disable'] = True
     if mode == 'log': return tqdm_plain(it, mininterval=30, ascii=True, ncols=100, file=sys.stdout, **kw)
+    if mode == 'off': return tqdm_plain(it, **kw)
+    from tqdm.auto import tqdm as tqdm_auto
     return tqdm_auto(it, **kw)
+
+# %% ../nbs/00_config.ipynb #4a88a6d0
+def add_progress_flag(ap):
+    "Add `--progress bar|log|off` to argparse parser `ap`."
+    ap.add_argument('--progress', choices=('bar', 'log', 'off'), default=None,
+                    help="progress display: bar (redrawn; terminals), log (a plain line at most every 30 s; log files), "
+                         "off; default $EMI_PROGRESS, else bar")
+
+def set_progress(mode:str|None):
+    "Make `progress` draw bars, log plain lines or stay silent (None: leave $EMI_PROGRESS as it is)."
+    if mode: os.environ['EMI_PROGRESS'] = '' if mode == 'bar' else mode

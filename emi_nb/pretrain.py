@@ -9,24 +9,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .config import (VAD_NAMES, SR, StudyConfig, make_config, cache_dir, get_device, amp_dtype, seed_everything,
-                           data_fingerprint, save_json, progress)
+from dataclasses import asdict
+from .config import (VAD_NAMES, SR, StudyConfig, PretrainConfig, make_config, cache_dir, get_device, amp_dtype,
+                           seed_everything, data_fingerprint, save_json, atomic_path, threads, progress)
 from .data import DataError, load_audio, normalize, media_path, collate
+from .synth import ensure_vad_corpus
 from .model import EmotionModel, load_backbone, backbone_config
 from .metrics import pearson, ccc
-from .train import LengthBucketSampler, emi_loss
+from .loop import LengthBucketSampler, emi_loss, Loop, recipe
 
 # %% auto #0
-__all__ = ['PRETRAIN_VERSION', 'PRETRAIN_RECIPES', 'VADDataset', 'evaluate_vad', 'train_vad', 'vad_size', 'pretrain_backbone',
-           'backbone_key', 'resolve_backbone']
+__all__ = ['PRETRAIN_VERSION', 'VADDataset', 'evaluate_vad', 'train_vad', 'pretrain_backbone', 'backbone_key', 'resolve_backbone']
 
 # %% ../nbs/07_pretrain.ipynb #57f53e79
-PRETRAIN_VERSION = '1'
-PRETRAIN_RECIPES = {  # threads: CPU threads (0 = torch's default); pinned, as CPU results depend on the thread count
-    'tiny':  dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=3.0, loss='ccc', seed=0, threads=1, pool=8),
-    'small': dict(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=0.5, max_seconds=4.0, loss='ccc', seed=0, threads=1, pool=8),
-    'paper': dict(epochs=10, batch_size=32, lr=1e-4, warmup_epochs=1.0, max_seconds=8.0, loss='ccc', seed=0, threads=0, pool=8),
-}
+PRETRAIN_VERSION = '2'
 
 # %% ../nbs/07_pretrain.ipynb #488a1c9a
 class VADDataset(torch.utils.data.Dataset):
@@ -59,54 +55,44 @@ def evaluate_vad(model:EmotionModel, ds:VADDataset, device, dtype=None, batch_si
                 mean_rho=float(np.nanmean(r)) if np.isfinite(r).any() else float('nan'), mean_ccc=float(np.nanmean(c)) if np.isfinite(c).any() else float('nan'), n=len(Y))
 
 # %% ../nbs/07_pretrain.ipynb #5c8f44c9
-def train_vad(model:EmotionModel, train:VADDataset, valid:VADDataset, recipe:dict, device, log=print) -> list:
-    "Train the backbone and its VAD head on `train` with `recipe`; returns per-epoch curves (held-out ρ, CCC)."
-    seed_everything(recipe['seed']); dtype = amp_dtype(device, 'auto')
-    s = LengthBucketSampler(train.lengths, recipe['batch_size'], seed=recipe['seed'], pool=recipe['pool'])
-    dl = torch.utils.data.DataLoader(train, batch_sampler=s, collate_fn=collate, pin_memory=device.type == 'cuda', generator=torch.Generator())
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=0.01)
-    from transformers import get_cosine_schedule_with_warmup
-    n = len(s); sched = get_cosine_schedule_with_warmup(opt, round(recipe['warmup_epochs'] * n), recipe['epochs'] * n)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.**10, enabled=dtype == torch.float16); curves = []
-    for e in range(recipe['epochs']):
-        s.set_epoch(e); model.train(); tot = 0.0
-        for b in progress(dl, desc=f'vad epoch {e+1}', leave=False):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                vad = model(b['input_values'].to(device), b['attention_mask'].to(device))[1]   # (B, 3)
-            loss, _ = emi_loss(vad, b['labels'].to(device), recipe['loss'])
-            if loss is not None and torch.isfinite(loss):
-                scaler.scale(loss).backward(); scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_value_(model.parameters(), 100.0); scaler.step(opt); scaler.update(); tot += loss.item()
-            opt.zero_grad(set_to_none=True); sched.step()
-        ev = evaluate_vad(model, valid, device, dtype)
-        curves.append(dict(epoch=e + 1, train_loss=tot / n, val_rho=ev['mean_rho'], val_ccc=ev['mean_ccc']))
-        log(f"vad epoch {e+1}/{recipe['epochs']}  loss {tot/n:.4f}  held-out rho {ev['mean_rho']:.3f}  ccc {ev['mean_ccc']:.3f}")
-    return curves
+def train_vad(model:EmotionModel, train:VADDataset, valid:VADDataset, pc:PretrainConfig, device, log=print) -> dict:
+    "Train the backbone and its VAD head on `train` with recipe `pc` through the loop; returns the loop's record."
+    seed_everything(pc.seed)
+    s = LengthBucketSampler(train.lengths, pc.batch_size, seed=pc.seed, pool=pc.pool)
+    dl = torch.utils.data.DataLoader(train, batch_sampler=s, collate_fn=collate, pin_memory=device.type == 'cuda',
+                                     generator=torch.Generator())
+    def batches(epoch, start):
+        s.set_epoch(epoch, start)
+        return iter(dl)
+    def step(b):
+        vad = model(b['input_values'].to(device), b['attention_mask'].to(device))[1]   # (B, 3)
+        loss, info = emi_loss(vad, b['labels'].to(device), pc.loss)
+        return loss, dict(info, n=len(vad))
+    def evaluate():
+        ev = evaluate_vad(model, valid, device, amp_dtype(device, 'auto'))
+        return dict(val_rho=ev['mean_rho'], val_ccc=ev['mean_ccc'])
+    lp = Loop(model, recipe(pc), device, batches, len(s), step, evaluate, monitor='val_ccc', name='vad', log=log)
+    return lp.fit()
 
 # %% ../nbs/07_pretrain.ipynb #759de6f0
-def vad_size(cfg:StudyConfig) -> str:
-    "Size of the synthetic VAD corpus for cfg (as the EMI corpus: smoke for the smoke profile)."
-    return cfg.synth_size or ('smoke' if cfg.profile == 'smoke' else 'synthetic')
-
 def pretrain_backbone(cfg:StudyConfig, out, # folder to write (save_pretrained layout + pretrain.json)
-                      vad_root=None, # VAD corpus; None = ensure_vad_corpus of the profile
-                      log=print, recipe:dict|None=None) -> Path:
-    "Train backbone_preset's EmotionModel on the VAD corpus and save it to `out`; returns `out`."
-    from emi_nb.synth import ensure_vad_corpus
-    t0 = time.time(); preset = cfg.backbone_preset; recipe = recipe or PRETRAIN_RECIPES[preset]
-    root = Path(vad_root or ensure_vad_corpus(vad_size(cfg), cfg.synth_seed)); dev = get_device(cfg.device)
-    tr, va = VADDataset(root, 'train', recipe['max_seconds']), VADDataset(root, 'valid', recipe['max_seconds'])
-    n_threads = torch.get_num_threads()
-    if recipe.get('threads') and dev.type == 'cpu': torch.set_num_threads(recipe['threads'])
-    try:
-        seed_everything(recipe['seed']); m = load_backbone(f'preset:{preset}', device=dev)
+                      vad_root=None, # VAD corpus; None = the cached VAD corpus of cfg.corpus
+                      log=print) -> Path:
+    "Train backbone_preset's EmotionModel on the VAD corpus with cfg.pretrain and save it to `out`; returns `out`."
+    t0, pc, preset = time.time(), cfg.pretrain, cfg.backbone_preset
+    root = Path(vad_root or ensure_vad_corpus(cfg.corpus))
+    dev = get_device(cfg.device)
+    tr, va = VADDataset(root, 'train', pc.max_seconds), VADDataset(root, 'valid', pc.max_seconds)
+    with threads(pc.threads if dev.type == 'cpu' else 0):
+        seed_everything(pc.seed)
+        m = load_backbone(f'preset:{preset}', device=dev)
         untrained = evaluate_vad(m, va, dev)
-        curves = train_vad(m, tr, va, recipe, dev, log)
+        rec = train_vad(m, tr, va, pc, dev, log)
         held_out = evaluate_vad(m, va, dev)
-    finally: torch.set_num_threads(n_threads)
-    out = Path(out); m.save_pretrained(out)
-    save_json(out/'pretrain.json', dict(preset=preset, recipe=recipe, version=PRETRAIN_VERSION, vad_root=str(root),
-              vad_fingerprint=data_fingerprint(root), n_train=len(tr), n_valid=len(va), curves=curves,
+    out = Path(out)
+    m.save_pretrained(out)
+    save_json(out/'pretrain.json', dict(preset=preset, recipe=asdict(pc), version=PRETRAIN_VERSION, vad_root=str(root),
+              vad_fingerprint=data_fingerprint(root), n_train=len(tr), n_valid=len(va), record=rec, curves=rec['curves'],
               held_out=held_out, untrained=untrained, seconds=round(time.time() - t0, 1)))
     return out
 
@@ -114,19 +100,19 @@ def pretrain_backbone(cfg:StudyConfig, out, # folder to write (save_pretrained l
 def backbone_key(cfg:StudyConfig, vad_root) -> str:
     "Cache key of the pre-trained backbone: geometry, VAD corpus fingerprint, recipe and code version."
     preset = cfg.backbone_preset
-    code = json.dumps(dict(recipe=PRETRAIN_RECIPES[preset], version=PRETRAIN_VERSION, geometry=backbone_config(preset).to_dict()), sort_keys=True, default=str)
-    return f"{preset}-vad{vad_size(cfg)}{cfg.synth_seed}-{data_fingerprint(vad_root)[:10]}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
+    code = json.dumps(dict(recipe=asdict(cfg.pretrain), version=PRETRAIN_VERSION, geometry=backbone_config(preset).to_dict()),
+                      sort_keys=True, default=str)
+    return f"{preset}-{Path(vad_root).name}-{data_fingerprint(vad_root)[:10]}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
 
 def resolve_backbone(cfg:StudyConfig, log=print) -> str:
     "cfg.backbone if set; else the cached VAD-pretrained backbone of cfg.backbone_preset (trained if missing)."
     if cfg.backbone: return cfg.backbone
-    from emi_nb.synth import ensure_vad_corpus
-    root = ensure_vad_corpus(vad_size(cfg), cfg.synth_seed)
+    from filelock import FileLock
+    root = ensure_vad_corpus(cfg.corpus)
     d = cache_dir('backbones')/backbone_key(cfg, root)
     if (d/'pretrain.json').exists(): return str(d)
-    log(f"pre-training the {cfg.backbone_preset} backbone on the synthetic VAD corpus -> {d}")
-    tmp = d.with_name(f'.{d.name}.{os.getpid()}.tmp'); shutil.rmtree(tmp, ignore_errors=True)
-    pretrain_backbone(cfg, tmp, root, log)
-    if (d/'pretrain.json').exists(): shutil.rmtree(tmp)
-    else: shutil.rmtree(d, ignore_errors=True); os.replace(tmp, d)
+    with FileLock(str(d.parent/f'.{d.name}.lock')):
+        if (d/'pretrain.json').exists(): return str(d)
+        if log: log(f"pre-training the {cfg.backbone_preset} backbone on the synthetic VAD corpus -> {d}")
+        with atomic_path(d, folder=True) as tmp: pretrain_backbone(cfg, tmp, root, log)
     return str(d)

@@ -12,22 +12,21 @@ import numpy as np
 import pandas as pd
 from scipy import signal
 from scipy.stats import norm
-from .config import EMOTIONS, VAD_NAMES, SR, cache_dir, save_json, progress
+from .config import (EMOTIONS, VAD_NAMES, SR, CorpusConfig, ConfigError, make_config, config_from_args, add_config_flags,
+                           cache_dir, save_json, atomic_path, progress, add_progress_flag, set_progress)
+from .data import load_audio, media_path, read_split
 
 # %% auto #0
-__all__ = ['GENERATOR_VERSION', 'SIZES', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE', 'SPREAD', 'CORR', 'RATER', 'SPEAKER_SD',
-           'FPS_MIX', 'VAD_FROM_EMOTION', 'VOWELS', 'label_zero_share', 'split_means', 'latent_intensities', 'rate',
-           'durations', 'speaker', 'voice_controls', 'voiced', 'contour', 'render_clip', 'face_image',
-           'face_expression', 'render_faces', 'write_video', 'render_row', 'plan_split', 'plan_vad_split',
-           'build_corpus', 'build_vad_corpus', 'corpus_checksum', 'ensure_corpus', 'ensure_vad_corpus',
+__all__ = ['GENERATOR_VERSION', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE', 'SPREAD', 'CORR', 'RATER', 'SPEAKER_SD', 'FPS_MIX',
+           'VAD_FROM_EMOTION', 'VOWELS', 'label_zero_share', 'split_means', 'latent_intensities', 'rate', 'durations',
+           'speaker', 'voice_controls', 'voiced', 'contour', 'render_clip', 'face_image', 'face_expression',
+           'render_faces', 'write_video', 'render_row', 'plan_split', 'plan_vad_split', 'as_corpus', 'build_corpus',
+           'build_vad_corpus', 'corpus_checksum', 'corpus_name', 'ensure_corpus', 'ensure_vad_corpus',
            'resolve_data_root', 'emi_synth_cli', 'mfcc_stats', 'acoustic_features', 'ridge_fit']
 
 # %% ../nbs/04_synth.ipynb #025b1645
 GENERATOR_VERSION = '1.3'
-SIZES = {
-    'smoke': dict(train=32, valid=16, test=16, vad_train=48, vad_valid=16, spk_clips=4, scale=0.32, long_clip=7.5, vad_seconds=(1.0, 2.5)),
-    'synthetic': dict(train=600, valid=300, test=300, vad_train=400, vad_valid=100, spk_clips=8, scale=1.0, long_clip=75.0, vad_seconds=(2.0, 6.0)),
-}
+
 NEAR_ZERO = 0.05  # a label below this counts as "near zero" in the statistics
 SPLIT_CODE = {'train': 1, 'valid': 2, 'test': 3, 'vad_train': 11, 'vad_valid': 12}
 
@@ -275,16 +274,18 @@ def render_row(row:dict, root:str, media:bool=True) -> dict:
     return res
 
 # %% ../nbs/04_synth.ipynb #e24e7db4
-def plan_split(seed:int, split:str, n:int, size:str, fids) -> pd.DataFrame:
+def plan_split(corpus:CorpusConfig, split:str, n:int, fids) -> pd.DataFrame:
     "One row per clip of an EMI split: Filename, labels, latent intensities, state, speaker, duration, fps."
-    S = SIZES[size]; rng = _rng(seed, SPLIT_CODE[split], 1)
-    n_spk = max(2, int(math.ceil(n / S['spk_clips']))); spk_of = np.sort(rng.integers(0, n_spk, n))
+    seed = corpus.seed
+    rng = _rng(seed, SPLIT_CODE[split], 1)
+    n_spk = max(2, int(math.ceil(n / corpus.speaker_clips)))
+    spk_of = np.sort(rng.integers(0, n_spk, n))
     spks = [speaker(_rng(seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
     y = latent_intensities(rng, n, split, speaker_effect=SPEAKER_SD * rng.standard_normal((n_spk, 6))[spk_of])
     lab = rate(rng, y)
     expr = np.array([spks[s]['expressivity'] for s in spk_of])[:, None] * rng.uniform(0.7, 1.1, (n, 1)) * y
     vad = np.clip(0.5 + expr @ VAD_FROM_EMOTION.T + 0.08 * rng.standard_normal((n, 3)), 0.02, 0.98)
-    dur = durations(rng, n, S['scale'], S['long_clip'] if split == 'train' else None)
+    dur = durations(rng, n, corpus.scale, corpus.long_clip if split == 'train' else None)
     fps = rng.permutation(np.repeat([str(f) for f, _ in FPS_MIX], _exact_counts(n, [p for _, p in FPS_MIX])))
     df = pd.DataFrame({'Filename': fids, **{k: lab[:, j] for j, k in enumerate(EMOTIONS)}})
     df = df.assign(split=split, index=np.arange(n), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
@@ -294,18 +295,20 @@ def plan_split(seed:int, split:str, n:int, size:str, fids) -> pd.DataFrame:
     return df
 
 # %% ../nbs/04_synth.ipynb #6c0bc3be
-def plan_vad_split(seed:int, split:str, n:int, size:str) -> pd.DataFrame:
+def plan_vad_split(corpus:CorpusConfig, split:str, n:int) -> pd.DataFrame:
     "One row per clip of a VAD split: Filename, arousal, dominance, valence (labels) and the true state."
-    S = SIZES[size]; rng = _rng(seed, SPLIT_CODE[split], 1)
-    n_spk = max(2, int(math.ceil(n / S['spk_clips']))); spk_of = np.sort(rng.integers(0, n_spk, n))
+    seed = corpus.seed
+    rng = _rng(seed, SPLIT_CODE[split], 1)
+    n_spk = max(2, int(math.ceil(n / corpus.speaker_clips)))
+    spk_of = np.sort(rng.integers(0, n_spk, n))
     spks = [speaker(_rng(seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
     z = rng.standard_normal((n, 3)); z[:, 1] = 0.5 * z[:, 0] + math.sqrt(0.75) * z[:, 1]
     vad = np.clip(norm.cdf(z) * 0.9 + 0.05, 0.02, 0.98)
     lab = np.clip(vad + 0.05 * rng.standard_normal(vad.shape), 0, 1).round(4)
-    first = 1 if split == 'vad_train' else 1 + SIZES[size]['vad_train']
+    first = 1 if split == 'vad_train' else 1 + corpus.vad_train
     df = pd.DataFrame({'Filename': np.arange(first, first + n), **{f'label_{k}': lab[:, j] for j, k in enumerate(VAD_NAMES)}})
     return df.assign(split=split, index=np.arange(n), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
-                     speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=rng.uniform(*S['vad_seconds'], n).round(3),
+                     speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=rng.uniform(corpus.vad_min_seconds, corpus.vad_max_seconds, n).round(3),
                      **{f'expressed_{j}': 0.0 for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
 
 # %% ../nbs/04_synth.ipynb #0a2078b7
@@ -317,29 +320,40 @@ def _render_many(rows:list[dict], root, media:bool, workers:int, desc:str) -> li
     with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
         return list(progress(ex.map(render_row, rows, [str(root)] * len(rows), [media] * len(rows), chunksize=4), total=len(rows), desc=desc, leave=False))
 
-def _default_workers() -> int: return max(1, min(2, os.cpu_count() or 1))
+def _workers(corpus:CorpusConfig, workers:int|None) -> int:
+    "Render processes: `workers`, else the corpus config's, else min(2, cores)."
+    return workers or corpus.workers or max(1, min(2, os.cpu_count() or 1))
+
+def as_corpus(corpus) -> CorpusConfig:
+    "A CorpusConfig, or the corpus of a profile named by a string."
+    return make_config(corpus).corpus if isinstance(corpus, str) else corpus
+
+def _generator_facts(corpus:CorpusConfig, kind:str) -> dict:
+    "What makes a corpus of `kind` (emi | vad): the generator version and the corpus fields it reads."
+    keys = ('seed', 'train', 'valid', 'test', 'speaker_clips', 'scale', 'long_clip') if kind == 'emi' else \
+           ('seed', 'vad_train', 'vad_valid', 'speaker_clips', 'vad_min_seconds', 'vad_max_seconds')
+    return dict(generator='emi_nb.synth', version=GENERATOR_VERSION, kind=kind, corpus={k: getattr(corpus, k) for k in keys})
 
 # %% ../nbs/04_synth.ipynb #c82bdd0b
 def build_corpus(out, # folder to create (must not exist or be empty)
-                 seed:int=0, # corpus seed
-                 size:str='smoke', # smoke | synthetic
-                 workers:int|None=None, # worker processes; None = min(2, cores); the bytes do not depend on it
+                 corpus:CorpusConfig|str='smoke', # the corpus config, or a profile whose corpus to build
+                 workers:int|None=None, # render processes; None = the config's; the bytes do not depend on it
                 ) -> Path:
     "Build the synthetic EMI corpus in the ABAW layout at `out`; returns `out`."
-    if size not in SIZES: raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    C = as_corpus(corpus)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()): raise FileExistsError(f"{out}: not empty; build into a new folder")
-    S, t0 = SIZES[size], time.time()
-    ids = 1 + _rng(seed, 99).permutation(S['train'] + S['valid'] + S['test'])
-    cuts = np.cumsum([0, S['train'], S['valid'], S['test']])
-    plans = {s: plan_split(seed, s, S[s], size, np.sort(ids[cuts[i]:cuts[i + 1]])) for i, s in enumerate(('train', 'valid', 'test'))}
+    n = dict(train=C.train, valid=C.valid, test=C.test)
+    ids = 1 + _rng(C.seed, 99).permutation(sum(n.values()))
+    cuts = np.cumsum([0, *n.values()])
+    plans = {s: plan_split(C, s, n[s], np.sort(ids[cuts[i]:cuts[i + 1]])) for i, s in enumerate(n)}
     rows = [r for p in plans.values() for r in p.to_dict('records')]
-    res = pd.DataFrame(_render_many(rows, out, True, workers or _default_workers(), f'emi {size}'))
+    res = pd.DataFrame(_render_many(rows, out, True, _workers(C, workers), f'emi corpus'))
     meta = pd.concat(plans.values(), ignore_index=True)
     meta = pd.concat([meta, res], axis=1).drop(columns=['speaker_json', 'seed', 'index'] + [f'expressed_{j}' for j in range(6)])
     _write_csvs(out, plans, meta)
-    save_json(out/'SYNTHETIC.json', dict(generator='emi_nb.synth', version=GENERATOR_VERSION, seed=seed, size=size, kind='emi',
-                                          counts={s: int(S[s]) for s in ('train', 'valid', 'test')}, near_zero=NEAR_ZERO,
+    save_json(out/'SYNTHETIC.json', dict(_generator_facts(C, 'emi'), counts=n, near_zero=NEAR_ZERO,
                                           targets=dict(zero_share=ZERO_SHARE, fps_mix={str(f): p for f, p in FPS_MIX})))
     return out
 
@@ -352,23 +366,23 @@ def _write_csvs(out:Path, plans:dict, meta:pd.DataFrame):
 
 # %% ../nbs/04_synth.ipynb #f1b98abb
 def build_vad_corpus(out, # folder to create (must not exist or be empty)
-                     seed:int=0, # corpus seed
-                     size:str='smoke', # smoke | synthetic
-                     workers:int|None=None, # worker processes; the bytes do not depend on it
+                     corpus:CorpusConfig|str='smoke', # the corpus config, or a profile whose corpus to build
+                     workers:int|None=None, # render processes; None = the config's; the bytes do not depend on it
                     ) -> Path:
     "Build the synthetic VAD corpus (vad_train.csv, vad_valid.csv, audio/) at `out`; returns `out`."
-    if size not in SIZES: raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    C = as_corpus(corpus)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()): raise FileExistsError(f"{out}: not empty; build into a new folder")
-    plans = {s: plan_vad_split(seed, s, SIZES[size][s], size) for s in ('vad_train', 'vad_valid')}
+    n = dict(vad_train=C.vad_train, vad_valid=C.vad_valid)
+    plans = {s: plan_vad_split(C, s, k) for s, k in n.items()}
     rows = [r for p in plans.values() for r in p.to_dict('records')]
-    _render_many(rows, out, False, workers or _default_workers(), f'vad {size}')
+    _render_many(rows, out, False, _workers(C, workers), 'vad corpus')
     for s, p in plans.items():
         p[['Filename'] + [f'label_{k}' for k in VAD_NAMES]].set_axis(['Filename'] + VAD_NAMES, axis=1).to_csv(out/f'{s}.csv', index=False, float_format='%.4f')
     meta = pd.concat(plans.values(), ignore_index=True).drop(columns=['speaker_json', 'seed', 'index'] + [f'expressed_{j}' for j in range(6)])
     meta.to_csv(out/'SYNTHETIC_clips.csv', index=False, float_format='%.4f')
-    save_json(out/'SYNTHETIC.json', dict(generator='emi_nb.synth', version=GENERATOR_VERSION, seed=seed, size=size, kind='vad',
-                                          counts={s: int(SIZES[size][s]) for s in plans}))
+    save_json(out/'SYNTHETIC.json', dict(_generator_facts(C, 'vad'), counts=n))
     return out
 
 # %% ../nbs/04_synth.ipynb #f485c1e3
@@ -380,57 +394,76 @@ def corpus_checksum(root) -> str:
     return h.hexdigest()
 
 # %% ../nbs/04_synth.ipynb #c9391b80
-def _ensure(kind:str, size:str, seed:int, builder, workers=None) -> Path:
+def corpus_name(corpus:CorpusConfig, kind:str) -> str:
+    "The cache folder name of a corpus of `kind` (emi | vad): seed, a hash of what makes it, generator version."
+    key = hashlib.sha256(json.dumps(_generator_facts(corpus, kind), sort_keys=True).encode()).hexdigest()[:10]
+    return f'{kind}-seed{corpus.seed}-{key}-v{GENERATOR_VERSION}'
+
+def _ensure(kind:str, corpus:CorpusConfig, builder, workers=None) -> Path:
+    "The cached corpus of `kind`, built (under a lock, into a temporary folder) when missing."
     from filelock import FileLock
-    base = cache_dir('corpus'); dst = base/f'{kind}-{size}-seed{seed}-v{GENERATOR_VERSION}'
+    base = cache_dir('corpus')
+    dst = base/corpus_name(corpus, kind)
     if (dst/'SYNTHETIC.json').exists(): return dst
     with FileLock(str(base/f'.{dst.name}.lock')):
         if (dst/'SYNTHETIC.json').exists(): return dst
-        tmp = base/f'.{dst.name}.{os.getpid()}.tmp'
-        shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(dst, ignore_errors=True)
-        t0 = time.time(); builder(tmp, seed, size, workers=workers); os.replace(tmp, dst)
+        shutil.rmtree(dst, ignore_errors=True)
+        t0 = time.time()
+        with atomic_path(dst, folder=True) as tmp: builder(tmp, corpus, workers=workers)
         print(f"built {kind} corpus {dst.name} in {time.time() - t0:.1f} s")
     return dst
 
-def ensure_corpus(size:str='synthetic', seed:int=0, workers:int|None=None) -> Path:
-    "The cached synthetic EMI corpus of `size` and `seed`, built on first use."
-    return _ensure('emi', size, seed, build_corpus, workers)
-
-def ensure_vad_corpus(size:str='synthetic', seed:int=0, workers:int|None=None) -> Path:
-    "The cached synthetic VAD corpus of `size` and `seed`, built on first use."
-    return _ensure('vad', size, seed, build_vad_corpus, workers)
-
 # %% ../nbs/04_synth.ipynb #b765bc06
+def ensure_corpus(corpus:CorpusConfig|str='synthetic', # the corpus config, or a profile whose corpus to use
+                  workers:int|None=None) -> Path:
+    "The cached synthetic EMI corpus of `corpus`, built on first use."
+    return _ensure('emi', as_corpus(corpus), build_corpus, workers)
+
+def ensure_vad_corpus(corpus:CorpusConfig|str='synthetic', # the corpus config, or a profile whose corpus to use
+                      workers:int|None=None) -> Path:
+    "The cached synthetic VAD corpus of `corpus`, built on first use."
+    return _ensure('vad', as_corpus(corpus), build_vad_corpus, workers)
+
+# %% ../nbs/04_synth.ipynb #56d984e5
 def resolve_data_root(cfg) -> Path:
     "The data root of a config: `cfg.data_root` when set (it must exist), else the profile's synthetic corpus."
     if cfg.data_root:
         p = Path(cfg.data_root).expanduser()
         if not p.is_dir(): raise FileNotFoundError(f"{p}: data_root does not exist (leave it empty for the synthetic corpus)")
         return p
-    return ensure_corpus(cfg.synth_size or ('smoke' if cfg.profile == 'smoke' else 'synthetic'), cfg.synth_seed)
+    return ensure_corpus(cfg.corpus)
 
 # %% ../nbs/04_synth.ipynb #c07bd23c
+def _synth_parser():
+    "emi_synth's arguments: the profile and every corpus field, where to build, and what to print."
+    ap = argparse.ArgumentParser(prog='emi_synth', description='Build the deterministic synthetic EMI corpus (ABAW layout) '
+                                 'and the VAD corpus of a profile; the corpus fields are flags.')
+    add_config_flags(ap, only=('profile', 'corpus.'))
+    ap.add_argument('--output-dir', help='build the EMI corpus in this new folder')
+    ap.add_argument('--vad-output-dir', help='build the VAD corpus in this new folder')
+    ap.add_argument('--cache', action='store_true', help='build both corpora into the cache, where the study reads them')
+    ap.add_argument('--checksum', action='store_true', help='print the sha256 of each corpus built')
+    add_progress_flag(ap)
+    return ap
+
+# %% ../nbs/04_synth.ipynb #a2aaa191
 def emi_synth_cli(argv=None):
     "emi_synth: build the synthetic EMI corpus (and the VAD corpus) for a profile."
-    ap = argparse.ArgumentParser(prog='emi_synth', description='Build the deterministic synthetic EMI corpus (ABAW layout) and the VAD corpus.')
-    ap.add_argument('--profile', default='synthetic', choices=['smoke', 'synthetic', 'paper'], help="corpus size (paper = synthetic)")
-    ap.add_argument('--seed', type=int, default=0, help='corpus seed')
-    ap.add_argument('--out', help='build the EMI corpus here (a new folder)')
-    ap.add_argument('--vad-out', help='build the VAD corpus here (a new folder)')
-    ap.add_argument('--cache', action='store_true', help='build both corpora into the user cache (what the study uses)')
-    ap.add_argument('--workers', type=int, default=None, help='worker processes (default min(2, cores)); output bytes do not depend on it')
-    ap.add_argument('--checksum', action='store_true', help='print the sha256 of each corpus built')
+    ap = _synth_parser()
     a = ap.parse_args(argv)
-    size = 'synthetic' if a.profile == 'paper' else a.profile
-    if not (a.out or a.vad_out or a.cache): ap.error('give --out, --vad-out or --cache')
-    jobs = ([('emi', lambda: build_corpus(a.out, a.seed, size, a.workers))] if a.out else []) + \
-           ([('vad', lambda: build_vad_corpus(a.vad_out, a.seed, size, a.workers))] if a.vad_out else []) + \
-           ([('emi', lambda: ensure_corpus(size, a.seed, a.workers)), ('vad', lambda: ensure_vad_corpus(size, a.seed, a.workers))] if a.cache else [])
+    set_progress(a.progress)
+    if not (a.output_dir or a.vad_output_dir or a.cache): ap.error('give --output-dir, --vad-output-dir or --cache')
+    try: C = config_from_args(a).corpus
+    except ConfigError as e: ap.exit(2, f"emi_synth: {e}\n")
+    jobs = ([('emi', lambda: build_corpus(a.output_dir, C))] if a.output_dir else []) + \
+           ([('vad', lambda: build_vad_corpus(a.vad_output_dir, C))] if a.vad_output_dir else []) + \
+           ([('emi', lambda: ensure_corpus(C)), ('vad', lambda: ensure_vad_corpus(C))] if a.cache else [])
     for kind, job in jobs:
         t0 = time.time()
         try: p = job()
-        except (FileExistsError, ValueError) as e: print(f"emi_synth: {e}", file=sys.stderr); sys.exit(2)
-        print(f"{kind} corpus ({size}, seed {a.seed}): {p}  [{time.time() - t0:.1f} s]" + (f"  sha256 {corpus_checksum(p)}" if a.checksum else ''))
+        except (FileExistsError, ConfigError) as e: ap.exit(2, f"emi_synth: {e}\n")
+        print(f"{kind} corpus (seed {C.seed}): {p}  [{time.time() - t0:.1f} s]" + (f"  sha256 {corpus_checksum(p)}" if a.checksum else ''))
+    if a.cache: print(f"the study reads these corpora with the same corpus fields (e.g. emi_study -p corpus.seed={C.seed})")
 
 # %% ../nbs/04_synth.ipynb #adbb55a5
 def _mel(n_mels:int=40, n_fft:int=512) -> np.ndarray:
@@ -465,7 +498,6 @@ def acoustic_features(root, # data root (ABAW layout)
                      ) -> tuple[list, np.ndarray]:
     "Clip ids and (N, 64) MFCC summary features of a split."
     from concurrent.futures import ThreadPoolExecutor
-    from emi_nb.data import load_audio, media_path, read_split
     fids = (read_split(root, split, labels=False) if not split.startswith('vad') else pd.read_csv(Path(root)/f'{split}.csv')).Filename.tolist()
     f = lambda fid: mfcc_stats(load_audio(media_path(root, fid), max_seconds)[0])
     with ThreadPoolExecutor(workers) as ex: X = np.stack(list(progress(ex.map(f, fids), total=len(fids), desc=f'mfcc {split}', leave=False)))
