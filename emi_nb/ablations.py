@@ -13,19 +13,19 @@ import torch
 from .config import (EMOTIONS, SR, StudyConfig, make_config, cache_dir, run_path, get_device, seed_everything,
                            save_json, save_results, data_fingerprint, data_kind, progress)
 from .data import EMIDataset, DataError, read_split, media_path
-from .metrics import pearson, mean_rho, rho_report
-from .model import EmotionModel, EMIModel, load_backbone, TABLE2_ROWS, TABLE2_QUOTED, SWITCHES
+from .paper import BACKBONES, TABLE2, RECIPE, SECTION_6_2, t1_splits, t2
+from .metrics import pearson, mean_rho, rho_report, seed_stats, paired_stats
+from .model import EmotionModel, EMIModel, load_backbone, TABLE2_ROWS, SWITCHES
 from .train import emi_loss, LengthBucketSampler, make_optimizer, make_scheduler, padding_fraction
 
 # %% auto #0
-__all__ = ['ASR_QUOTED', 'PLANS', 'FULL', 'T1_QUOTED', 'ABLATIONS_VERSION', 'KEY_FREE', 'FEATURE_VERSION', 'Row',
-           'untrained_backbone', 'table2_backbones', 'plan_for', 'table2_rows', 'table1_rows', 'explore_rows',
-           'row_config', 'row_key', 'row_seeds', 'weights_checksum', 'audio_fingerprint', 'threads', 'clip_frames',
-           'n_frames', 'pad_frames', 'FrameStore', 'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key',
-           'feature_store', 'ensure_stores', 'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames',
-           'train_head', 'SkipRow', 'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid',
-           'boot_seed_means', 'seed_stats', 'paired_stats', 'grid_stats', 'stats_table', 'agreement', 'bar_chart',
-           'emotion_heatmap']
+__all__ = ['PLANS', 'FULL', 'ABLATIONS_VERSION', 'KEY_FREE', 'FEATURE_VERSION', 'Row', 'untrained_backbone', 'table2_backbones',
+           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds',
+           'weights_checksum', 'audio_fingerprint', 'threads', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
+           'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores',
+           'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
+           'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid', 'grid_stats', 'stats_table',
+           'agreement', 'bar_chart', 'emotion_heatmap']
 
 # %% ../nbs/09_ablations.ipynb #d904b4dd
 @dataclass
@@ -44,8 +44,6 @@ class Row:
     note: str = ''             # what was changed against the paper's recipe
 
 # %% ../nbs/09_ablations.ipynb #a1ad7bf9
-ASR_QUOTED = {'W2V2-L (ASR)': 0.017, 'W2V2-L XLSR (ASR)': 0.021}  # paper Table 2, global vector only, rho_VAL (quoted)
-
 def untrained_backbone(preset:str='small', # geometry: tiny | small | paper
                        init_seed:int=0) -> str:
     "Dir of a random-weight EmotionModel of `preset`, made once in the cache: the 'no emotion pre-training' stand-in."
@@ -62,16 +60,16 @@ def untrained_backbone(preset:str='small', # geometry: tiny | small | paper
 
 # %% ../nbs/09_ablations.ipynb #116b8667
 def table2_backbones(cfg:StudyConfig, asr:str='', xlsr:str='', emotion:str='') -> dict:
-    "name -> dict(path, label, quoted) of Table 2's backbones: real checkpoints by path, else the offline stand-ins."
+    "name -> dict(path, label, paper) of Table 2's backbones: real checkpoints by path, else the offline stand-ins."
     from emi_nb.pretrain import resolve_backbone
     emo = emotion or cfg.backbone
     res = {'audeering' if emo else 'vad': dict(path=emo or resolve_backbone(cfg, log=lambda *a: None),
            label=f'emotion backbone {Path(emo).name} (given, in audeering\'s place)' if emo else f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)',
-           quoted=TABLE2_QUOTED)}
-    if asr: res['w2v2-l'] = dict(path=asr, label=f'W2V2-L {Path(asr).name} (given)', quoted={'global': {'W2V2-L (ASR)': ASR_QUOTED['W2V2-L (ASR)']}})
-    if xlsr: res['xlsr'] = dict(path=xlsr, label=f'XLSR {Path(xlsr).name} (given)', quoted={'global': {'W2V2-L XLSR (ASR)': ASR_QUOTED['W2V2-L XLSR (ASR)']}})
+           paper=('audeering',))}
+    if asr: res['w2v2-l'] = dict(path=asr, label=f'W2V2-L {Path(asr).name} (given)', paper=('w2v2-l',))
+    if xlsr: res['xlsr'] = dict(path=xlsr, label=f'XLSR {Path(xlsr).name} (given)', paper=('xlsr',))
     if not (asr or xlsr):
-        res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), quoted={'global': dict(ASR_QUOTED)},
+        res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), paper=('w2v2-l', 'xlsr'),
                                 label=f'untrained {cfg.backbone_preset}, no emotion pre-training (stand-in for W2V2-L / XLSR)')
     return res
 
@@ -99,11 +97,11 @@ def plan_for(cfg:StudyConfig, **overrides) -> dict:
 # %% ../nbs/09_ablations.ipynb #af493f4b
 FULL = 'global+head+lstm+vad'
 
-def _quote(q, source:str) -> dict:
-    if q is None: return {}
-    return dict(q) if isinstance(q, dict) else {source: q}
+def _t2_quoted(components:str, paper:tuple) -> dict:
+    "{backbone as printed: quoted ρ_VAL} of Table 2's rows `components` on the paper backbones `paper` (those the paper has)."
+    return {BACKBONES[b]: t2(components, b).value for b in paper if f'{b}.{components}' in TABLE2.index}
 
-def _short(frozen:bool, epochs, seeds, paper_epochs:int=30) -> str:
+def _short(frozen:bool, epochs, seeds, paper_epochs:int=int(RECIPE['epochs'].value)) -> str:
     return ', '.join(x for x in ['frozen backbone (paper: fine-tuned)' if frozen else '',
                                  f'{epochs} epochs (paper: {paper_epochs})' if epochs != paper_epochs else '',
                                  f'{seeds} seed(s)' if seeds else ''] if x)
@@ -117,13 +115,15 @@ def table2_rows(backbones:dict, plan:dict) -> dict:
             n = f't2.{b}.{c}'
             rows[n] = Row(n, 'table2', {**TABLE2_ROWS[c], 'backbone': info['path'], 'freeze_backbone': fz, 'epochs': ep,
                           **({} if fz else {'max_steps': plan['fit_max_steps']})}, 'head' if fz else 'fit', f"{info['label']}: {c}",
-                          _quote(info['quoted'].get(c), 'audeering' if b == emo else b), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k),
+                          _t2_quoted(c, info['paper']), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k),
                           options={**(dict(test=True) if b == emo and fz else {}), **({} if fz else dict(threads=plan['fit_threads']))})
     return rows
 
 # %% ../nbs/09_ablations.ipynb #54c4d9b7
-T1_QUOTED = {'frozen': {'ρ_VAL': 0.262}, 'train': {'ρ_VAL': 0.386, 'ρ_TEST': 0.461}, 'dropout': {'ρ_VAL': 0.389, 'ρ_TEST': 0.465},
-             'train+val': {'ρ_TEST': 0.522}, 'train+val-long': {'ρ_TEST': 0.554}}  # paper Table 1, audio only (quoted)
+def _t1_quoted(row:str) -> dict:
+    "{'ρ_VAL': v, 'ρ_TEST': v} of Table 1 `row`, the splits the paper reports (quoted)."
+    return {k: q.value for k, q in t1_splits(row).items()}
+
 _T1 = {'dropout': (dict(lstm_dropout=0.1), 'valid', 'LSTM dropout 0.1'),
        'train+val': (dict(train_on='train+valid'), 'test', 'trained on train+valid, held-out test labels'),
        'train+val-long': (dict(train_on='train+valid'), 'test', 'train+valid, longer training, held-out test labels')}
@@ -133,10 +133,10 @@ def table1_rows(emotion:str, plan:dict) -> dict:
     full = {**TABLE2_ROWS[FULL], 'backbone': emotion}; he, fe = plan['head_epochs'], plan['fit_epochs']
     fz, ref = plan['t1_frozen'], ('t1.frozen' if plan['t1_frozen'] else 't1.train')
     rows = {'t1.frozen': Row('t1.frozen', 'table1', {**full, 'freeze_backbone': True, 'epochs': he}, 'head', 'frozen backbone',
-                             T1_QUOTED['frozen'], ref=ref, note=_short(False, he, 0), options=dict(test=True))}
+                             _t1_quoted('frozen'), ref=ref, note=_short(False, he, 0), options=dict(test=True))}
     if 'train' in plan['t1_rows']:
         rows['t1.train'] = Row('t1.train', 'table1', {**full, 'freeze_backbone': False, 'epochs': fe, 'max_steps': plan['fit_max_steps']},
-                               'fit', 'end to end', T1_QUOTED['train'], ref=ref, seeds=plan['fit_seeds'], options=dict(threads=plan['fit_threads']),
+                               'fit', 'end to end', _t1_quoted('train'), ref=ref, seeds=plan['fit_seeds'], options=dict(threads=plan['fit_threads']),
                                note=_short(False, fe, plan['fit_seeds']) + (f", {plan['fit_max_steps']} steps per epoch" if plan['fit_max_steps'] else ''))
     for n in plan['t1_rows']:
         if n == 'train': continue
@@ -144,7 +144,7 @@ def table1_rows(emotion:str, plan:dict) -> dict:
         e = (he if fz else fe) * (plan['long_factor'] if n.endswith('-long') else 1)
         e = int(math.ceil(e)); k = plan['t1_seeds'] if fz else plan['fit_seeds']
         rows[f't1.{n}'] = Row(f't1.{n}', 'table1', {**full, **ov, 'freeze_backbone': fz, 'epochs': e, **({} if fz else {'max_steps': plan['fit_max_steps']})},
-                              'head' if fz else 'fit', label, T1_QUOTED[n], score=score, ref=ref, seeds=k, note=_short(fz, e, k),
+                              'head' if fz else 'fit', label, _t1_quoted(n), score=score, ref=ref, seeds=k, note=_short(fz, e, k),
                               options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
     return rows
 
@@ -163,7 +163,7 @@ def explore_rows(emotion:str, plan:dict, max_seconds:float=12.0) -> dict:
         options=dict(test=True) if same else {})
     if 'masked-random' in ex: add('pad.masked-random', 'padding', 'masked, random batches', FULL, dict(bucket=False, **cut), pref)
     if 'fixed-nomask' in ex: add('pad.fixed-nomask', 'padding', f"zero-padded to {plan['pad_cut']:g} s, no mask", FULL, cut, ref=pref,
-                                 options=dict(pad='fixed'), quoted={'paper (approx.)': -0.1})
+                                 options=dict(pad='fixed'), quoted={'paper (approx.)': SECTION_6_2['padding_rho'].value})
     add(lref, 'loss', 'MSE (paper)', 'global+head', ref=lref, options=dict(test=True))
     if 'ccc' in ex: add('loss.ccc', 'loss', 'CCC', 'global+head', dict(loss='ccc'), lref)
     if 'pearson' in ex: add('loss.pearson', 'loss', '1 - rho', 'global+head', dict(loss='pearson'), lref)
@@ -614,49 +614,6 @@ def _run_parallel(jobs:list, runner, workers:int, log) -> list:
             for f in futs: f.cancel()
             raise
     return out
-
-# %% ../nbs/09_ablations.ipynb #d1a4edbc
-def _rhos(P:np.ndarray, Y:np.ndarray, idx:np.ndarray) -> np.ndarray:
-    "Mean rho per resample: P (S, N, K) predictions of S seeds, Y (N, K), idx (B, N) -> (B, S)."
-    Pb, Yb = P[:, idx], Y[idx][None]                                   # (S, B, N, K), (1, B, N, K)
-    Pb = Pb - Pb.mean(2, keepdims=True); Yb = Yb - Yb.mean(2, keepdims=True)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        r = (Pb * Yb).sum(2) / np.sqrt((Pb**2).sum(2) * (Yb**2).sum(2))   # (S, B, K)
-    r[~np.isfinite(r)] = np.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning); return np.nanmean(r, -1).T
-
-def boot_seed_means(P, Y, n_boot:int=1000, seed:int=0, chunk:int=32) -> np.ndarray:
-    "(n_boot,) seed-mean rho of P (S, N, K) on clip resamples shared by all seeds (rng from `seed`); NaN where undefined."
-    P, Y = np.asarray(P, np.float64), np.asarray(Y, np.float64); rng = np.random.default_rng(seed)
-    idx = rng.integers(0, Y.shape[0], size=(n_boot, Y.shape[0]))
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)
-        return np.concatenate([np.nanmean(_rhos(P, Y, idx[i:i + chunk]), 1) for i in range(0, n_boot, chunk)])
-
-# %% ../nbs/09_ablations.ipynb #c57a7f3f
-def _ci(b:np.ndarray) -> list:
-    b = b[np.isfinite(b)]
-    return [float(x) for x in np.quantile(b, [0.025, 0.975])] if len(b) else [float('nan')] * 2
-
-def seed_stats(P, Y, n_boot:int=1000, seed:int=0) -> dict:
-    "rho per seed, their mean and sd, per-emotion means and the 95% bootstrap CI of the seed-mean over clips."
-    P = np.asarray(P); r = np.array([mean_rho(p, Y, warn=False) for p in P])
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)
-        pe = np.nanmean([pearson(p, Y, warn=False) for p in P], 0)
-        m, sd = float(np.nanmean(r)), (float(np.nanstd(r, ddof=1)) if np.isfinite(r).sum() > 1 else float('nan'))
-    return dict(rhos=r.tolist(), mean=m, sd=sd, ci=_ci(boot_seed_means(P, Y, n_boot, seed)), per_emotion=dict(zip(EMOTIONS, pe.tolist())),
-                n_seeds=len(r), n_clips=len(Y), n_undefined=int(np.isnan(r).sum()))
-
-def paired_stats(PA, PB, Y, n_boot:int=1000, seed:int=0) -> dict:
-    "Row A minus row B on the same seeds and clips: delta of seed-means, its 95% bootstrap CI, p, and per-seed deltas."
-    a, b = boot_seed_means(PA, Y, n_boot, seed), boot_seed_means(PB, Y, n_boot, seed)  # same rng seed: same resamples
-    d = a - b; d = d[np.isfinite(d)]
-    per = [mean_rho(x, Y, warn=False) - mean_rho(z, Y, warn=False) for x, z in zip(PA, PB)]
-    p = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))) if len(d) else float('nan')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning); return dict(delta=float(np.nanmean(per)), ci=_ci(d), p=p, per_seed=per)
 
 # %% ../nbs/09_ablations.ipynb #97ff6fdc
 def _preds(recs:list, split:str, fids) -> tuple:

@@ -14,11 +14,12 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from fastcore.basics import patch
 from transformers import Wav2Vec2Config, Wav2Vec2Model, Wav2Vec2PreTrainedModel
 from .config import EMOTIONS, VAD_NAMES, SR, StudyConfig, get_device
+from .paper import TABLE2, COMPONENTS, BACKBONES
 
 # %% auto #0
-__all__ = ['BACKBONE_PRESETS', 'MIN_SAMPLES', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_BACKBONES', 'TABLE2_QUOTED', 'backbone_config',
-           'VADHead', 'EmotionModel', 'masked_mean', 'quiet_transformers', 'load_backbone', 'min_samples',
-           'clip_lengths', 'EMIModel', 'draw_architecture', 'block_table', 'forward_seconds']
+__all__ = ['BACKBONE_PRESETS', 'MIN_SAMPLES', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_BACKBONES', 'backbone_config', 'VADHead',
+           'EmotionModel', 'masked_mean', 'quiet_transformers', 'load_backbone', 'min_samples', 'clip_lengths',
+           'EMIModel', 'draw_architecture', 'block_table', 'forward_seconds']
 
 # %% ../nbs/05_model.ipynb #fe33a326
 _CONV_KERNEL, _CONV_STRIDE = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)  # wav2vec2's encoder: stride 320 -> 50 Hz
@@ -298,19 +299,10 @@ def from_config(cls:EMIModel, cfg:StudyConfig, backbone:EmotionModel|str|None=No
     return m.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/05_model.ipynb #024d0a9d
-_T2 = lambda g, h, l, v: dict(use_global=g, use_head=h, use_lstm=l, use_vad=v)
-TABLE2_ROWS: dict[str, dict] = {
-    'global':                _T2(True,  False, False, False),
-    'global+head':           _T2(True,  True,  False, False),
-    'head+lstm':             _T2(False, True,  True,  False),
-    'global+head+lstm':      _T2(True,  True,  True,  False),
-    'head+lstm+vad':         _T2(False, True,  True,  True),
-    'global+head+lstm+vad':  _T2(True,  True,  True,  True),
-}
-TABLE2_BACKBONES = {'W2V2-L (ASR)': 'facebook/wav2vec2-large-960h', 'W2V2-L XLSR (ASR)': 'facebook/wav2vec2-large-xlsr-53',
+TABLE2_ROWS: dict[str, dict] = {  # component set -> StudyConfig switches, in the paper's order (audeering's rows)
+    r.components: {f'use_{c}': bool(r[c]) for c in COMPONENTS} for _, r in TABLE2[TABLE2.backbone_id == 'audeering'].iterrows()}
+TABLE2_BACKBONES = {'w2v2-l': 'facebook/wav2vec2-large-960h', 'xlsr': 'facebook/wav2vec2-large-xlsr-53',
                     'audeering': 'audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim'}  # hub names; loaded only from a local copy
-TABLE2_QUOTED = {'global': 0.342, 'global+head': 0.356, 'head+lstm': 0.375, 'global+head+lstm': 0.377,
-                 'head+lstm+vad': 0.375, 'global+head+lstm+vad': 0.386}  # paper, audeering backbone, rho_VAL (quoted)
 
 # %% ../nbs/05_model.ipynb #eda28643
 def _canvas(size=(11, 4.2)):

@@ -13,14 +13,15 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 from .config import seed_everything
 from .data import DataError, face_frames, video_info, media_path, load_pickled_features
-from .metrics import pearson, mean_rho
-from .ablations import seed_stats, paired_stats, boot_seed_means, feature_store
+from .paper import SECTION_6_2, t1, paper_str
+from .metrics import pearson, mean_rho, seed_stats, paired_stats, split_stats
+from .ablations import feature_store
 
 # %% auto #0
-__all__ = ['AUDIO_HOP', 'QUOTED', 'QUOTED_NOTES', 'sample_frames', 'write_index_video', 'read_index', 'frame_timing',
+__all__ = ['AUDIO_HOP', 'ROW_QUOTES', 'CONTEXT_QUOTES', 'sample_frames', 'write_index_video', 'read_index', 'frame_timing',
            'timing_table', 'load_faces', 'FaceCNN', 'TimmEncoder', 'make_encoder', 'TemporalGRU', 'VisionModel',
            'Precomputed', 'vit_baseline', 'AudioModel', 'JointFusion', 'collate_clips', 'predict_clips', 'fit_predict',
-           'split_2to1', 'run_jobs', 'run_seeds', 'split_stats', 'face_items', 'PixelPCA', 'FrameMLP']
+           'split_2to1', 'run_jobs', 'run_seeds', 'face_items', 'PixelPCA', 'FrameMLP']
 
 # %% ../nbs/10_vision.ipynb #664cb6c2
 def _rgb(frame, size=None) -> np.ndarray:
@@ -378,15 +379,7 @@ def run_seeds(make_model, data, seeds:list, **kw) -> dict:
     "`run_jobs` of one job: eval name -> [(N, 6) per seed], seconds."
     return run_jobs({'job': (make_model, data)}, seeds, **kw)['job']
 
-def split_stats(preds:list, labels:list, # per seed: predictions (N_s, 6) and labels (N_s, 6) of that seed's clips
-                n_boot:int=1000, seed:int=0) -> dict:
-    "seed_stats for seeds that scored different clips: rho per seed, mean, sd and a 95% CI of the seed-mean."
-    r = np.array([mean_rho(p, y, warn=False) for p, y in zip(preds, labels)])
-    boot = np.mean([boot_seed_means(np.asarray(p)[None], y, n_boot, seed + i) for i, (p, y) in enumerate(zip(preds, labels))], 0)
-    lo, hi = np.quantile(boot[np.isfinite(boot)], [.025, .975]) if np.isfinite(boot).any() else (math.nan, math.nan)
-    return dict(rhos=r.tolist(), mean=float(np.nanmean(r)) if np.isfinite(r).any() else math.nan,
-                sd=float(np.nanstd(r, ddof=1)) if np.isfinite(r).sum() > 1 else math.nan,
-                ci=[float(lo), float(hi)], n_seeds=len(r), n_clips=int(np.mean([len(y) for y in labels])))
+
 
 # %% ../nbs/10_vision.ipynb #5433ba71
 def _cached(path:Path, make):
@@ -435,13 +428,9 @@ class FrameMLP(nn.Module):
     def forward(self, x): return self.net(x.float())
 
 # %% ../nbs/10_vision.ipynb #225a338b
-QUOTED = {  # Hallmen et al. 2024: Table 1 (rho_VAL) and section 6.2; quoted, not reproduced
-    'vision': (0.013, 'Table 1, facial-expression models, vision only'),
-    'audio-frozen': (0.262, 'Table 1, audio only, frozen backbone'),
-    'late': (0.250, "Table 1, organisers' baseline late fusion (test set)"),
-    'joint-unfrozen': (0.198, 'Table 1, audio + vision'),
-    '2:1-train': (0.18, 'section 6.2, 2:1 split inside train ("about 0.18")'),
-    '2:1-valid': (0.18, 'section 6.2, 2:1 split inside valid ("about 0.18")'),
-}
-QUOTED_NOTES = ["Table 1: organisers' vision baseline (ViT + GRU) .090 on test, audio .240, late fusion .250.",
-                'Section 6.2: fine-tuning ConvNeXt / DINOv2 moved rho from -0.10 to -0.01; constant-rate detection, larger crops and alignment changed nothing.']
+ROW_QUOTES = {'vision': t1('vision'), 'audio-frozen': t1('frozen'), 'late': t1('baseline-fusion', 'test'),
+              'joint-unfrozen': t1('audio+vision'), '2:1-train': SECTION_6_2['split21_train'], '2:1-valid': SECTION_6_2['split21_valid']}
+CONTEXT_QUOTES = {'baseline vision (ViT + GRU), test': t1('baseline-vision', 'test'), 'baseline audio, test': t1('baseline-audio', 'test'),
+                  'fine-tuned ConvNeXt / DINOv2, before': SECTION_6_2['vision_finetune_from'],
+                  'fine-tuned ConvNeXt / DINOv2, after': SECTION_6_2['vision_finetune_to'],
+                  'audio only (frozen) against audio + vision, gain': SECTION_6_2['audio_frozen_gain']}

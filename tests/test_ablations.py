@@ -5,6 +5,7 @@ import numpy as np
 import pytest, torch
 from emi_nb.config import make_config
 from emi_nb.model import TABLE2_ROWS
+from emi_nb.paper import t2
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('EMI_PROGRESS', 'off')
@@ -85,8 +86,8 @@ def test_interrupt_failure_and_statistics(tmp_path, smoke):
     from emi_nb.ablations import Row, run_grid, run_row, grid_stats, stats_table, agreement
     root, bb = smoke; cfg = _cfg(tmp_path, root, epochs=1)
     base = {'backbone': bb, 'freeze_backbone': True}
-    rows = {'full': Row('full', 'table2', {**TABLE2_ROWS['global+head+lstm+vad'], **base}, quoted={'paper': 0.386}, ref='full'),
-            'global': Row('global', 'table2', {**TABLE2_ROWS['global'], **base}, quoted={'paper': 0.342}, ref='full'),
+    rows = {'full': Row('full', 'table2', {**TABLE2_ROWS['global+head+lstm+vad'], **base}, quoted={'paper': t2('global+head+lstm+vad').value}, ref='full'),
+            'global': Row('global', 'table2', {**TABLE2_ROWS['global'], **base}, quoted={'paper': t2('global').value}, ref='full'),
             'broken': Row('broken', 'table2', {**TABLE2_ROWS['global'], 'backbone': str(tmp_path/'nope'), 'freeze_backbone': True}, ref='full')}
     n = []
     def stop_third(c, row, s):

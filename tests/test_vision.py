@@ -75,10 +75,12 @@ def test_vision_model_batch_equals_each_clip_alone():
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
 
 def test_frame_timing_quoted_clip():
-    "Clip 11437 of the paper: 30 fps, 6.54 s, 39 frames expected, 42 found (6.42 fps)."
-    t = frame_timing(42, 6.54)
-    assert (t['expected'], t['found'], t['drift']) == (39, 42, 3)
-    assert abs(t['effective_fps'] - 6.42) < 0.01 and t['end_offset_s'] > 0.4
+    "Clip 11437 of the paper (quoted in emi_nb.paper.DATA): frames expected at 6 fps, found, effective rate."
+    from emi_nb.paper import DATA
+    q = {k: DATA[f'face_11437_{k}'].value for k in ('found', 'seconds', 'expected', 'fps_found')}
+    t = frame_timing(q['found'], q['seconds'])
+    assert (t['expected'], t['found'], t['drift']) == (q['expected'], q['found'], q['found'] - q['expected'])
+    assert abs(t['effective_fps'] - q['fps_found']) < 0.01 and t['end_offset_s'] > 0.4
     assert frame_timing(0, 3.0)['effective_fps'] == 0 and math.isnan(frame_timing(0, 3.0)['sec_per_frame'])
 
 def test_timing_table_and_faces(tmp_path):
