@@ -34,7 +34,7 @@ $(STAMP): settings.ini setup.py constraints.txt
 corpus: env
 	$(BIN)/emi_synth --profile $(PROFILE) --cache
 
-study: env corpus
+study: env
 	$(BIN)/emi_study --profile $(PROFILE) $(if $(DEVICE),--device $(DEVICE),)
 	@echo "Study site: $$(readlink -f runs/$(PROFILE)-latest)/site/index.html"
 
@@ -62,9 +62,10 @@ pytest: env browser
 test: check-export nbtest pytest
 
 # Publishes benchmarks/latest.{json,md} and refreshes the README's ratios; commit them afterwards.
-BENCH_PARAMS ?= -p reps=7 -p p1_clips=4 -p p1_seconds=6
-bench: env corpus
-	$(BIN)/emi_study --profile $(PROFILE) --only 08 --no-site --out runs/bench-$$(date +%Y%m%d-%H%M%S) -p publish=true $(BENCH_PARAMS)
+BENCH_PARAMS ?= -p bench.reps=7 -p bench.p1_clips=4 -p bench.p1_seconds=6
+bench: env
+	$(BIN)/emi_study --profile $(PROFILE) --only 11 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
+	$(BIN)/python -c "from emi_nb.study import write_readme; write_readme()"
 
 lab: env
 	$(BIN)/jupyter lab --notebook-dir=nbs --MappingKernelManager.default_kernel_name=emi-study $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -10,22 +10,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .config import (EMOTIONS, SR, StudyConfig, make_config, cache_dir, run_path, get_device, seed_everything,
-                           save_json, save_results, data_fingerprint, data_kind, progress)
+from .config import (EMOTIONS, SR, StudyConfig, make_config, training_view, cache_dir, run_path, get_device,
+                           seed_everything, save_json, save_results, data_fingerprint, data_kind, progress, threads, parallel)
 from .data import EMIDataset, DataError, read_split, media_path
+from .synth import resolve_data_root
 from .paper import BACKBONES, TABLE2, RECIPE, SECTION_6_2, t1_splits, t2
 from .metrics import pearson, mean_rho, rho_report, seed_stats, paired_stats
 from .model import EmotionModel, EMIModel, load_backbone, TABLE2_ROWS, SWITCHES
-from .train import emi_loss, LengthBucketSampler, make_optimizer, make_scheduler, padding_fraction
+from .loop import emi_loss, LengthBucketSampler, padding_fraction, Loop, recipe
+from .pretrain import resolve_backbone
+from .train import fit
 
 # %% auto #0
-__all__ = ['PLANS', 'FULL', 'ABLATIONS_VERSION', 'KEY_FREE', 'FEATURE_VERSION', 'Row', 'untrained_backbone', 'table2_backbones',
-           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds',
-           'weights_checksum', 'audio_fingerprint', 'threads', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
-           'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores',
-           'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
-           'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid', 'grid_stats', 'stats_table',
-           'agreement', 'bar_chart', 'emotion_heatmap']
+__all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'Row', 'untrained_backbone', 'table2_backbones', 'plan_for',
+           'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds', 'weights_checksum',
+           'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore', 'extract_store', 'load_frozen',
+           'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores', 'LiveFrames', 'ConcatFrames',
+           'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow', 'adopt_fit', 'run_row', 'result_path',
+           'run_job', 'plan_jobs', 'run_grid', 'grid_stats', 'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap']
 
 # %% ../nbs/09_ablations.ipynb #d904b4dd
 @dataclass
@@ -61,7 +63,6 @@ def untrained_backbone(preset:str='small', # geometry: tiny | small | paper
 # %% ../nbs/09_ablations.ipynb #116b8667
 def table2_backbones(cfg:StudyConfig, asr:str='', xlsr:str='', emotion:str='') -> dict:
     "name -> dict(path, label, paper) of Table 2's backbones: real checkpoints by path, else the offline stand-ins."
-    from emi_nb.pretrain import resolve_backbone
     emo = emotion or cfg.backbone
     res = {'audeering' if emo else 'vad': dict(path=emo or resolve_backbone(cfg, log=lambda *a: None),
            label=f'emotion backbone {Path(emo).name} (given, in audeering\'s place)' if emo else f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)',
@@ -74,22 +75,9 @@ def table2_backbones(cfg:StudyConfig, asr:str='', xlsr:str='', emotion:str='') -
     return res
 
 # %% ../nbs/09_ablations.ipynb #5521f8b5
-_ALL_T1, _ALL_X = ('train', 'dropout', 'train+val', 'train+val-long'), ('fixed-nomask', 'masked-random', 'ccc', 'pearson', 'collapsed')
-PLANS = {  # None = the config's value (epochs, seeds); 0 seeds = every grid seed
-    'smoke':     dict(head_epochs=2, fit_epochs=None, fit_seeds=1, fit_max_steps=2, long_factor=2.0, table2_frozen=True, t1_frozen=True,
-                      t1_seeds=0, pad_seeds=0, loss_seeds=0, table2_rows=('global', 'global+head+lstm+vad'), t1_rows=('train', 'train+val'),
-                      explore=('fixed-nomask', 'pearson'), workers=1, fit_threads=1, pad_cut=6.0),
-    'synthetic': dict(head_epochs=2, fit_epochs=None, fit_seeds=1, fit_max_steps=0, long_factor=1.5, table2_frozen=True, t1_frozen=True,
-                      t1_seeds=1, pad_seeds=1, loss_seeds=0, table2_rows=tuple(TABLE2_ROWS), t1_rows=_ALL_T1,
-                      explore=('fixed-nomask', 'ccc', 'pearson', 'collapsed'), workers=2, fit_threads=0, pad_cut=12.0),
-    'paper':     dict(head_epochs=None, fit_epochs=None, fit_seeds=0, fit_max_steps=0, long_factor=2.0, table2_frozen=False, t1_frozen=False,
-                      t1_seeds=0, pad_seeds=0, loss_seeds=0, table2_rows=tuple(TABLE2_ROWS), t1_rows=_ALL_T1, explore=_ALL_X, workers=1,
-                      fit_threads=0, pad_cut=12.0),
-}
-
-def plan_for(cfg:StudyConfig, **overrides) -> dict:
-    "The profile's plan (`overrides` win; None = keep); epochs None = the config's epochs."
-    p = {**PLANS.get(cfg.profile, PLANS['paper']), **{k: v for k, v in overrides.items() if v is not None}}
+def plan_for(cfg:StudyConfig) -> dict:
+    "The grid plan of `cfg.ablations` as a dict, with 0 epochs and seeds resolved to the config's values."
+    p = asdict(cfg.ablations)
     p['head_epochs'] = p['head_epochs'] or cfg.epochs
     p['fit_epochs'] = p['fit_epochs'] or cfg.epochs
     return p
@@ -175,15 +163,13 @@ def explore_rows(emotion:str, plan:dict, max_seconds:float=12.0) -> dict:
 
 # %% ../nbs/09_ablations.ipynb #372cc66e
 ABLATIONS_VERSION = '1'
-KEY_FREE = ('run_dir', 'device', 'num_workers', 'tag', 'seeds', 'n_boot')
-
 def row_config(cfg:StudyConfig, row:Row, seed:int) -> StudyConfig:
     "cfg with the row's overrides, its seed and its name as tag."
     return cfg.replace(**row.overrides, seed=seed, tag=row.name)
 
 def row_key(rcfg:StudyConfig, row:Row, data_id:str='') -> str:
     "Hash of what a row's result depends on."
-    c = {k: v for k, v in asdict(rcfg).items() if k not in KEY_FREE}
+    c = training_view(rcfg)
     s = json.dumps(dict(config=c, runner=row.runner, options=row.options, data=data_id, version=ABLATIONS_VERSION), sort_keys=True, default=str)
     return hashlib.sha256(s.encode()).hexdigest()[:16]
 
@@ -212,12 +198,6 @@ def audio_fingerprint(root, fids) -> str:
     return h.hexdigest()
 
 # %% ../nbs/09_ablations.ipynb #9fe48419
-class threads:
-    "Run a block with torch on `n` CPU threads (results of CPU kernels can depend on the thread count)."
-    def __init__(self, n:int): self.n = n
-    def __enter__(self): self.old = torch.get_num_threads(); torch.set_num_threads(self.n); return self
-    def __exit__(self, *a): torch.set_num_threads(self.old)
-
 @torch.no_grad()
 def clip_frames(backbone:EmotionModel, wav:torch.Tensor, # (n,) normalised audio
                 pad_to:int=0, # zero-pad to this many samples, no mask; 0 = the clip alone
@@ -325,11 +305,8 @@ def _store_job(kw:dict) -> str: return str(feature_store(**kw, log=None).dir)
 
 def ensure_stores(specs:list, # feature_store keyword dicts (src, root, split, max_seconds, dtype, pad, device, quarantine)
                   workers:int=1) -> list:
-    "The FrameStore of every spec, missing ones extracted in `workers` spawned processes."
-    if workers > 1 and len(specs) > 1:
-        import concurrent.futures as cf, multiprocessing as mp
-        from emi_nb import ablations as mod  # workers import the module's function (a notebook's own copy would not unpickle)
-        with cf.ProcessPoolExecutor(min(workers, len(specs)), mp_context=mp.get_context('spawn')) as ex: list(ex.map(mod._store_job, specs))
+    "The FrameStore of every spec, missing ones extracted in `workers` processes of one thread each."
+    if workers > 1 and len(specs) > 1: parallel(_store_job, [(kw,) for kw in specs], workers, 1)
     return [feature_store(**kw, log=None) for kw in specs]
 
 # %% ../nbs/09_ablations.ipynb #e3a6c230
@@ -389,60 +366,38 @@ def _score(p, y, n_boot:int, seed:int) -> dict:
     return dict(r, mse=float(((p - y)**2).mean()))
 
 # %% ../nbs/09_ablations.ipynb #e5d0504c
-def _head_epoch(model, opt, sched, src, y, sampler, cfg, device) -> dict:
-    model.train(); a = dict(loss=0.0, n=0, steps=0, skipped=0, flat_pred=0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for idx in sampler:
-        h, v, m = (t.to(device) for t in src.batch(idx))
-        pred = model.head_logits(model.fuse(h, v, m))                      # (B, 6)
-        loss, info = emi_loss(pred, torch.from_numpy(y[idx]).to(device), cfg.loss)
-        ok = loss is not None and bool(torch.isfinite(loss))
-        if ok:
-            loss.backward()
-            if cfg.grad_clip > 0: torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
-            opt.step(); a['loss'] += float(loss.detach()) * len(idx); a['n'] += len(idx)
-        opt.zero_grad(set_to_none=True); sched.step()
-        a['steps'] += 1; a['skipped'] += not ok; a['flat_pred'] += info['flat_pred'] > 0
-    return a
-
-# %% ../nbs/09_ablations.ipynb #362914ea
 def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config and VAD head geometry are used here
                train, valid, # sources of frames (FrameStore | LiveFrames | ConcatFrames) with .fids, .samples, .batch
                y_train:np.ndarray, y_valid:np.ndarray, # (N, 6) labels in the sources' order
                test=None, y_test:np.ndarray|None=None, init:str='default', log=None) -> dict:
-    "Train the fusion head of cfg on frozen frames with cfg's recipe; metrics (fit's shape) and per-clip predictions."
-    dev = get_device(cfg.device); t0 = time.time()
+    "Train the fusion head of cfg on frozen frames through the loop; metrics (fit's shape) and per-clip predictions."
+    dev, t0 = get_device(cfg.device), time.time()
     model = head_model(cfg, backbone, init, dev)
-    opt = make_optimizer(cfg, model)
-    sampler = LengthBucketSampler(train.samples, cfg.batch_size, bucket=cfg.bucket, seed=cfg.seed, pool=cfg.bucket_pool, max_batches=cfg.max_steps)
-    sched = make_scheduler(cfg, opt, len(sampler.global_batches(0)))
-    curves, best, best_rho, bad = [], None, -np.inf, 0
-    for e in range(cfg.epochs):
-        sampler.set_epoch(e)
+    sampler = LengthBucketSampler(train.samples, cfg.batch_size, bucket=cfg.bucket, seed=cfg.seed, pool=cfg.bucket_pool,
+                                  max_batches=cfg.max_steps)
+    def batches(epoch, start):
+        sampler.set_epoch(epoch, start)
+        return iter(sampler)
+    def step(idx):
+        h, v, m = (t.to(dev) for t in train.batch(idx))
+        pred = model.head_logits(model.fuse(h, v, m))                          # (B, 6)
+        y = torch.from_numpy(y_train[idx]).to(dev)
+        loss, info = emi_loss(pred, y, cfg.loss)
+        return loss, dict(info, pred=pred, target=y, n=len(idx))
+    def evaluate():
         with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler.step\(\)` before')  # a skipped step still advances the schedule
-            a = _head_epoch(model, opt, sched, train, y_train, sampler, cfg, dev)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore'); rho = mean_rho(predict_frames(model, valid, cfg.eval_batch_size, dev), y_valid, warn=False)
-        curves.append(dict(epoch=e + 1, train_loss=a['loss'] / max(a['n'], 1), val_rho=rho, steps=a['steps'], skipped_steps=a['skipped'],
-                           flat_pred_steps=a['flat_pred'], lr=sched.get_last_lr()[-1]))
-        if a['skipped'] or (cfg.loss != 'mse' and a['flat_pred']):
-            warnings.warn(f"loss={cfg.loss}, epoch {e+1}: predictions constant in {a['flat_pred']} of {a['steps']} steps, "
-                          f"{a['skipped']} steps skipped (correlation undefined); the model is collapsing to a constant")
-        r = -np.inf if np.isnan(rho) else rho
-        if best is None or r > best_rho: best, best_rho, best_epoch, bad = copy.deepcopy(model.state_dict()), r, e + 1, 0
-        else: bad += 1
-        if log: log(f"  epoch {e+1}/{cfg.epochs} loss {curves[-1]['train_loss']:.4f} val rho {rho:.3f}")
-        if cfg.patience and bad >= cfg.patience: break
-    return _head_final(cfg, model, best, best_epoch, curves, valid, y_valid, test, y_test, dev, t0)
+            warnings.simplefilter('ignore')
+            return dict(val_rho=mean_rho(predict_frames(model, valid, cfg.eval_batch_size, dev), y_valid, warn=False))
+    lp = Loop(model, recipe(cfg, select=cfg.train_on == 'train'), dev, batches, len(sampler.global_batches(0)), step,
+              evaluate, name=cfg.tag or 'head', log=log)
+    return _head_final(cfg, model, lp.fit(), valid, y_valid, test, y_test, dev, t0)
 
-# %% ../nbs/09_ablations.ipynb #b6b6fc8f
-def _head_final(cfg, model, best, best_epoch, curves, valid, y_valid, test, y_test, dev, t0) -> dict:
-    "Best epoch's head -> valid (and test) scores with CIs and predictions."
-    model.load_state_dict(best)
+# %% ../nbs/09_ablations.ipynb #362914ea
+def _head_final(cfg, model, rec:dict, valid, y_valid, test, y_test, dev, t0) -> dict:
+    "Best epoch's head (already loaded by the loop) -> valid (and test) scores with CIs and predictions."
     pv = predict_frames(model, valid, cfg.eval_batch_size, dev)
-    metrics = dict(valid=_score(pv, y_valid, cfg.n_boot, cfg.seed), test=None, best_epoch=best_epoch, epochs_run=len(curves),
-                   curves=curves, skipped_steps=sum(c['skipped_steps'] for c in curves), valid_in_sample=cfg.train_on != 'train')
+    metrics = dict(valid=_score(pv, y_valid, cfg.n_boot, cfg.seed), test=None, valid_in_sample=cfg.train_on != 'train',
+                   **{k: v for k, v in rec.items() if k not in ('epoch_seconds', 'train_seconds')})
     preds = dict(valid=dict(fids=valid.fids, pred=pv))
     if test is not None:
         pt = np.clip(predict_frames(model, test, cfg.eval_batch_size, dev), 0, 1)
@@ -455,7 +410,7 @@ class SkipRow(Exception):
     "This row cannot run on this data; the message says why."
 
 def _data_root(cfg:StudyConfig) -> Path:
-    from emi_nb.synth import resolve_data_root
+    "The data root of a row's config."
     return Path(resolve_data_root(cfg))
 
 def _needs_test(row:Row, cfg:StudyConfig) -> bool: return row.score == 'test'
@@ -481,7 +436,7 @@ def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
 
 # %% ../nbs/09_ablations.ipynb #96e60b5b
 def _comparable(cfg:StudyConfig, backbone:str) -> dict:
-    return {**{k: v for k, v in asdict(cfg).items() if k not in KEY_FREE}, 'backbone': str(backbone)}
+    return {**training_view(cfg), 'backbone': str(backbone)}
 
 def adopt_fit(cfg:StudyConfig) -> dict|None:
     "A finished `fit` of exactly cfg already in the run directory (e.g. the training notebook's), or None."
@@ -496,7 +451,6 @@ def adopt_fit(cfg:StudyConfig) -> dict|None:
 
 # %% ../nbs/09_ablations.ipynb #f178ceb3
 def _run_fit(cfg:StudyConfig, row:Row, seed:int, log=None) -> dict:
-    from emi_nb.train import fit
     root = _data_root(cfg)
     if _needs_test(row, cfg): _check_test(root, row)
     res = adopt_fit(cfg); name = res['name'] if res else f'abl-{row.name}-s{seed}'
@@ -601,19 +555,9 @@ def _threads_for(row:Row, rcfg:StudyConfig) -> int:
     return 1 if row.runner == 'head' else (row.options.get('threads') or os.cpu_count() or 1)
 
 def _run_parallel(jobs:list, runner, workers:int, log) -> list:
-    "Head jobs in `workers` spawned processes of one thread each; results as they finish."
-    if not jobs: return []
-    import concurrent.futures as cf, multiprocessing as mp
-    from emi_nb import ablations as mod  # rows travel as dicts and run in the module's run_job (importable in a spawned worker)
-    out = []
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex:
-        futs = [ex.submit(mod.run_job, rc, asdict(row), s, key, p, runner, _threads_for(row, rc)) for rc, row, s, key, p in jobs]
-        try:
-            for f in cf.as_completed(futs): rec = f.result(); out.append(rec); _log_rec(rec, log)
-        except BaseException:
-            for f in futs: f.cancel()
-            raise
-    return out
+    "Head jobs in `workers` processes of one thread each; each record logged as it ends."
+    args = [(rc, asdict(row), s, key, p, runner, _threads_for(row, rc)) for rc, row, s, key, p in jobs]
+    return parallel(run_job, args, workers, 1, on_result=lambda i, rec: _log_rec(rec, log))
 
 # %% ../nbs/09_ablations.ipynb #97ff6fdc
 def _preds(recs:list, split:str, fids) -> tuple:

@@ -9,13 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .config import SR, EMOTIONS, StudyConfig, project_root, run_path, save_json, save_results
-from .model import EmotionModel, EMIModel, backbone_config, load_backbone
+from .config import SR, EMOTIONS, StudyConfig, project_root, run_path, save_json, save_results, atomic_path
+from .data import EMIDataset
+from .synth import resolve_data_root
+from .model import EmotionModel, EMIModel, backbone_config, load_backbone, TABLE2_ROWS
+from .loop import LengthBucketSampler
+from .train import _predict_items, default_batch_size
+from .ablations import feature_store, LiveFrames, labels_for, train_head, untrained_backbone
 
 # %% auto #0
-__all__ = ['FIGURE_KEYS', 'PATHS', 'PREDICT_DEFAULT', 'REAL_DURATIONS', 'P3_ROWS', 'TRAIN_CHILD', 'FORWARD_CHILD', 'PAPER_RECIPE',
-           'GPU_PEAK', 'pick_threads', 'stats', 'ratio', 'time_variants', 'figure', 'check_bench', 'noise_clips',
-           'bare_backbone', 'bare_network', 'our_predictor', 'p1_inference', 'padding_share', 'sampler_batches',
+__all__ = ['FIGURE_KEYS', 'PATHS', 'REAL_DURATIONS', 'P3_ROWS', 'TRAIN_CHILD', 'FORWARD_CHILD', 'PAPER_RECIPE', 'GPU_PEAK',
+           'pick_threads', 'stats', 'ratio', 'time_variants', 'figure', 'check_bench', 'noise_clips', 'bare_backbone',
+           'bare_network', 'predict_path', 'our_predictor', 'p1_inference', 'padding_share', 'sampler_batches',
            'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames', 'max_abs_diff', 'table2_mix',
            'p3_cache', 'p3_paper_components', 'find_study', 'stage_table', 'p4_study', 'RSSPeak', 'run_children',
            'run_child', 'train_job', 'forward_job', 'lstm_flops', 'count_flops', 'p3_flop_estimate',
@@ -113,11 +118,13 @@ def bare_network(m:EMIModel, clips) -> np.ndarray:
 
 # %% ../nbs/11_benchmarks.ipynb #6f7de5b2
 PATHS = {'per_clip': (1, False), 'hybrid': (0, False), 'batched': (0, True)}  # (clips per batch, 0 = all; backbone batched)
-PREDICT_DEFAULT = {'cpu': 'per_clip', 'cuda': 'batched'}  # emi_predict's default batch size per device
+
+def predict_path(device) -> str:
+    "The path `emi_predict` takes by default on `device`: its own batch-size choice, read from the training module."
+    return 'per_clip' if default_batch_size(torch.device(device), StudyConfig()) == 1 else 'batched'
 
 def our_predictor(m:EMIModel, clips, path:str, device='cpu'):
     "A callable running `emi_predict`'s predictor over in-memory `clips` by `path`: (N, 6) predictions in clip order."
-    from emi_nb.train import _predict_items
     bs, batched = PATHS[path]
     def run():
         m.batched = batched
@@ -135,7 +142,7 @@ def p1_inference(m:EMIModel, clips, reps:int=5, warmup:int=0) -> dict:
         assert err < 1e-3, f"P1: our {k} path differs from the bare network by {err:.2e}"
     t = time_variants(dict(bare_backbone=lambda: bare_backbone(m.backbone.wav2vec2, clips),
                            bare_network=lambda: bare_network(m, clips), **ours), reps, warmup)
-    pick = PREDICT_DEFAULT.get(dev.type, 'batched')
+    pick = predict_path(dev)
     speed = {k: ratio(t[pick], t[k]) for k in PATHS}  # > 1: path k is faster than the picked one
     fastest = max(speed, key=lambda k: speed[k]['median'])
     over = ratio(t[pick], t['bare_network'])
@@ -154,7 +161,6 @@ def padding_share(lengths, # samples per clip
 
 def sampler_batches(lengths, batch_size:int, bucket:bool, epoch:int, seed:int=1, **kw) -> list:
     "One epoch's global batches of the training sampler (`emi_nb.train.LengthBucketSampler`)."
-    from emi_nb.train import LengthBucketSampler
     return LengthBucketSampler(lengths, batch_size, bucket=bucket, seed=seed, **kw).global_batches(epoch)
 
 # %% ../nbs/11_benchmarks.ipynb #9dbdeaa0
@@ -215,14 +221,11 @@ P3_ROWS = {'no LSTM': 'global', 'LSTM': 'global+head+lstm+vad'}  # representativ
 
 def table2_mix() -> dict:
     "How many Table 2 rows have each kind of head."
-    from emi_nb.model import TABLE2_ROWS
     return {k: sum((r['use_lstm'] == (k == 'LSTM')) for r in TABLE2_ROWS.values()) for k in P3_ROWS}
 
 # %% ../nbs/11_benchmarks.ipynb #cb7bbfa4
 def _p3_sources(cfg:StudyConfig, src:str, root, n_train:int) -> tuple:
     "(cached and live subsets of train/valid, labels, extraction seconds) for P3."
-    from emi_nb.ablations import feature_store, LiveFrames, labels_for
-    from emi_nb.data import EMIDataset
     bb = load_backbone(src).eval(); t0 = time.time()
     store = {s: feature_store(src, root, s, cfg.max_seconds, quarantine=cfg.quarantine, log=None) for s in ('train', 'valid')}
     t_store = time.time() - t0
@@ -237,8 +240,6 @@ def _p3_sources(cfg:StudyConfig, src:str, root, n_train:int) -> tuple:
 def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained dir)
              root, n_train:int=16, reps:int=5) -> dict:
     "One epoch of each kind of frozen-backbone row from the feature cache and from the live backbone: times, identity."
-    from emi_nb.ablations import train_head
-    from emi_nb.model import TABLE2_ROWS
     bb, sub, y, t_store = _p3_sources(cfg, src, root, n_train)
     rc = {k: cfg.replace(**TABLE2_ROWS[r], freeze_backbone=True, epochs=1, n_boot=0, device='cpu') for k, r in P3_ROWS.items()}
     run = lambda kind, k: train_head(rc[k], bb, sub[kind]['train'], sub[kind]['valid'], y['train'], y['valid'])
@@ -469,18 +470,18 @@ def code_mentions(fn, *names) -> bool:
 
 def cuda_path_checks() -> pd.DataFrame:
     "What the CUDA code path does, checked on the loaded training module (built objects, or the names its code uses)."
-    from emi_nb import train, config
+    from emi_nb import train, config, loop
     ds = [dict(fid=i, wav=torch.zeros(800 + i)) for i in range(4)]; L = np.array([800 + i for i in range(4)])
     cfg = StudyConfig(profile='paper')
     tl = train.make_loader(ds, L, cfg, True, device='cpu')
     rows = [('bf16 autocast when supported (amp=auto)', code_mentions(config.amp_dtype, 'bfloat16', 'is_bf16_supported'), 'config.amp_dtype code'),
-            ('training forward under autocast', code_mentions(train.Trainer._step, 'autocast'), 'Trainer._step code'),
+            ('training forward under autocast', code_mentions(loop.Loop.train_step, 'autocast'), 'Loop.train_step code'),
             ('prediction under autocast', code_mentions(train.predict, 'autocast') and code_mentions(train._predict_items, 'autocast'), 'predict, _predict_items code'),
             ('pinned host memory on CUDA', bool(train.make_loader(ds, L, cfg, False, device='cuda').pin_memory), 'make_loader built for cuda'),
             ('non-blocking host-to-device copies', code_mentions(train._to, 'non_blocking'), 'train._to code'),
-            ('length-bucketed training batches', isinstance(tl.batch_sampler, train.LengthBucketSampler) and tl.batch_sampler.bucket, 'make_loader built'),
-            ('GradScaler only for fp16', code_mentions(train.Trainer._setup, 'GradScaler', 'float16'), 'Trainer._setup code'),
-            ('emi_predict batches on CUDA, one clip per batch on CPU', code_mentions(train.emi_predict_cli, 'eval_batch_size', 'cpu'), 'emi_predict_cli code'),
+            ('length-bucketed training batches', isinstance(tl.batch_sampler, loop.LengthBucketSampler) and tl.batch_sampler.bucket, 'make_loader built'),
+            ('GradScaler only for fp16', code_mentions(loop.Loop.__init__, 'GradScaler', 'float16'), 'Loop.__init__ code'),
+            ('emi_predict batches on CUDA, one clip per batch on CPU', predict_path('cuda') == 'batched' and predict_path('cpu') == 'per_clip', 'train.default_batch_size'),
             ('DataLoader workers decode audio beside the GPU', cfg.num_workers > 0, f'StudyConfig.num_workers = {cfg.num_workers}')]
     return pd.DataFrame(rows, columns=['check', 'in place', 'how checked'])
 
@@ -560,12 +561,11 @@ def bench_markdown(res:dict) -> str:
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/11_benchmarks.ipynb #1cf9e951
-def publish_bench(res:dict, root=None, readme:bool=True) -> tuple:
-    "Write benchmarks/latest.json and latest.md under `root` (and regenerate README.md); returns both paths."
-    root = Path(root or project_root()); check_bench(res)
+def publish_bench(res:dict, root=None) -> tuple:
+    "Write benchmarks/latest.json and latest.md under `root` (the README takes them in when regenerated); returns both paths."
+    root = Path(root or project_root())
+    check_bench(res)
     j = save_json(root/'benchmarks'/'latest.json', res)
-    md = root/'benchmarks'/'latest.md'; md.write_text(bench_markdown(res))
-    if readme and (root/'nbs'/'index.ipynb').exists():
-        from emi_nb.study import write_readme
-        write_readme(root)
+    md = root/'benchmarks'/'latest.md'
+    with atomic_path(md) as tmp: tmp.write_text(bench_markdown(res))
     return j, md

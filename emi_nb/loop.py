@@ -393,6 +393,7 @@ def publish_checkpoint(parent:Path, # the run's checkpoint folder
     with atomic_path(parent/name, folder=True) as tmp: write(tmp)
     save_json(parent/pointer, dict(dir=name, **meta))
     kind = name.split('-', 1)[0] + '-'
+    for t in parent.glob(f'.{kind}*.tmp'): shutil.rmtree(t, ignore_errors=True)
     old = sorted((p for p in parent.glob(kind + '*') if p.is_dir() and p.name != name), key=lambda p: p.stat().st_mtime)
     for p in old[:max(0, len(old) - (keep - 1))]: shutil.rmtree(p, ignore_errors=True)
     return parent/name

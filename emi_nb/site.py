@@ -200,7 +200,8 @@ def _seeds(r:dict) -> set:
 def provenance_rows(run:dict, nb, stem:str) -> list[tuple[str, str]]:
     "(label, HTML) rows of the provenance box of page `stem` built from executed notebook `nb`."
     man = run['manifest']; pm = nb.metadata.get('papermill', {})
-    params = pm.get('parameters') or man.get('parameters') or {}
+    raw = pm.get('parameters') or man.get('parameters') or {}
+    params = {**(raw.get('overrides') or {}), **{k: v for k, v in raw.items() if k != 'overrides'}}
     prof = params.get('profile') or man.get('profile') or '?'
     own = page_results(run, nb)
     seeds = sorted(set().union(*map(_seeds, (own or run['results']).values())))

@@ -4,15 +4,19 @@
 
 # %% ../nbs/14_study.ipynb #4e33e017
 from __future__ import annotations
-import argparse, os, re, shutil, sys, time
+import argparse, contextlib, logging, os, re, shutil, sys, time
 from pathlib import Path
 import yaml
-from .config import project_root, package_versions, git_commit, save_json, PROFILES
+from .config import (project_root, package_versions, git_commit, save_json, make_config, config_fields, ConfigError,
+                           PROFILES)
+from .synth import resolve_data_root, ensure_vad_corpus
+from .pretrain import resolve_backbone
+from .site import render_site
 
 # %% auto #0
-__all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'kernel_name', 'NotebookFailed', 'source_cell_index',
-           'run_notebook', 'default_run_dir', 'link_latest', 'run_study', 'render_run_site', 'readme_text',
-           'write_readme', 'emi_study_cli']
+__all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'check_params', 'kernel_name', 'NotebookFailed',
+           'source_cell_index', 'stderr_to', 'run_notebook', 'default_run_dir', 'link_latest', 'ensure_assets',
+           'run_study', 'readme_text', 'write_readme', 'emi_study_cli']
 
 # %% ../nbs/14_study.ipynb #0c3b615a
 def study_notebooks(nbs_dir=None, only:list|None=None) -> list[Path]:
@@ -27,25 +31,23 @@ def study_notebooks(nbs_dir=None, only:list|None=None) -> list[Path]:
 # %% ../nbs/14_study.ipynb #d9924efc
 def parse_params(pairs:list[str]|None=None, # 'key=value' strings
                  yaml_file:str|None=None) -> dict:
-    "Overrides from a YAML file and `key=value` pairs (values parsed as YAML)."
+    "Overrides from a YAML file (typed values, nested or dotted keys) and `key=value` pairs (text)."
     res = {}
     if yaml_file:
-        res.update(yaml.safe_load(Path(yaml_file).read_text()) or {})
-        if not isinstance(res, dict): raise ValueError(f"{yaml_file}: expected a mapping of parameter: value")
+        y = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        if not isinstance(y, dict): raise ConfigError(f"{yaml_file}: expected a mapping of field: value")
+        res.update(y)
     for kv in pairs or []:
-        if '=' not in kv: raise ValueError(f"-p {kv!r}: expected key=value")
+        if '=' not in kv: raise ConfigError(f"-p {kv!r}: expected KEY=VALUE")
         k, v = kv.split('=', 1)
-        res[k.strip()] = _scalar(v)
+        res[k.strip()] = v
     return res
 
-def _scalar(v:str):
-    "A YAML scalar, with YAML 1.1's gap filled: '1e-4' is a float."
-    if not v.strip(): return ''
-    x = yaml.safe_load(v)
-    if isinstance(x, str):
-        try: return float(x)
-        except ValueError: pass
-    return x
+def check_params(profile:str, params:dict) -> dict:
+    "The overrides as the config reads them (dotted keys, converted values); ConfigError naming a bad key or value."
+    cfg = make_config(profile, **params)
+    from emi_nb.config import _flat, _get
+    return {k: _get(cfg, k) for k in _flat(params)}
 
 # %% ../nbs/14_study.ipynb #717f3a91
 KERNEL = 'emi-study'
@@ -78,14 +80,28 @@ def source_cell_index(nb:Path, source:str, idx:int) -> int:
     return hits[0] if hits else idx
 
 # %% ../nbs/14_study.ipynb #1d5a8f5b
+@contextlib.contextmanager
+def stderr_to(f):
+    "Send this process's file descriptor 2 (and so the kernel's, which inherits it) to open file `f`."
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(f.fileno(), 2)
+    try: yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
 def run_notebook(nb:Path, out_nb:Path, params:dict, log:Path, kernel:str|None=None) -> float:
-    "Execute `nb` with papermill into `out_nb`, logging to `log`; returns seconds; raises NotebookFailed."
+    "Execute `nb` with papermill into `out_nb`, everything it prints to `log`; returns seconds; raises NotebookFailed."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     os.environ.update(HEADLESS_ENV)
-    out_nb.parent.mkdir(parents=True, exist_ok=True); log.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger('papermill').setLevel(logging.ERROR)
+    out_nb.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log, 'w') as f:
+    with open(log, 'w') as f, stderr_to(f):
         try:
             pm.execute_notebook(str(nb), str(out_nb), parameters=params, kernel_name=kernel or kernel_name(),
                                 cwd=str(nb.parent), progress_bar=False, language='python', stdout_file=f, stderr_file=f,
@@ -111,47 +127,61 @@ def link_latest(run_dir:Path, profile:str):
     link.symlink_to(run_dir.name)
 
 # %% ../nbs/14_study.ipynb #bdebd66e
+def ensure_assets(cfg) -> dict:
+    "Build what the run needs once (synthetic corpora, the offline backbone) before any notebook; what and how long."
+    t0 = time.time()
+    res = dict(data_root=str(resolve_data_root(cfg)))
+    if not cfg.data_root: res['vad_corpus'] = str(ensure_vad_corpus(cfg.corpus))
+    res['backbone'] = resolve_backbone(cfg, log=None)
+    return dict(res, seconds=round(time.time() - t0, 1))
+
 def run_study(profile:str='synthetic', # smoke | synthetic | paper
-              params:dict|None=None,   # overrides injected into every notebook
-              device:str|None=None,    # cpu | cuda | auto; None = the profile's
-              out:str|Path|None=None,  # run directory; default runs/<profile>-<timestamp>
+              params:dict|None=None,   # config overrides (dotted keys) for every notebook
+              run_dir:str|Path|None=None, # run directory; default runs/<profile>-<timestamp>
               only:list|None=None,     # notebook name prefixes to run (default: all)
               nbs_dir=None,            # folder of the notebooks (default: the project's nbs/)
               site:bool=True,          # render the site after the notebooks
-              kernel:str|None=None) -> Path:
-    "Run the study's notebooks headless into a run directory; raises NotebookFailed naming notebook and cell."
-    if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    run_dir = Path(out) if out else default_run_dir(profile)
-    run_dir.mkdir(parents=True, exist_ok=True); run_dir = run_dir.resolve()
-    inject = dict(profile=profile, run_dir=str(run_dir), **({'device': device} if device else {}), **(params or {}))
+              kernel:str|None=None,
+              assets:bool=True) -> Path: # build the corpora and the backbone first (timed apart from the notebooks)
+    "Run the study's notebooks headless into a run directory; raises ConfigError before, NotebookFailed while running."
+    overrides = check_params(profile, params or {})
+    run_dir = Path(run_dir) if run_dir else default_run_dir(profile)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()
+    overrides['run_dir'] = str(run_dir)
     nbs = study_notebooks(nbs_dir, only)
-    man = dict(profile=profile, parameters=inject, versions=package_versions(), commit=git_commit(),
-               started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), status='running', notebooks=[])
+    man = dict(profile=profile, parameters=dict(profile=profile, overrides=overrides), versions=package_versions(),
+               commit=git_commit(), started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), status='running', notebooks=[])
     _manifest(run_dir, **man)
-    for nb in nbs:
-        entry = dict(notebook=nb.name, output=f'notebooks/{nb.name}', log=f'logs/{nb.stem}.log', status='running')
-        man['notebooks'].append(entry); _manifest(run_dir, **man)
-        print(f"[emi_study] {nb.name} ...", flush=True)
-        t0 = time.time()
-        try: entry['seconds'] = round(run_notebook(nb, run_dir/entry['output'], inject, run_dir/entry['log'], kernel), 1)
-        except NotebookFailed as e:
-            entry.update(status='failed', seconds=round(time.time()-t0, 1), cell=e.cell, error=e.error)
-            man.update(status='failed', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'), error=str(e))
-            _manifest(run_dir, **man)
-            raise
-        entry['status'] = 'ok'; print(f"[emi_study] {nb.name} ok in {entry['seconds']} s", flush=True)
-        _manifest(run_dir, **man)
-    if site: man['site'] = str(render_run_site(run_dir))
-    man.update(status='ok', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    if assets:
+        print("[emi_study] assets (corpora, offline backbone) ...", flush=True)
+        man['assets'] = ensure_assets(make_config(profile, **overrides))
+        print(f"[emi_study] assets ready in {man['assets']['seconds']} s", flush=True)
+    for nb in nbs: _run_one(nb, run_dir, man, dict(profile=profile, overrides=overrides), kernel)
+    if site: man['site'] = str(render_site(run_dir))
+    man.update(status='ok', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'), study_seconds=round(sum(e['seconds'] for e in man['notebooks']), 1))
     _manifest(run_dir, **man)
-    if not out or Path(out).resolve().parent == (project_root()/'runs').resolve(): link_latest(run_dir, profile)
+    if run_dir.parent == (project_root()/'runs').resolve(): link_latest(run_dir, profile)
     return run_dir
 
 # %% ../nbs/14_study.ipynb #8c4dbb05
-def render_run_site(run_dir:Path) -> Path:
-    "Render the run's executed notebooks into its site/ folder (see the site notebook)."
-    from emi_nb.site import render_site
-    return render_site(run_dir)
+def _run_one(nb:Path, run_dir:Path, man:dict, params:dict, kernel):
+    "Run one notebook of the study, one line before and after; on failure mark the manifest and raise."
+    entry = dict(notebook=nb.name, output=f'notebooks/{nb.name}', log=f'logs/{nb.stem}.log', status='running')
+    man['notebooks'].append(entry)
+    _manifest(run_dir, **man)
+    print(f"[emi_study] {nb.name} ...", end=' ', flush=True)
+    t0 = time.time()
+    try: entry['seconds'] = round(run_notebook(nb, run_dir/entry['output'], params, run_dir/entry['log'], kernel), 1)
+    except NotebookFailed as e:
+        print('FAILED', flush=True)
+        entry.update(status='failed', seconds=round(time.time() - t0, 1), cell=e.cell, error=e.error)
+        man.update(status='failed', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'), error=str(e))
+        _manifest(run_dir, **man)
+        raise
+    entry['status'] = 'ok'
+    print(f"ok in {entry['seconds']} s", flush=True)
+    _manifest(run_dir, **man)
 
 # %% ../nbs/14_study.ipynb #e585f048
 def readme_text(root=None) -> str:
@@ -170,24 +200,38 @@ def write_readme(root=None) -> Path:
     p = Path(root or project_root())/'README.md'; p.write_text(readme_text(root)); return p
 
 # %% ../nbs/14_study.ipynb #9264c782
-def emi_study_cli(argv=None):
-    "emi_study: run the study notebooks headless with a profile."
-    ap = argparse.ArgumentParser(prog='emi_study', description=__doc__ or 'Run the emi-study notebooks headless.')
-    ap.add_argument('--profile', default='synthetic', choices=sorted(PROFILES), help='smoke | synthetic | paper')
-    ap.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='override a notebook parameter (repeatable)')
-    ap.add_argument('--params', metavar='YAML', help='YAML file of parameter overrides')
-    ap.add_argument('--device', choices=['auto', 'cpu', 'cuda'], help="device for every notebook (default: the profile's)")
-    ap.add_argument('--out', metavar='RUN_DIR', help='run directory (default runs/<profile>-<timestamp>)')
-    ap.add_argument('--only', nargs='+', metavar='NB', help='run only notebooks whose name starts with these')
+def _study_parser():
+    "emi_study's arguments."
+    ap = argparse.ArgumentParser(prog='emi_study', description='Run the emi-study notebooks headless (papermill) with a '
+                                 'profile into one run directory, then render the site. Every config field can be set with -p.')
+    ap.add_argument('--profile', default='synthetic', choices=list(PROFILES), help='smoke | synthetic | paper (default synthetic)')
+    ap.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE',
+                    help='set a config field for every notebook, e.g. -p lr=3e-4 -p ablations.head_epochs=20 (repeatable)')
+    ap.add_argument('--params', metavar='YAML', help='YAML file of config fields (nested or dotted keys)')
+    ap.add_argument('--device', help='auto | cpu | cuda | cuda:N: the same as -p device=...')
+    ap.add_argument('--run-dir', help='run directory (default runs/<profile>-<timestamp>)')
+    ap.add_argument('--only', nargs='+', metavar='NB', help='run only notebooks whose name starts with these (e.g. 08 or 08_train)')
     ap.add_argument('--nbs', metavar='DIR', help='notebook folder (default: the project nbs/)')
     ap.add_argument('--no-site', action='store_true', help='skip rendering the site')
-    a = ap.parse_args(argv)
+    ap.epilog = ("Output: one line per notebook; each notebook's own output is in <run-dir>/logs/. The notebooks log "
+                 "progress as plain lines (EMI_PROGRESS=log).")
+    return ap
+
+# %% ../nbs/14_study.ipynb #1e557db9
+def emi_study_cli(argv=None):
+    "emi_study: run the study notebooks headless with a profile."
+    a = _study_parser().parse_args(argv)
     try:
-        run_dir = run_study(a.profile, parse_params(a.param, a.params), a.device, a.out, a.only, a.nbs, not a.no_site)
+        params = parse_params(a.param, a.params)
+        if a.device:
+            if params.get('device', a.device) != a.device: raise ConfigError(f"--device {a.device} and -p device={params['device']} disagree")
+            params['device'] = a.device
+        run_dir = run_study(a.profile, params, a.run_dir, a.only, a.nbs, not a.no_site)
     except NotebookFailed as e:
         print(f"emi_study: FAILED: {e}\n  executed notebook with the error: {e.nb.name} in the run's notebooks/", file=sys.stderr)
         sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"emi_study: {e}", file=sys.stderr); sys.exit(2)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"emi_study: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"[emi_study] run directory: {run_dir}")
     if (run_dir/'site/index.html').exists(): print(f"[emi_study] site: {run_dir/'site/index.html'}")

@@ -4,142 +4,39 @@
 
 # %% ../nbs/08_train.ipynb #4b232b1a
 from __future__ import annotations
-import argparse, json, math, os, random, shutil, subprocess, sys, time, warnings
-from dataclasses import asdict
+import argparse, json, os, shutil, sys, time, warnings
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
-from .config import (EMOTIONS, SR, StudyConfig, make_config, run_path, get_device, amp_dtype, seed_everything,
-                           save_json, save_results, progress, data_kind)
-from .metrics import pearson, mean_rho, rho_report, write_submission
-from .data import EMIDataset, DataError, collate, load_audio, normalize, read_split
-from .model import EmotionModel, EMIModel, MIN_SAMPLES
 from fastcore.basics import patch
+from .config import (EMOTIONS, SR, StudyConfig, ConfigError, make_config, config_from_dict, config_from_args,
+                           add_config_flags, config_fields, coerce, training_view, project_root, run_path, get_device,
+                           amp_dtype, seed_everything, save_json, save_results, load_results, atomic_path, parallel,
+                           progress, add_progress_flag, set_progress, data_kind, data_fingerprint)
+from .metrics import pearson, mean_rho, rho_report, paired_stats, write_submission
+from .data import EMIDataset, DataError, collate, load_audio, normalize, read_split
+from .synth import resolve_data_root
+from .model import EmotionModel, EMIModel, MIN_SAMPLES
+from .loop import (emi_loss, LengthBucketSampler, dist_setup, barrier, rank0_first, global_rows, Loop, recipe,
+                         publish_checkpoint, resolve_checkpoint, latest_complete, CheckpointError, rng_state, set_rng_state)
+from .pretrain import resolve_backbone
 
 # %% auto #0
-__all__ = ['LOSSES', 'FLAT_STD', 'RESUME_FREE', 'PREDICT_EXTS', 'emi_loss', 'LengthBucketSampler', 'padding_fraction',
-           'dist_setup', 'barrier', 'rank0_first', 'global_rows', 'disable_dropout', 'build_model', 'make_optimizer',
-           'make_scheduler', 'resolve_checkpoint', 'write_weights', 'load_trained', 'rng_state', 'set_rng_state',
-           'predict', 'evaluate', 'make_loader', 'run_data', 'Trainer', 'fit', 'config_from_json', 'emi_train_cli',
-           'audio_files', 'windows', 'predict_files', 'emi_predict_cli', 'fit_many']
+__all__ = ['PREDICT_EXTS', 'disable_dropout', 'build_model', 'write_weights', 'read_weights', 'load_trained', 'predict',
+           'evaluate', 'make_loader', 'run_data', 'Trainer', 'summary_lines', 'fit', 'emi_train_cli', 'audio_files',
+           'windows', 'predict_files', 'PredictConfig', 'default_batch_size', 'emi_predict_cli', 'fit_many']
 
 # %% ../nbs/08_train.ipynb #edc0364e
-LOSSES = ('mse', 'ccc', 'pearson')
-FLAT_STD = 1e-5   # a batch column with a smaller standard deviation counts as constant
-
-def emi_loss(pred:torch.Tensor, # (B, 6) predictions (any dtype; computed in fp32)
-             target:torch.Tensor, # (B, 6) labels
-             kind:str='mse', # mse | ccc | pearson (1 - rho)
-             weight:torch.Tensor|None=None, # (B,) 1 for real rows, 0 for padding rows
-             eps:float=1e-8) -> tuple:
-    "(loss, info): loss is None when the step must be skipped; info counts constant columns."
-    if kind not in LOSSES: raise ValueError(f"loss {kind!r}: choose one of {LOSSES}")
-    p, t = pred.float(), target.float()
-    w = (torch.ones(len(p), device=p.device) if weight is None else weight.float()).view(-1, 1)
-    n = w.sum()
-    if kind == 'mse': return (w * (p - t)**2).sum() / (n * p.shape[1]), dict(flat_pred=0, flat_target=0, skipped=False)
-    mp, mt = (w * p).sum(0) / n, (w * t).sum(0) / n
-    vp, vt = (w * (p - mp)**2).sum(0) / n, (w * (t - mt)**2).sum(0) / n
-    cov = (w * (p - mp) * (t - mt)).sum(0) / n
-    flat_p, flat_t = vp.detach().sqrt() < FLAT_STD, vt.detach().sqrt() < FLAT_STD
-    if n < 2: flat_p = flat_t = torch.ones_like(flat_p)
-    info = dict(flat_pred=int(flat_p.sum()), flat_target=int(flat_t.sum()), skipped=False)
-    if kind == 'ccc': ok, score = ~(flat_p & flat_t), 2 * cov / (vp + vt + (mp - mt)**2 + eps)
-    else: ok, score = ~(flat_p | flat_t), cov / (torch.sqrt(vp * vt + eps**2) + eps)
-    if not ok.any(): return None, {**info, 'skipped': True}
-    return 1 - score[ok].mean(), info
-
-# %% ../nbs/08_train.ipynb #45b0211f
-class LengthBucketSampler(torch.utils.data.Sampler):
-    "Batches of similar-length clips, deterministic in (seed, epoch), dealt out to `num_replicas` ranks."
-    def __init__(self, lengths, # samples per clip
-                 batch_size:int, # global batch size
-                 shuffle:bool=True, bucket:bool=True, seed:int=0,
-                 num_replicas:int=1, rank:int=0,
-                 split:str='rows', # rows: each global batch is shared by the ranks; batches: whole batches dealt out
-                 pool:int=32, # batches per sorting pool
-                 max_batches:int=0): # cap per epoch; 0 = none
-        self.lengths, self.bs, self.shuffle, self.bucket, self.seed = np.asarray(lengths), batch_size, shuffle, bucket, seed
-        self.world, self.rank, self.split, self.pool, self.max_batches = num_replicas, rank, split, pool, max_batches
-        self.epoch, self.start = 0, 0
-
-    def global_batches(self, epoch:int|None=None) -> list:
-        "The epoch's global batches (arrays of dataset indices)."
-        epoch = self.epoch if epoch is None else epoch
-        n, bs, rng = len(self.lengths), self.bs, np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        if self.bucket:
-            step = bs * self.pool if self.shuffle else n
-            order = np.concatenate([c[np.argsort(-self.lengths[c], kind='stable')] for c in np.array_split(order, range(step, n, step))]) if n else order
-        batches = [order[i:i + bs] for i in range(0, n, bs)]
-        if self.shuffle and self.bucket: batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches[:self.max_batches] if self.max_batches else batches
-
-    def shard(self, b) -> tuple:
-        "(this rank's indices of global batch `b`, its weight 1 or 0)."
-        s = b[self.rank::self.world]
-        return (s, 1.0) if len(s) else (b[:1], 0.0)
-
-    def my_batches(self) -> list:
-        bs = self.global_batches()
-        if self.split == 'batches': return bs[self.rank::self.world]
-        return [self.shard(b)[0] for b in bs]
-
-    def __iter__(self):
-        for b in self.my_batches()[self.start:]: yield b.tolist()
-    def __len__(self): return max(0, len(self.my_batches()) - self.start)
-    def set_epoch(self, epoch:int, start:int=0): self.epoch, self.start = epoch, start
-    def state_dict(self) -> dict: return dict(epoch=self.epoch, start=self.start, seed=self.seed)
-    def load_state_dict(self, d:dict): self.epoch, self.start = d['epoch'], d['start']
-
-# %% ../nbs/08_train.ipynb #35630bd0
-def padding_fraction(lengths, batches) -> float:
-    "Share of a padded batch that is padding, over `batches`."
-    lengths = np.asarray(lengths); tot = sum(len(b) * lengths[b].max() for b in batches)
-    return 1 - sum(lengths[b].sum() for b in batches) / tot
-
-# %% ../nbs/08_train.ipynb #15463c94
-def dist_setup(device:str='auto') -> tuple:
-    "(rank, world, device): joins torchrun's process group when WORLD_SIZE > 1."
-    world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    dev = get_device(device)
-    if dev.type == 'cuda' and world > 1:
-        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))); torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return rank, world, dev
-
-def barrier(world:int):
-    if world > 1: torch.distributed.barrier()
-
-def rank0_first(fn, rank:int, world:int):
-    "Run `fn` on rank 0, then on the other ranks (which then find its cache filled)."
-    if rank == 0: res = fn()
-    barrier(world)
-    if rank != 0: res = fn()
-    return res
-
-# %% ../nbs/08_train.ipynb #9c56266f
-def global_rows(x:torch.Tensor, # (b, ...) this rank's rows, b <= m
-                m:int, # rows per rank after padding
-                rank:int, world:int) -> torch.Tensor:
-    "(world*m, ...) all ranks' rows padded to m each; only this rank's rows carry gradient."
-    if world == 1: return x
-    if len(x) < m: x = torch.cat([x, x.new_zeros(m - len(x), *x.shape[1:])])
-    parts = [torch.empty_like(x) for _ in range(world)]
-    torch.distributed.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
-    return torch.cat(parts)
-
-# %% ../nbs/08_train.ipynb #b5c9b47b
 def disable_dropout(model:torch.nn.Module) -> torch.nn.Module:
     "Dropout p=0, LSTM dropout 0, no LayerDrop and no SpecAugment masking (for exactness checks)."
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout): mod.p = 0.0
         if isinstance(mod, torch.nn.LSTM): mod.dropout = 0.0
         c = getattr(mod, 'config', None)
-        if c is not None and hasattr(c, 'apply_spec_augment'): c.layerdrop, c.apply_spec_augment = 0.0, False
+        if c is not None and hasattr(c, 'apply_spec_augment'):
+            c.layerdrop = 0.0
+            c.apply_spec_augment = False
     return model
 
 def build_model(cfg:StudyConfig, backbone:str, device, no_dropout:bool=False) -> EMIModel:
@@ -147,43 +44,7 @@ def build_model(cfg:StudyConfig, backbone:str, device, no_dropout:bool=False) ->
     m = EMIModel.from_config(cfg, backbone, device=device)
     return disable_dropout(m) if no_dropout else m
 
-# %% ../nbs/08_train.ipynb #05ce4c04
-def make_optimizer(cfg:StudyConfig, model:EMIModel) -> torch.optim.AdamW:
-    "AdamW with a backbone group (lr = backbone_lr or lr) and a head group (lr), trainable parameters only."
-    bb = {id(p) for p in model.backbone.parameters()}
-    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and id(p) in bb], lr=cfg.backbone_lr or cfg.lr),
-              dict(params=[p for p in model.parameters() if p.requires_grad and id(p) not in bb], lr=cfg.lr)]
-    return torch.optim.AdamW([g for g in groups if g['params']], weight_decay=cfg.weight_decay)
-
-def make_scheduler(cfg:StudyConfig, opt, steps_per_epoch:int):
-    "Linear warm-up for `warmup_epochs`, then cosine decay over the remaining steps (transformers)."
-    from transformers import get_cosine_schedule_with_warmup
-    return get_cosine_schedule_with_warmup(opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-
-# %% ../nbs/08_train.ipynb #24b7a23d
-def _publish(parent:Path, name:str, write, pointer:str, meta:dict) -> Path:
-    "Write folder parent/name via `write(tmp)`, rename it into place, point `pointer` at it, drop older folders."
-    parent.mkdir(parents=True, exist_ok=True)
-    prefix = name.split('-', 1)[0] + '-'
-    tmp = parent/f'.tmp-{name}-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    write(tmp)
-    if (parent/name).exists(): shutil.rmtree(parent/name)
-    os.replace(tmp, parent/name)
-    save_json(parent/pointer, dict(dir=name, **meta))
-    for old in parent.glob(prefix + '*'):
-        if old.name != name and old.is_dir(): shutil.rmtree(old, ignore_errors=True)
-    return parent/name
-
-def resolve_checkpoint(path, which:str='best') -> Path:
-    "The checkpoint folder of `path`: a run's checkpoint dir (via best.json / latest.json) or a folder with weights."
-    p = Path(path)
-    for ptr in ([f'{which}.json'] + [f for f in ('best.json', 'latest.json') if f != f'{which}.json']):
-        if (p/ptr).exists(): return p/json.loads((p/ptr).read_text())['dir']
-    if (p/'model.safetensors').exists(): return p
-    raise FileNotFoundError(f"{p}: no checkpoint here (expected best.json, latest.json or model.safetensors)")
-
-# %% ../nbs/08_train.ipynb #bdaf4395
+# %% ../nbs/08_train.ipynb #5eb8884d
 def _unwrap(model): return model.module if hasattr(model, 'module') else model
 
 def write_weights(d:Path, model, cfg:StudyConfig, **meta):
@@ -194,62 +55,74 @@ def write_weights(d:Path, model, cfg:StudyConfig, **meta):
     save_json(d/'config.json', dict(config=asdict(cfg), **meta))
     save_json(d/'backbone_config.json', m.backbone.config.to_dict())
 
-def load_trained(path, device='cpu', which:str='best') -> tuple:
-    "(EMIModel in eval mode, StudyConfig) from a checkpoint folder or a run's checkpoint dir."
+# %% ../nbs/08_train.ipynb #3146916c
+def _read_json(p:Path) -> dict:
+    "A JSON file of a checkpoint; CheckpointError naming it when it is missing or damaged."
+    try: return json.loads(p.read_text())
+    except FileNotFoundError: raise CheckpointError(f"{p}: missing") from None
+    except (OSError, ValueError) as e: raise CheckpointError(f"{p}: damaged ({type(e).__name__}: {e})") from None
+
+def read_weights(path:Path, model, device='cpu'):
+    "Load model.safetensors of folder `path` into `model`; CheckpointError naming the file when it is damaged."
     from safetensors.torch import load_model
+    f = Path(path)/'model.safetensors'
+    if not f.exists(): raise CheckpointError(f"{f}: missing")
+    try: load_model(model, str(f), device=str(device))
+    except Exception as e: raise CheckpointError(f"{f}: damaged or not this model's weights ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/08_train.ipynb #1bbaf754
+def load_trained(path, device='cpu', which:str='best') -> tuple:
+    "(EMIModel in eval mode, StudyConfig) from a checkpoint folder or a run's checkpoint dir; errors name the file."
     from transformers import Wav2Vec2Config
     d = resolve_checkpoint(path, which)
-    cfg = StudyConfig(**json.loads((d/'config.json').read_text())['config'])
-    bb = EmotionModel(Wav2Vec2Config.from_dict(json.loads((d/'backbone_config.json').read_text())))
+    cfg = config_from_dict(_read_json(d/'config.json').get('config', {}), str(d/'config.json'))
+    bb = EmotionModel(Wav2Vec2Config.from_dict(_read_json(d/'backbone_config.json')))
     m = EMIModel.from_config(cfg, bb, device='cpu')
-    load_model(m, str(d/'model.safetensors'))
+    read_weights(d, m)
     return m.to(device).eval(), cfg
-
-# %% ../nbs/08_train.ipynb #e66c8195
-def rng_state() -> dict:
-    "Every global RNG state, as tensors and plain Python values."
-    name, keys, pos, has_g, g = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=[s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_g), gauss=float(g)),
-                python=random.getstate())
-
-def set_rng_state(s:dict):
-    "Restore `rng_state()`."
-    torch.set_rng_state(s['torch'])
-    if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-    n = s['numpy']; np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    random.setstate(s['python'])
 
 # %% ../nbs/08_train.ipynb #b76903ac
 def _to(batch:dict, device) -> tuple:
+    "The batch's (input_values, attention_mask) on `device` (non-blocking copies from pinned memory on CUDA)."
     nb = device.type == 'cuda'
     return batch['input_values'].to(device, non_blocking=nb), batch['attention_mask'].to(device, non_blocking=nb)
 
+def _gather(out:tuple, world:int) -> tuple:
+    "(fids, preds, labels) of every rank, sorted by fid."
+    if world == 1: return out
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, out)
+    f = np.concatenate([p[0] for p in parts])
+    o = np.argsort(f, kind='stable')
+    labs = [p[2] for p in parts if p[2] is not None]
+    return f[o], np.concatenate([p[1] for p in parts])[o], np.concatenate(labs)[o] if labs else None
+
+# %% ../nbs/08_train.ipynb #ede1b7bf
 @torch.no_grad()
 def predict(model, loader, device, dtype=None, desc:str='predict', world:int=1) -> tuple:
     "(fids (N,), predictions (N, 6), labels (N, 6) or None) of `loader`, sorted by fid when gathered over ranks."
-    m = _unwrap(model); was = m.training; m.eval()
+    m = _unwrap(model)
+    was = m.training
+    m.eval()
     fids, preds, labels = [], [], []
     for b in progress(loader, desc=desc, leave=False, disable=int(os.environ.get('RANK', 0)) != 0):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            preds.append(m(*_to(b, device)).float().cpu()); fids += list(b['fids'])
+            preds.append(m(*_to(b, device)).float().cpu())                 # (B, 6)
+        fids += list(b['fids'])
         if 'labels' in b: labels.append(b['labels'])
     m.train(was)
     out = (np.array(fids, dtype=np.int64), torch.cat(preds).numpy() if preds else np.zeros((0, len(EMOTIONS)), np.float32),
            torch.cat(labels).numpy() if labels else None)
-    if world > 1:
-        parts = [None] * world; torch.distributed.all_gather_object(parts, out)
-        f = np.concatenate([p[0] for p in parts]); o = np.argsort(f, kind='stable')
-        labs = [p[2] for p in parts if p[2] is not None]   # a rank without batches has none
-        out = (f[o], np.concatenate([p[1] for p in parts])[o], np.concatenate(labs)[o] if labs else None)
-    return out
+    return _gather(out, world)
 
+# %% ../nbs/08_train.ipynb #8d047809
 def evaluate(model, loader, device, dtype=None, n_boot:int=0, seed:int=0, world:int=1) -> dict:
     "ρ report (mean, per emotion, CI when n_boot > 0), MSE and the predictions of a labelled loader."
     fids, p, y = predict(model, loader, device, dtype, 'eval', world)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        rep = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False), per_emotion=dict(zip(EMOTIONS, pearson(p, y, warn=False))))
+        rep = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False),
+                                                                 per_emotion=dict(zip(EMOTIONS, pearson(p, y, warn=False))))
     return dict(rep, mse=float(((p - y)**2).mean()), fids=fids, preds=p, labels=y)
 
 # %% ../nbs/08_train.ipynb #7cbe2f69
@@ -257,222 +130,232 @@ def make_loader(ds, lengths, cfg:StudyConfig, train:bool, rank:int=0, world:int=
     "DataLoader over `ds` with bucketed batches (train: shuffled, global batch dealt out; eval: whole batches dealt)."
     s = LengthBucketSampler(lengths, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train,
                             bucket=cfg.bucket or not train, seed=cfg.seed, num_replicas=world, rank=rank,
-                            split='rows' if train else 'batches', pool=cfg.bucket_pool, max_batches=cfg.max_steps if train else 0)
+                            split='rows' if train else 'batches', pool=cfg.bucket_pool,
+                            max_batches=cfg.max_steps if train else 0)
     pin = device is not None and torch.device(device).type == 'cuda'
-    g = torch.Generator().manual_seed(cfg.seed)   # its own: a new iterator must not draw from the global RNG (resume)
-    return torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin, generator=g)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=collate, num_workers=cfg.num_workers,
+                                       pin_memory=pin, generator=g)
 
+# %% ../nbs/08_train.ipynb #389c81d8
 def run_data(cfg:StudyConfig, root) -> dict:
     "train dataset (+valid when train_on='train+valid'), its lengths, and the validation dataset."
     kw = dict(max_seconds=cfg.max_seconds, quarantine=cfg.quarantine)
     tr, va = EMIDataset(root, 'train', **kw), EMIDataset(root, 'valid', **kw)
     if cfg.train_on == 'train': return dict(train=tr, lengths=tr.lengths, valid=va)
-    if cfg.train_on != 'train+valid': raise ValueError(f"train_on={cfg.train_on!r}: choose train | train+valid")
     return dict(train=torch.utils.data.ConcatDataset([tr, va]), lengths=np.concatenate([tr.lengths, va.lengths]), valid=va)
 
 # %% ../nbs/08_train.ipynb #3bd6283e
 class Trainer:
-    "One training run of `cfg`; `fit()` trains, checkpoints, evaluates and writes the results JSON."
+    "One EMI training run of `cfg`; `fit()` trains, checkpoints, evaluates and writes the results JSON."
     def __init__(self, cfg:StudyConfig, name:str='emi', # checkpoint and results name
                  no_dropout:bool=False, # switch off dropout/LayerDrop/SpecAugment (exactness tests)
                  ckpt_steps:int=0, # also checkpoint every this many steps inside an epoch; 0 = at epoch ends only
                  quiet:bool=False):
-        from emi_nb.synth import resolve_data_root
-        from emi_nb.pretrain import resolve_backbone
         self.cfg, self.name, self.no_dropout, self.ckpt_steps, self.quiet = cfg, name, no_dropout, ckpt_steps, quiet
         self.rank, self.world, self.device = dist_setup(cfg.device)
         self.root = rank0_first(lambda: resolve_data_root(cfg), self.rank, self.world)
         self.backbone = rank0_first(lambda: resolve_backbone(cfg), self.rank, self.world)
         self.dtype = amp_dtype(self.device, cfg.amp)
         self.ckpt_dir = run_path(cfg, 'checkpoints', name)
+        self.log(self.plan())
         seed_everything(cfg.seed)
         self.data = run_data(cfg, self.root)
         self.model = build_model(cfg, self.backbone, self.device, no_dropout)
 
     def log(self, *a):
+        "Print on rank 0 unless quiet."
         if self.rank == 0 and not self.quiet: print(*a, flush=True)
 
 # %% ../nbs/08_train.ipynb #8c938835
 @patch
+def plan(self:Trainer) -> str:
+    "The block printed before a training starts: data, backbone, device, recipe and where results go."
+    c = self.cfg
+    kind = data_kind(self.root)
+    prec = {None: 'fp32', torch.bfloat16: 'bf16 autocast', torch.float16: 'fp16 autocast + GradScaler'}[self.dtype]
+    stop = f"early stopping after {c.patience} flat epochs (min gain {c.min_delta:g})" if c.patience else 'every epoch'
+    return '\n'.join([f"{self.name}: training on {self.root} ({kind} data, fingerprint {data_fingerprint(self.root)})",
+                      f"  backbone   {self.backbone}",
+                      f"  device     {self.device}" + (f" x {self.world} processes" if self.world > 1 else '') + f", {prec}",
+                      f"  recipe     up to {c.epochs} epochs ({stop}), batch {c.batch_size}, lr {c.lr:g}, "
+                      f"cut {c.max_seconds:g} s, loss {c.loss}, seed {c.seed}, train on {c.train_on}",
+                      f"  run dir    {run_path(c)} (checkpoints/{self.name}, results/{self.name}.json)"])
+
+# %% ../nbs/08_train.ipynb #e32e0e63
+@patch
+def _step(self:Trainer, batch:dict):
+    "(loss, info) of the next training batch for the loop."
+    st = self.loop.st
+    gb = self.gbs[st['step']]
+    x, am = _to(batch, self.device)
+    y = batch['labels'].to(self.device, non_blocking=self.device.type == 'cuda')
+    w = torch.full((len(y),), self.sampler.shard(gb)[1], device=self.device)
+    pred = self.net(x, am)                                                  # (b, 6)
+    m = -(-len(gb) // self.world)
+    P, Y, W = (global_rows(t, m, self.rank, self.world) for t in (pred.float(), y.float(), w))
+    loss, info = emi_loss(P, Y, self.cfg.loss, W)
+    keep = W > 0
+    return loss, dict(info, pred=P.detach()[keep], target=Y[keep], n=int(keep.sum()), sync=pred.sum() * 0)
+
+# %% ../nbs/08_train.ipynb #7808aacc
+@patch
+def _batches(self:Trainer, epoch:int, start:int):
+    "The loader's batches of `epoch` from step `start` on."
+    self.sampler.set_epoch(epoch, start)
+    self.gbs = self.sampler.global_batches(epoch)
+    return iter(self.train_dl)
+
+@patch
+def _evaluate(self:Trainer) -> dict:
+    "Validation ρ and MSE after an epoch."
+    ev = evaluate(self.model, self.valid_dl, self.device, self.dtype, world=self.world)
+    return dict(val_rho=ev['rho'], val_mse=ev['mse'])
+
+# %% ../nbs/08_train.ipynb #e8131afc
+@patch
+def _save_best(self:Trainer, loop:Loop, row:dict):
+    "Publish the weights of the epoch that just became the best."
+    if self.rank == 0:
+        write = lambda d: write_weights(d, self.model, self.cfg, name=self.name, epoch=row['epoch'], val_rho=row['val_rho'])
+        publish_checkpoint(self.ckpt_dir, f"best-e{row['epoch']:03d}", write, 'best.json', dict(epoch=row['epoch']), keep=1)
+    barrier(self.world)
+
+@patch
+def _save_state(self:Trainer, loop:Loop):
+    "Publish the complete run state as the latest checkpoint."
+    rngs = [rng_state()]
+    if self.world > 1:
+        rngs = [None] * self.world
+        torch.distributed.all_gather_object(rngs, rng_state())
+    if self.rank == 0:
+        st = loop.st
+        state = dict(loop=loop.state_dict(), sampler=self.sampler.state_dict(), rng=rngs)
+        def write(d):
+            write_weights(d, self.model, self.cfg, name=self.name, epoch=st['epoch'], step=st['step'])
+            torch.save(state, d/'state.pt')
+        name = f"state-e{st['epoch']:03d}-s{st['step']:05d}"
+        publish_checkpoint(self.ckpt_dir, name, write, 'latest.json', dict(epoch=st['epoch'], step=st['step'], done=st['done']))
+    barrier(self.world)
+
+# %% ../nbs/08_train.ipynb #644eabd4
+@patch
 def _setup(self:Trainer):
-    "Loaders, DDP wrapper, optimiser, schedule, scaler and the run state of a fresh start."
+    "Loaders, the DDP wrapper and the loop of a fresh start."
     cfg, d = self.cfg, self.data
     self.train_dl = make_loader(d['train'], d['lengths'], cfg, True, self.rank, self.world, self.device)
     self.valid_dl = make_loader(d['valid'], d['valid'].lengths, cfg, False, self.rank, self.world, self.device)
     self.sampler = self.train_dl.batch_sampler
-    self.steps = len(self.sampler.global_batches(0))
     self.net = self.model
     if self.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, find_unused_parameters=True)
-    self.opt = make_optimizer(cfg, self.model); self.sched = make_scheduler(cfg, self.opt, self.steps)
-    self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.**10, enabled=self.dtype == torch.float16)
-    self.st = dict(epoch=0, step=0, curves=[], best_rho=None, best_epoch=None, bad_epochs=0, done=False, acc=self._new_acc())
-
-@patch
-def _new_acc(self:Trainer) -> dict:
-    "Per-epoch accumulators (part of the checkpoint, so a resumed epoch reports the same numbers)."
-    return dict(loss_sum=0.0, n=0, steps=0, skipped=0, flat_pred=0, flat_target=0, preds=[], labels=[])
-
-# %% ../nbs/08_train.ipynb #e32e0e63
-@patch
-def _step(self:Trainer, batch:dict, gb) -> float:
-    "One optimiser step on this rank's share of global batch `gb`; returns the global batch loss."
-    cfg, x, am = self.cfg, *_to(batch, self.device)
-    y = batch['labels'].to(self.device, non_blocking=self.device.type == 'cuda')
-    _, wt = self.sampler.shard(gb)
-    w = torch.full((len(y),), wt, device=self.device)
-    with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-        pred = self.net(x, am)                                             # (b, 6)
-    m = -(-len(gb) // self.world)
-    P, Y, W = (global_rows(t, m, self.rank, self.world) for t in (pred.float(), y.float(), w))
-    loss, info = emi_loss(P, Y, cfg.loss, W)
-    ok = loss is not None and bool(torch.isfinite(loss))
-    self.scaler.scale(loss * self.world if ok else pred.sum() * 0).backward()
-    if ok:
-        self.scaler.unscale_(self.opt)
-        if cfg.grad_clip > 0: torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.opt); self.scaler.update()
-    self.opt.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)`')   # a skipped step: intended
-        self.sched.step()
-    a = self.acc; keep = W > 0
-    a['steps'] += 1; a['skipped'] += not ok; a['flat_pred'] += info['flat_pred'] > 0; a['flat_target'] += info['flat_target'] > 0
-    a['preds'].append(P.detach()[keep].cpu()); a['labels'].append(Y[keep].cpu())
-    if ok: a['loss_sum'] += loss.item() * int(keep.sum()); a['n'] += int(keep.sum())
-    return loss.item() if ok else float('nan')
-
-# %% ../nbs/08_train.ipynb #e8131afc
-@patch
-def _epoch(self:Trainer):
-    e, st = self.st['epoch'], self.st
-    self.sampler.set_epoch(e, st['step']); self.net.train()
-    gbs = self.sampler.global_batches(e)
-    bar = progress(self.train_dl, desc=f'epoch {e+1}/{self.cfg.epochs}', total=len(self.sampler), leave=False, disable=self.rank != 0 or self.quiet)
-    for b in bar:
-        loss = self._step(b, gbs[st['step']]); st['step'] += 1
-        if st['step'] % 5 == 0 or st['step'] == len(gbs):
-            bar.set_postfix(loss=f'{loss:.4f}', rho=f'{self._train_rho():.3f}')
-        if self.ckpt_steps and st['step'] % self.ckpt_steps == 0 and st['step'] < len(gbs): self._save_state()
-
-@patch(as_prop=True)
-def acc(self:Trainer): return self.st['acc']
-
-@patch
-def _train_rho(self:Trainer) -> float:
-    a = self.acc
-    if not a['preds']: return float('nan')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); return mean_rho(torch.cat(a['preds']), torch.cat(a['labels']), warn=False)
+        ids = [self.device.index] if self.device.type == 'cuda' else None
+        self.net = DDP(self.model, device_ids=ids, find_unused_parameters=True)
+    on_step = (lambda lp: lp.st['step'] % self.ckpt_steps == 0 and lp.st['step'] < lp.steps and self._save_state(lp))
+    self.loop = Loop(self.model, recipe(cfg, select=cfg.train_on == 'train'), self.device, self._batches,
+                     len(self.sampler.global_batches(0)), self._step, self._evaluate, net=self.net, name=self.name,
+                     log=None if self.quiet else print, rank=self.rank, world=self.world,
+                     on_best=self._save_best, on_epoch_end=self._save_state)
+    if self.ckpt_steps: self.loop.on_step = on_step
 
 # %% ../nbs/08_train.ipynb #eeefec55
 @patch
-def _end_epoch(self:Trainer):
-    cfg, st, a = self.cfg, self.st, self.acc
-    ev = evaluate(self.model, self.valid_dl, self.device, self.dtype, world=self.world)
-    row = dict(epoch=st['epoch'] + 1, train_loss=a['loss_sum'] / max(a['n'], 1), train_rho=self._train_rho(),
-               val_rho=ev['rho'], val_mse=ev['mse'], lr=self.sched.get_last_lr()[-1], steps=a['steps'],
-               skipped_steps=a['skipped'], flat_pred_steps=a['flat_pred'], flat_target_steps=a['flat_target'])
-    st['curves'].append(row)
-    if a['skipped'] or (cfg.loss != 'mse' and a['flat_pred']):
-        warnings.warn(f"loss={cfg.loss}, epoch {row['epoch']}: predictions constant in {a['flat_pred']} of {a['steps']} steps, "
-                      f"{a['skipped']} steps skipped (correlation undefined); the model is collapsing to a constant")
-    rho = -np.inf if np.isnan(ev['rho']) else ev['rho']
-    better = cfg.train_on != 'train' or st['best_rho'] is None or rho > st['best_rho']
-    if better:
-        st.update(best_rho=float(rho), best_epoch=row['epoch'], bad_epochs=0)
-        if self.rank == 0: _publish(self.ckpt_dir, f"best-e{row['epoch']:03d}", lambda d: write_weights(d, self.model, cfg, name=self.name, epoch=row['epoch'], val_rho=ev['rho']), 'best.json', dict(epoch=row['epoch']))
-    else: st['bad_epochs'] += 1
-    self.log(f"epoch {row['epoch']}/{cfg.epochs}  loss {row['train_loss']:.4f}  train rho {row['train_rho']:.3f}  "
-             f"val rho {ev['rho']:.3f}  val mse {ev['mse']:.4f}" + ('  *' if better else ''))
-    st.update(epoch=st['epoch'] + 1, step=0, acc=self._new_acc())
-    st['done'] = st['epoch'] >= cfg.epochs or bool(cfg.patience and st['bad_epochs'] >= cfg.patience)
-    self._save_state()
+def _check_state(self:Trainer, d:Path):
+    "Raise when state folder `d` is not complete and loadable with this run's config."
+    saved = _read_json(d/'config.json').get('config', {})
+    now = training_view(self.cfg)
+    then = {k: v for k, v in saved.items() if k in now}
+    diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    if diff: raise CheckpointError(f"{d}: saved with another config {diff} (saved, now)")
+    if not (d/'state.pt').exists(): raise CheckpointError(f"{d/'state.pt'}: missing")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(d/'model.safetensors'), 'pt') as f: list(f.keys())
+        torch.load(d/'state.pt', weights_only=True, map_location='cpu')
+    except Exception as e: raise CheckpointError(f"{d}: damaged ({type(e).__name__}: {e})") from None
 
-# %% ../nbs/08_train.ipynb #d698fe0a
-RESUME_FREE = ('run_dir', 'device', 'num_workers')
-
-@patch
-def _save_state(self:Trainer):
-    "Publish the complete run state as the latest checkpoint (rank 0 writes; every rank waits)."
-    st, rngs = self.st, [rng_state()]
-    if self.world > 1: rngs = [None] * self.world; torch.distributed.all_gather_object(rngs, rng_state())   # every rank's own
-    if self.rank == 0:
-        acc = {k: (torch.cat(v) if v else torch.zeros(0, len(EMOTIONS))) if k in ('preds', 'labels') else v for k, v in st['acc'].items()}
-        state = dict(opt=self.opt.state_dict(), sched=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                     sampler=self.sampler.state_dict(), rng=rngs, run={**st, 'acc': acc})
-        def write(d):
-            write_weights(d, self.model, self.cfg, name=self.name, epoch=st['epoch'], step=st['step'])
-            torch.save(state, d/'state.pt')
-        _publish(self.ckpt_dir, f"state-e{st['epoch']:03d}-s{st['step']:05d}", write, 'latest.json', dict(epoch=st['epoch'], step=st['step'], done=st['done']))
-    barrier(self.world)
-
+# %% ../nbs/08_train.ipynb #6a7723b5
 @patch
 def _load_state(self:Trainer) -> bool:
-    "Restore the latest checkpoint if there is one; False when there is nothing to resume."
-    from safetensors.torch import load_model
-    if not (self.ckpt_dir/'latest.json').exists(): return False
-    d = resolve_checkpoint(self.ckpt_dir, 'latest')
-    saved = json.loads((d/'config.json').read_text())['config']
-    diff = {k: (saved.get(k), v) for k, v in asdict(self.cfg).items() if k not in RESUME_FREE and saved.get(k) != v}
-    if diff: raise ValueError(f"{d}: cannot resume, the config differs: {diff} (saved, now)")
-    load_model(self.model, str(d/'model.safetensors'), device=str(self.device))
+    "Restore the newest complete state; False when there is none (a fresh start)."
+    d = latest_complete(self.ckpt_dir, self._check_state, self.log)
+    if d is None: return False
+    read_weights(d, self.model, self.device)
     s = torch.load(d/'state.pt', weights_only=True, map_location='cpu')
-    self.opt.load_state_dict(s['opt']); self.sched.load_state_dict(s['sched']); self.scaler.load_state_dict(s['scaler'])
+    self.loop.load_state_dict(s['loop'])
     self.sampler.load_state_dict(s['sampler'])
     rngs = s['rng']
-    if len(rngs) != self.world: warnings.warn(f"{d}: saved by {len(rngs)} process(es), resumed by {self.world}: same batches, other dropout draws")
+    if len(rngs) != self.world:
+        warnings.warn(f"{d}: saved by {len(rngs)} process(es), resumed by {self.world}: same batches, other dropout draws")
     set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
-    run = s['run']; acc = run['acc']
-    acc.update(preds=[acc['preds'].cpu()] if len(acc['preds']) else [], labels=[acc['labels'].cpu()] if len(acc['labels']) else [])
-    self.st = run
-    self.log(f"resumed {self.name} from {d.name} (epoch {run['epoch']}, step {run['step']})")
+    st = self.loop.st
+    self.log(f"resumed {self.name} from {d.name} (epoch {st['epoch']}, step {st['step']})")
     return True
 
-# %% ../nbs/08_train.ipynb #a614c020
+# %% ../nbs/08_train.ipynb #d698fe0a
 @patch
 def fit(self:Trainer, resume:bool=False) -> dict:
     "Train (or resume) to the end; returns the results dict that is also written to run_dir/results/<name>.json."
-    t0 = time.time(); self._setup()
+    t0 = time.time()
+    self._setup()
     if not (resume and self._load_state()):
-        if self.rank == 0 and self.ckpt_dir.exists():
-            shutil.rmtree(self.ckpt_dir); self.ckpt_dir.mkdir(parents=True)
+        if self.rank == 0 and any(self.ckpt_dir.iterdir()):
+            shutil.rmtree(self.ckpt_dir)
+            self.ckpt_dir.mkdir(parents=True)
         barrier(self.world)
-    epoch_s = []
-    while not self.st['done']:
-        te = time.time(); self._epoch(); self._end_epoch(); epoch_s.append(round(time.time() - te, 2))
-    res = self._final(dict(train_seconds=round(time.time() - t0, 2), epoch_seconds=epoch_s))
+    rec = self.loop.fit()
+    res = self._final(rec, dict(train_seconds=round(time.time() - t0, 2), epoch_seconds=rec['epoch_seconds']))
     if self.world > 1: torch.distributed.destroy_process_group()
     return res
 
-# %% ../nbs/08_train.ipynb #ef65e67a
+# %% ../nbs/08_train.ipynb #837d2ac2
 @patch
-def _final(self:Trainer, timing:dict) -> dict:
-    "Best weights -> valid (and test) ρ with CIs, submission CSV, results JSON (rank 0)."
-    from safetensors.torch import load_model
-    cfg = self.cfg; t0 = time.time()
-    load_model(self.model, str(resolve_checkpoint(self.ckpt_dir, 'best')/'model.safetensors'), device=str(self.device))
+def _final(self:Trainer, rec:dict, timing:dict) -> dict:
+    "Best weights -> valid ρ with CI, results JSON at once; then the optional test split (submission, score)."
+    cfg, t0 = self.cfg, time.time()
+    best = resolve_checkpoint(self.ckpt_dir, 'best')
+    read_weights(best, self.model, self.device)
     ev = evaluate(self.model, self.valid_dl, self.device, self.dtype, cfg.n_boot, cfg.seed, self.world)
     valid = {k: ev[k] for k in ('rho', 'per_emotion', 'ci', 'n_undefined', 'n', 'mse')}
-    test = self._test_score()
-    st = self.st
-    metrics = dict(valid=valid, test=test, best_epoch=st['best_epoch'], epochs_run=st['epoch'],
-                   stopped_early=st['epoch'] < cfg.epochs, curves=st['curves'], valid_in_sample=cfg.train_on != 'train',
-                   skipped_steps=sum(r['skipped_steps'] for r in st['curves']))
+    metrics = dict(valid=valid, test=None, valid_in_sample=cfg.train_on != 'train',
+                   **{k: v for k, v in rec.items() if k not in ('epoch_seconds', 'train_seconds')})
+    res = dict(name=self.name, metrics=metrics, world_size=self.world, no_dropout=self.no_dropout,
+               backbone=str(self.backbone), checkpoint=str(best), quarantine=self.data.get('quarantine'))
+    if self.rank == 0: res['path'] = str(self._write(res, ev, timing))
+    try: metrics['test'] = self._test_score()
+    except (DataError, OSError) as e: res['test_error'] = str(e)
     timing.update(final_eval_seconds=round(time.time() - t0, 2))
-    res = dict(name=self.name, metrics=metrics, world_size=self.world, no_dropout=self.no_dropout, backbone=str(self.backbone),
-               checkpoint=str(resolve_checkpoint(self.ckpt_dir, 'best')))
     if self.rank == 0:
-        res['path'] = str(save_results(cfg, self.name, metrics, data_root=self.root, timing=timing,
-                                       **{k: v for k, v in res.items() if k not in ('name', 'metrics')}))
-        import pandas as pd
-        df = pd.DataFrame(ev['preds'], columns=EMOTIONS); df.insert(0, 'Filename', ev['fids'])
-        df.to_csv(run_path(cfg, 'results')/f'{self.name}_valid_preds.csv', index=False)
-        self.log(f"{self.name}: best epoch {st['best_epoch']}, valid rho {valid['rho']:.3f} [{valid['ci'][0]:.3f}, {valid['ci'][1]:.3f}]"
-                 + (f", test rho {test['rho']:.3f} [{test['ci'][0]:.3f}, {test['ci'][1]:.3f}]" if test else ''))
+        self._write(res, ev, timing)
+        self.log(summary_lines(self.name, metrics))
     return dict(res, timing=timing)
 
+# %% ../nbs/08_train.ipynb #476e967c
+@patch
+def _write(self:Trainer, res:dict, ev:dict, timing:dict) -> Path:
+    "The results JSON and the validation predictions; returns the JSON's path."
+    import pandas as pd
+    extra = {k: v for k, v in res.items() if k not in ('name', 'metrics', 'path')}
+    path = save_results(self.cfg, self.name, res['metrics'], data_root=self.root, timing=timing, **extra)
+    df = pd.DataFrame(ev['preds'], columns=EMOTIONS)
+    df.insert(0, 'Filename', ev['fids'])
+    with atomic_path(run_path(self.cfg, 'results')/f'{self.name}_valid_preds.csv') as tmp: df.to_csv(tmp, index=False)
+    return path
+
+# %% ../nbs/08_train.ipynb #f4e33f80
+def summary_lines(name:str, m:dict) -> str:
+    "The end-of-training summary: ρ with CI per split, per-emotion ρ, best epoch and the convergence verdict."
+    c = m['convergence']
+    out = [f"{name}: best epoch {m['best_epoch']} of {m['epochs_run']} "
+           f"({'converged' if c['converged'] else 'NOT converged'}: {c['reason']})"]
+    for split in ('valid', 'test'):
+        r = m.get(split)
+        if not r: continue
+        emo = '  '.join(f"{k[:4]} {v:.3f}" for k, v in r['per_emotion'].items())
+        out.append(f"  {split:5s} rho {r['rho']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]   {emo}")
+    return '\n'.join(out)
+
+# %% ../nbs/08_train.ipynb #97927f66
 @patch
 def _test_score(self:Trainer) -> dict|None:
     "Predict the test split, write the submission CSV, and score it against test_labels.csv when present."
@@ -480,56 +363,68 @@ def _test_score(self:Trainer) -> dict|None:
     lab = Path(self.root)/'test_labels.csv'
     if not (Path(self.root)/'test_split.csv').exists(): return None
     ds = EMIDataset(self.root, 'test', max_seconds=self.cfg.max_seconds, quarantine=self.cfg.quarantine, labels=False)
-    fids, p, _ = predict(self.model, make_loader(ds, ds.lengths, self.cfg, False, self.rank, self.world, self.device),
-                         self.device, self.dtype, 'test', self.world)
-    sub = write_submission(fids, p, run_path(self.cfg, 'results')/f'{self.name}_test_submission.csv') if self.rank == 0 else None
+    dl = make_loader(ds, ds.lengths, self.cfg, False, self.rank, self.world, self.device)
+    fids, p, _ = predict(self.model, dl, self.device, self.dtype, 'test', self.world)
+    if self.rank == 0: write_submission(fids, p, run_path(self.cfg, 'results')/f'{self.name}_test_submission.csv')
     if not lab.exists(): return None
     y = pd.read_csv(lab).set_index('Filename').loc[fids, EMOTIONS].to_numpy()
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); return dict(rho_report(np.clip(p, 0, 1), y, self.cfg.n_boot, self.cfg.seed), scored='clipped submission')
+        warnings.simplefilter('ignore')
+        return dict(rho_report(np.clip(p, 0, 1), y, self.cfg.n_boot, self.cfg.seed), scored='clipped submission')
 
-# %% ../nbs/08_train.ipynb #8fe1ad2e
+# %% ../nbs/08_train.ipynb #b4bd1d0e
 def fit(cfg:StudyConfig, name:str='emi', # checkpoint and results name
-        resume:bool=False, # continue from run_dir/checkpoints/<name>/latest.json if present
+        resume:bool=False, # continue from run_dir/checkpoints/<name> if it holds a complete state
         no_dropout:bool=False, # no dropout/LayerDrop/SpecAugment (exactness tests)
         ckpt_steps:int=0, # extra checkpoints every N steps inside an epoch
         quiet:bool=False) -> dict:
     "Train EMIModel with cfg's recipe; checkpoints in run_dir/checkpoints/<name>, results in run_dir/results/<name>.json."
     return Trainer(cfg, name, no_dropout, ckpt_steps, quiet).fit(resume)
 
-# %% ../nbs/08_train.ipynb #eb17d50c
+# %% ../nbs/08_train.ipynb #ef65e67a
 def _train_parser():
-    from emi_nb.config import PROFILES
-    ap = argparse.ArgumentParser(prog='emi_train', description="Train the EMI model with a profile's recipe; runs as is under torchrun.")
-    ap.add_argument('--profile', default='synthetic', choices=sorted(PROFILES), help='smoke | synthetic | paper')
-    ap.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='set a StudyConfig field (repeatable)')
-    ap.add_argument('--config', metavar='JSON', help="start from this StudyConfig (a checkpoint's config.json or a dict of fields); --profile is then ignored")
-    for f, h in [('data-root', 'ABAW-layout data root'), ('backbone', "checkpoint dir or 'preset:NAME'"), ('device', 'auto | cpu | cuda'), ('run-dir', 'run directory')]:
-        ap.add_argument(f'--{f}', help=h)
-    ap.add_argument('--seed', type=int); ap.add_argument('--epochs', type=int)
-    ap.add_argument('--name', default='emi', help='checkpoint/results name (default emi)')
-    ap.add_argument('--resume', action='store_true', help='continue from the latest checkpoint of this name')
+    "emi_train's arguments: every StudyConfig field, plus what a run does."
+    ap = argparse.ArgumentParser(prog='emi_train', description="Train the EMI model with a profile's recipe; "
+                                 "runs as is under torchrun. Every config field is a flag; unset flags keep the profile's value.")
+    add_config_flags(ap)
+    ap.add_argument('--config', metavar='JSON', help="start from this config (a checkpoint's or results' config.json); --profile is then ignored")
+    ap.add_argument('--name', default='emi', help='checkpoint and results name (default emi)')
+    ap.add_argument('--resume', action='store_true', help='continue from the newest complete state of this name in --run-dir')
+    ap.add_argument('--overwrite', action='store_true', help='replace checkpoints of this name already in --run-dir')
     ap.add_argument('--ckpt-steps', type=int, default=0, help='also checkpoint every N steps inside an epoch')
     ap.add_argument('--no-dropout', action='store_true', help='switch off dropout, LayerDrop, SpecAugment (exactness checks)')
-    ap.add_argument('--quiet', action='store_true')
+    ap.add_argument('--quiet', action='store_true', help='print nothing but errors and the results path')
+    add_progress_flag(ap)
     return ap
 
-def config_from_json(path) -> StudyConfig:
-    "A StudyConfig from a JSON file of its fields (or a checkpoint's config.json, which nests them under 'config')."
-    d = json.loads(Path(path).read_text()); d = d.get('config', d)
-    return StudyConfig(**d)
+# %% ../nbs/08_train.ipynb #8fe1ad2e
+def _train_config(a) -> StudyConfig:
+    "The config of parsed emi_train arguments; a run folder of its own unless one is given."
+    base = config_from_dict(_read_json(Path(a.config)).get('config', _read_json(Path(a.config))), a.config) if a.config else None
+    cfg = config_from_args(a, base)
+    if not cfg.run_dir:
+        cfg = cfg.replace(run_dir=str(project_root()/'runs'/f"train-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return cfg
 
+def _guard(cfg:StudyConfig, a):
+    "Refuse to write into checkpoints of an earlier run unless --resume or --overwrite says so."
+    d = Path(cfg.run_dir)/'checkpoints'/a.name
+    if d.is_dir() and any(d.iterdir()) and not (a.resume or a.overwrite):
+        raise CheckpointError(f"{d} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
+                              "to replace it (or choose another --run-dir / --name)")
+
+# %% ../nbs/08_train.ipynb #d40b48fd
 def emi_train_cli(argv=None):
     "emi_train: train with a profile's recipe (torchrun-ready); prints the results JSON path."
-    from emi_nb.study import parse_params
     a = _train_parser().parse_args(argv)
-    kw = dict(parse_params(a.param), **{k: v for k, v in dict(data_root=a.data_root, backbone=a.backbone, device=a.device,
-              run_dir=a.run_dir, seed=a.seed, epochs=a.epochs).items() if v is not None})
+    set_progress(a.progress)
     try:
-        cfg = config_from_json(a.config).replace(**kw) if a.config else make_config(a.profile, **kw)
+        cfg = _train_config(a)
+        _guard(cfg, a)
         res = fit(cfg, a.name, a.resume, a.no_dropout, a.ckpt_steps, a.quiet)
-    except (DataError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"emi_train: {e}", file=sys.stderr); sys.exit(2)
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"emi_train: {e}", file=sys.stderr)
+        sys.exit(2)
     if 'path' in res: print(f"[emi_train] results: {res['path']}")
 
 # %% ../nbs/08_train.ipynb #b09b344b
@@ -588,62 +483,97 @@ def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='c
     return pd.DataFrame(rows, columns=['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows']), failed
 
 # %% ../nbs/08_train.ipynb #e492d299
-def emi_predict_cli(argv=None):
-    "emi_predict: predict the six intensities of audio files with a trained checkpoint; writes a CSV."
-    ap = argparse.ArgumentParser(prog='emi_predict', description='Predict emotion mimicry intensities of audio files with a trained checkpoint.')
+@dataclass
+class PredictConfig:
+    "What emi_predict does; fields left at 0 / '' take the checkpoint's values."
+    checkpoint: str = ''            # a run's checkpoints/<name> folder (its best weights) or a checkpoint folder
+    output: str = 'preds.csv'       # CSV to write; failures are listed in <output stem>.errors.csv
+    long: str = 'cut'               # cut | windows: a clip longer than max_seconds is cut, or averaged over windows
+    max_seconds: float = 0.0        # cut / window length, s; 0 = the checkpoint's max_seconds
+    batch_size: int = 0             # clips per forward; 0 = 1 on CPU (fastest there), the checkpoint's eval batch on CUDA
+    device: str = 'auto'            # auto | cpu | cuda | cuda:N
+    amp: str = ''                   # auto | off | bf16 | fp16; '' = the checkpoint's
+    recursive: bool = False         # also search sub-folders of the folders given
+
+# %% ../nbs/08_train.ipynb #f872aeef
+def _predict_parser():
+    "emi_predict's arguments: the audio, then every PredictConfig field."
+    ap = argparse.ArgumentParser(prog='emi_predict', description='Predict the six emotion mimicry intensities of audio '
+                                 'files with a trained checkpoint; writes a CSV.')
     ap.add_argument('inputs', nargs='+', metavar='AUDIO_OR_DIR', help='audio files and/or folders of audio files')
-    ap.add_argument('--checkpoint', required=True, metavar='DIR', help="a run's checkpoints/<name> folder (its best weights) or a checkpoint folder")
-    ap.add_argument('--out', default='preds.csv', help='CSV to write (default preds.csv)')
-    ap.add_argument('--long', choices=['cut', 'windows'], default='cut', help='clips over max_seconds: cut (default) | windows averaged')
-    ap.add_argument('--max-seconds', type=float, help="cut/window length (default: the checkpoint's max_seconds)")
-    ap.add_argument('--batch-size', type=int, help='clips per forward; 1 = one at a time (default: 1 on CPU, eval_batch_size on CUDA)')
-    ap.add_argument('--device', default='auto', help='auto | cpu | cuda')
-    ap.add_argument('--recursive', action='store_true', help='search folders recursively')
-    a = ap.parse_args(argv)
-    try:
-        dev = get_device(a.device); model, cfg = load_trained(a.checkpoint, dev)
-    except (FileNotFoundError, RuntimeError, ValueError) as e: print(f"emi_predict: {e}", file=sys.stderr); sys.exit(2)
-    files = audio_files(a.inputs, a.recursive)
-    if not files: print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr); sys.exit(2)
-    bs = a.batch_size or (1 if dev.type == 'cpu' else cfg.eval_batch_size)
-    df, failed = predict_files(model, files, dev, a.max_seconds or cfg.max_seconds, a.long, bs, amp_dtype(dev, cfg.amp))
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); df.to_csv(out, index=False)
-    print(f"[emi_predict] {len(df)} of {len(files)} files predicted -> {out}")
+    add_config_flags(ap, PredictConfig)
+    add_progress_flag(ap)
+    return ap
+
+def _predict_config(a) -> PredictConfig:
+    "The PredictConfig of parsed arguments, checked."
+    known = config_fields(PredictConfig)
+    pc = PredictConfig(**{k: coerce(k, v, known[k][0]) for k, v in vars(a).items() if k in known})
+    if not pc.checkpoint: raise ConfigError('--checkpoint is required')
+    if pc.long not in ('cut', 'windows'): raise ConfigError(f"long={pc.long!r}: choose cut | windows")
+    if pc.amp not in ('', 'auto', 'off', 'bf16', 'fp16'): raise ConfigError(f"amp={pc.amp!r}: choose auto | off | bf16 | fp16")
+    return pc
+
+# %% ../nbs/08_train.ipynb #2317599d
+def _write_predictions(df, failed:list, out:Path, n_files:int) -> int:
+    "Write the CSV (and the errors CSV); returns the exit code (1 when a file failed)."
+    import pandas as pd
+    with atomic_path(out) as tmp: df.to_csv(tmp, index=False)
+    print(f"[emi_predict] {len(df)} of {n_files} files predicted -> {out}")
     err = out.with_name(out.stem + '.errors.csv')
-    if failed:
-        import pandas as pd
-        pd.DataFrame(failed, columns=['path', 'error']).to_csv(err, index=False)
-        print(f"emi_predict: {len(failed)} file(s) failed (listed in {err}):", file=sys.stderr)
-        for f, e in failed: print(f"  {f}: {e}", file=sys.stderr)
-        sys.exit(1)
-    elif err.exists(): err.unlink()
+    if not failed:
+        err.unlink(missing_ok=True)
+        return 0
+    with atomic_path(err) as tmp: pd.DataFrame(failed, columns=['path', 'error']).to_csv(tmp, index=False)
+    print(f"emi_predict: {len(failed)} file(s) failed (listed in {err}):", file=sys.stderr)
+    for f, e in failed: print(f"  {f}: {e}", file=sys.stderr)
+    return 1
 
 # %% ../nbs/08_train.ipynb #c2507035
+def default_batch_size(device, cfg:StudyConfig, given:int=0) -> int:
+    "Clips per forward for emi_predict: `given`, else 1 on CPU and cfg.eval_batch_size on CUDA."
+    return given or (1 if torch.device(device).type == 'cpu' else cfg.eval_batch_size)
+
+# %% ../nbs/08_train.ipynb #93ee07a4
+def emi_predict_cli(argv=None):
+    "emi_predict: predict the six intensities of audio files with a trained checkpoint; writes a CSV."
+    a = _predict_parser().parse_args(argv)
+    set_progress(a.progress)
+    try:
+        pc = _predict_config(a)
+        dev = get_device(pc.device)
+        model, cfg = load_trained(pc.checkpoint, dev)
+    except (ConfigError, CheckpointError, RuntimeError) as e:
+        print(f"emi_predict: {e}", file=sys.stderr)
+        sys.exit(2)
+    files = audio_files(a.inputs, pc.recursive)
+    if not files:
+        print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr)
+        sys.exit(2)
+    bs = default_batch_size(dev, cfg, pc.batch_size)
+    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, amp_dtype(dev, pc.amp or cfg.amp))
+    sys.exit(_write_predictions(df, failed, Path(pc.output), len(files)))
+
+# %% ../nbs/08_train.ipynb #ca319795
+def _fit_logged(cfg:StudyConfig, name:str, fit_kw:dict) -> str:
+    "fit() with its output in run_dir/logs/<name>.log; returns the results path (runs inside a worker)."
+    import contextlib
+    log = run_path(cfg, 'logs')/f'{name}.log'
+    with open(log, 'w') as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return fit(cfg, name, **fit_kw).get('path', '')
+
 def fit_many(jobs:dict, # name -> StudyConfig
              workers:int=0, # parallel processes; 0 = one per CPU core (at most one per job) on CPU, in-process on CUDA
              **fit_kw) -> dict:
     "Run several trainings (names -> configs), side by side in single-threaded processes on CPU; name -> results JSON."
-    from emi_nb.config import load_results
-    cfgs = list(jobs.values())
-    cpu = all(get_device(c.device).type == 'cpu' for c in cfgs)
+    cpu = all(get_device(c.device).type == 'cpu' for c in jobs.values())
     workers = workers or (min(len(jobs), os.cpu_count() or 1) if cpu else 1)
     if workers == 1 or not cpu:
         for n, c in jobs.items(): fit(c, n, **fit_kw)
-        return {n: load_results(c, n) for n, c in jobs.items()}
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
-    flags = [f"--{k.replace('_', '-')}" for k in ('resume', 'no_dropout', 'quiet') if fit_kw.get(k)] + (['--ckpt-steps', str(fit_kw['ckpt_steps'])] if fit_kw.get('ckpt_steps') else [])
-    pending, running = list(jobs.items()), {}
-    while pending or running:
-        while pending and len(running) < workers:
-            n, c = pending.pop(0); logs = run_path(c, 'logs'); save_json(logs/f'{n}.config.json', asdict(c))
-            f = open(logs/f'{n}.log', 'w')
-            running[n] = (subprocess.Popen([sys.executable, '-m', 'emi_nb.train', '--config', str(logs/f'{n}.config.json'), '--name', n, *flags],
-                                           env=env, stdout=f, stderr=subprocess.STDOUT), f, logs/f'{n}.log')
-        time.sleep(0.5)
-        for n, (p, f, log) in list(running.items()):
-            if p.poll() is None: continue
-            f.close(); del running[n]
-            if p.returncode: raise RuntimeError(f"training {n!r} failed (exit {p.returncode}); end of {log}:\n" + log.read_text()[-3000:])
+    else:
+        n_threads = max(1, (os.cpu_count() or 1) // workers)
+        done = lambda i, r: print(f"[fit_many] {list(jobs)[i]} done", flush=True)
+        parallel(_fit_logged, [(c, n, fit_kw) for n, c in jobs.items()], workers, n_threads, on_result=done)
     return {n: load_results(c, n) for n, c in jobs.items()}
 
 # %% ../nbs/08_train.ipynb #43e2633f

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
-from .config import seed_everything
+from .config import seed_everything, parallel
 from .data import DataError, face_frames, video_info, media_path, load_pickled_features
 from .paper import SECTION_6_2, t1, paper_str
 from .metrics import pearson, mean_rho, seed_stats, paired_stats, split_stats
+from .loop import LengthBucketSampler, Loop, Recipe
 from .ablations import feature_store
 
 # %% auto #0
@@ -277,31 +278,27 @@ def predict_clips(model:nn.Module, items:list, batch_size:int=32, device='cpu') 
 def _length(it:dict) -> int: return len(it['faces']) if 'faces' in it else len(it['wav']) if 'wav' in it else len(it.get('hidden', [0]))
 
 def fit_predict(model:nn.Module, train:list, # clip dicts with labels
-                evals:dict, # name -> clip dicts to predict after training
+                evals:dict, # name -> clip dicts to predict after training; the first also selects the epoch
                 epochs:int=6, lr:float=5e-4, batch_size:int=16, seed:int=0, device='cpu',
                 weight_decay:float=0.01, warmup_epochs:float=1.0, grad_clip:float=100.0,
-                backbone_lr:float=0., bucket:bool=True) -> dict:
-    "Train on MSE for `epochs` (AdamW, warm-up + cosine, length-bucketed batches); dict(name -> predictions (N, 6), 'loss')."
-    from transformers import get_cosine_schedule_with_warmup
-    from emi_nb.train import LengthBucketSampler
+                backbone_lr:float=0., bucket:bool=True, patience:int=0, min_delta:float=0.005) -> dict:
+    "Train on MSE through the loop (length-bucketed batches, early stopping on the first eval set's ρ); predictions per eval set, the record."
     model.to(device)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    bb, rest = [p for n, p in named if '.backbone.' in f'.{n}'], [p for n, p in named if '.backbone.' not in f'.{n}']
-    opt = torch.optim.AdamW([dict(params=rest)] + ([dict(params=bb, lr=backbone_lr or lr)] if bb else []), lr=lr, weight_decay=weight_decay)
+    sel_name, sel = next(iter(evals.items()))
+    y_sel = torch.stack([it['labels'] for it in sel]).numpy()
     sampler = LengthBucketSampler([_length(it) for it in train], batch_size, bucket=bucket, seed=seed)
-    spe = len(sampler.global_batches(0))
-    sched = get_cosine_schedule_with_warmup(opt, round(warmup_epochs * spe), epochs * spe)
-    losses = []
-    for ep in range(epochs):
-        model.train(); tot = 0.
-        for ix in sampler.global_batches(ep):
-            b = _to(collate_clips([train[i] for i in ix]), device)
-            loss = nn.functional.mse_loss(model(b).float(), b['labels'])
-            opt.zero_grad(set_to_none=True); loss.backward()
-            if grad_clip: nn.utils.clip_grad_value_(model.parameters(), grad_clip)
-            opt.step(); sched.step(); tot += loss.item() * len(ix)
-        losses.append(tot / len(train))
-    return {**{k: predict_clips(model, v, device=device) for k, v in evals.items()}, 'loss': losses}
+    def batches(epoch, start):
+        sampler.set_epoch(epoch, start)
+        return (_to(collate_clips([train[i] for i in ix]), device) for ix in sampler)
+    def step(b):
+        pred = model(b).float()                                                  # (B, 6)
+        return nn.functional.mse_loss(pred, b['labels']), dict(pred=pred, target=b['labels'], n=len(pred))
+    def evaluate(): return dict(val_rho=mean_rho(predict_clips(model, sel, device=device), y_sel, warn=False))
+    rec = Recipe(epochs=epochs, patience=patience, min_delta=min_delta, lr=lr, backbone_lr=backbone_lr,
+                 weight_decay=weight_decay, warmup_epochs=warmup_epochs, grad_clip=grad_clip)
+    r = Loop(model, rec, device, batches, len(sampler.global_batches(0)), step, evaluate, name='vision', log=None).fit()
+    return {**{k: predict_clips(model, v, device=device) for k, v in evals.items()}, 'loss': [c['train_loss'] for c in r['curves']],
+            'record': r, 'selected_on': sel_name}
 
 # %% ../nbs/10_vision.ipynb #15b315b1
 def split_2to1(n:int, # number of clips
@@ -315,63 +312,24 @@ def split_2to1(n:int, # number of clips
     return np.flatnonzero(m), np.flatnonzero(~m)
 
 # %% ../nbs/10_vision.ipynb #a32ebda4
-_JOBS = {}  # name -> (make_model, data, threads, fit_kw) of the running run_jobs, inherited by forked workers
-
-def _seed_job(arg:tuple) -> tuple:
-    "Train seed s of job `name` (in this process or a forked worker): (name, s, predictions per eval set, seconds)."
-    (name, s), t0 = arg, time.time()
-    make_model, data, threads, kw = _JOBS[name]
-    if threads: torch.set_num_threads(threads)
+def _seed_job(name:str, s:int, make_model, data, kw:dict) -> tuple:
+    "Train seed s of job `name` from a fresh model: (name, s, predictions per eval set, record, seconds)."
+    t0 = time.time()
     train, evals = data(s) if callable(data) else data
-    seed_everything(s); r = fit_predict(make_model(), train, evals, seed=s, **kw)
-    return name, s, {k: r[k] for k in evals}, time.time() - t0
-
-def _worker(tasks, results):
-    "A forked worker: run tasks until None; report errors instead of dying silently."
-    import traceback
-    for arg in iter(tasks.get, None):
-        try: results.put(_seed_job(arg))
-        except BaseException: results.put(('__error__', arg, traceback.format_exc()))
-
-def _run_forked(args:list, workers:int) -> list:
-    "Results of _seed_job over args from `workers` forked processes (no pickling of the jobs: they are inherited)."
-    import multiprocessing as mp, queue
-    ctx = mp.get_context('fork'); tasks, results = ctx.Queue(), ctx.Queue()
-    for a in args + [None] * workers: tasks.put(a)
-    procs = [ctx.Process(target=_worker, args=(tasks, results), daemon=True) for _ in range(workers)]
-    for p in procs: p.start()
-    out = []
-    try:
-        while len(out) < len(args):
-            try: r = results.get(timeout=2)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs): raise RuntimeError(f"training workers exited with {len(args) - len(out)} runs unfinished")
-                continue
-            if r[0] == '__error__': raise RuntimeError(f"run {r[1]} failed in a worker:\n{r[2]}")
-            out.append(r)
-    finally:
-        for p in procs:
-            if p.is_alive(): p.terminate()
-            p.join()
-    pos = {a: i for i, a in enumerate(args)}
-    return sorted(out, key=lambda r: pos[(r[0], r[1])])
+    seed_everything(s)
+    r = fit_predict(make_model(), train, evals, seed=s, **kw)
+    return name, s, {k: r[k] for k in evals}, r['record'], time.time() - t0
 
 def run_jobs(jobs:dict, # name -> (make_model: () -> fresh model, data: (train, evals) or seed -> (train, evals))
              seeds:list, threads:int=0, # torch threads per training run; 0 = leave as is
-             workers:int=1, # runs at once in forked processes (Linux); 1 = one after the other here
+             workers:int=1, # runs at once in worker processes; 1 = one after the other here
              **fit_kw) -> dict:
-    "Train every (job, seed) from a fresh model: name -> dict(eval name -> [(N, 6) per seed], seconds=summed run time)."
-    import sys
-    global _JOBS
-    old = torch.get_num_threads(); _JOBS = {n: (m, d, threads, fit_kw) for n, (m, d) in jobs.items()}
-    args = [(n, s) for n in jobs for s in seeds]
-    try:
-        if workers > 1 and len(args) > 1 and sys.platform == 'linux': res = _run_forked(args, min(workers, len(args)))
-        else: res = [_seed_job(a) for a in args]
-    finally: _JOBS = {}; torch.set_num_threads(old)
-    out = {n: dict(seconds=0.) for n in jobs}
-    for n, s, preds, sec in res:
+    "Train every (job, seed): name -> dict(eval name -> [(N, 6) per seed], records=[per seed], seconds=summed run time)."
+    args = [(n, s, m, d, fit_kw) for n, (m, d) in jobs.items() for s in seeds]
+    out = {n: dict(seconds=0., records=[]) for n in jobs}
+    for n, s, preds, rec, sec in parallel(_seed_job, args, workers, threads):
         for k, v in preds.items(): out[n].setdefault(k, []).append(v)
+        out[n]['records'].append(rec)
         out[n]['seconds'] += sec
     return out
 

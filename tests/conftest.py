@@ -24,7 +24,7 @@ def smoke_run(tmp_path_factory, worker_id):
     with FileLock(str(base/'smoke-run.lock')):
         man = run_dir/'manifest.json'
         if not man.exists():
-            r = run_cli('emi_study', '--profile', 'smoke', '--out', run_dir, check=False, timeout=1500)
+            r = run_cli('emi_study', '--profile', 'smoke', '--run-dir', run_dir, check=False, timeout=1500)
             (base/'smoke-run.out').write_text(r.stdout + '\n' + r.stderr)
         m = json.loads(man.read_text())
         if m['status'] != 'ok': pytest.fail(f"smoke study failed: {m.get('error')}\n" + (base/'smoke-run.out').read_text()[-4000:])

@@ -16,7 +16,7 @@ def smoke():
     "The smoke corpus (cached) and the untrained tiny backbone (cached)."
     from emi_nb.synth import ensure_corpus
     from emi_nb.ablations import untrained_backbone
-    return ensure_corpus('smoke', 0), untrained_backbone('tiny')
+    return ensure_corpus('smoke'), untrained_backbone('tiny')
 
 def _cfg(tmp_path, root, **kw):
     return make_config('smoke', **{**dict(data_root=str(root), run_dir=str(tmp_path/'run'), device='cpu', epochs=2, n_boot=100), **kw})

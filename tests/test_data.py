@@ -9,7 +9,7 @@ from emi_nb.synth import build_corpus
 
 @pytest.fixture(scope='module')
 def clean(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 0, 'smoke')
+    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 'smoke')
 
 def _copy(clean, tmp_path) -> Path:
     d = tmp_path/'root'; shutil.copytree(clean, d); return d

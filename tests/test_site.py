@@ -81,7 +81,7 @@ def test_smoke_site_offline(smoke_run):
 
 def test_partial_run_gets_front_page(tmp_path):
     "A run of one notebook still has a front page (with the paper-vs-here table) and greys out the pages it did not run."
-    r = run_cli('emi_study', '--profile', 'smoke', '--only', '00', '--out', tmp_path/'run')
+    r = run_cli('emi_study', '--profile', 'smoke', '--only', '00', '--run-dir', tmp_path/'run')
     site = tmp_path/'run/site'
     assert f"site: {site/'index.html'}" in r.stdout
     index = (site/'index.html').read_text()

@@ -10,20 +10,20 @@ def _nb(path, *cells):
     nbformat.write(nb, path)
 
 def test_override_lands_in_executed_notebook(tmp_path):
-    run_cli('emi_study', '--profile', 'smoke', '--only', '00', '--no-site', '--out', tmp_path/'run', '-p', 'epochs=7', '-p', 'lr=3e-4')
+    run_cli('emi_study', '--profile', 'smoke', '--only', '00', '--no-site', '--run-dir', tmp_path/'run', '-p', 'epochs=7', '-p', 'lr=3e-4')
     nb = nbformat.read(tmp_path/'run/notebooks/00_config.ipynb', as_version=4)
     injected = [c for c in nb.cells if 'injected-parameters' in c.metadata.get('tags', [])]
-    assert injected and 'epochs = 7' in injected[0].source and 'lr = 0.0003' in injected[0].source
+    assert injected and "'epochs': 7" in injected[0].source and "'lr': 0.0003" in injected[0].source
     man = json.loads((tmp_path/'run/manifest.json').read_text())
-    assert man['status'] == 'ok' and man['parameters']['epochs'] == 7 and man['profile'] == 'smoke'
-    assert man['notebooks'][0]['seconds'] > 0 and man['versions']['torch']
+    assert man['status'] == 'ok' and man['parameters']['overrides']['epochs'] == 7 and man['profile'] == 'smoke'
+    assert man['notebooks'][0]['seconds'] > 0 and man['versions']['torch'] and man['assets']['seconds'] >= 0
 
 def test_deliberate_error_names_notebook_and_cell(tmp_path):
     nbs = tmp_path/'nbs'; nbs.mkdir()
     _nb(nbs/'01_fine.ipynb', "x = 1", "y = x + 1")
     _nb(nbs/'02_broken.ipynb', "x = 1", "y = 2", "raise ValueError('deliberate failure')", "z = 3")
     _nb(nbs/'03_never.ipynb', "x = 1")
-    r = run_cli('emi_study', '--profile', 'smoke', '--nbs', nbs, '--no-site', '--out', tmp_path/'run', check=False)
+    r = run_cli('emi_study', '--profile', 'smoke', '--nbs', nbs, '--no-site', '--run-dir', tmp_path/'run', check=False)
     assert r.returncode != 0
     assert '02_broken.ipynb' in r.stderr and 'cell 2' in r.stderr and 'deliberate failure' in r.stderr
     man = json.loads((tmp_path/'run/manifest.json').read_text())
@@ -32,7 +32,7 @@ def test_deliberate_error_names_notebook_and_cell(tmp_path):
     assert any(o.get('ename') == 'ValueError' for c in out.cells if c.cell_type == 'code' for o in c.get('outputs', []))
 
 def test_unknown_profile_is_a_clear_error(tmp_path):
-    r = run_cli('emi_study', '--profile', 'nope', '--out', tmp_path/'run', check=False)
+    r = run_cli('emi_study', '--profile', 'nope', '--run-dir', tmp_path/'run', check=False)
     assert r.returncode != 0 and 'nope' in r.stderr
 
 def test_smoke_study_runs_every_notebook(smoke_run):

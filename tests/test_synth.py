@@ -3,8 +3,8 @@ import json, os, resource, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from conftest import run_cli
-from emi_nb.config import EMOTIONS, VAD_NAMES, data_kind
-from emi_nb.synth import build_corpus, build_vad_corpus, ensure_corpus, corpus_checksum, SIZES, GENERATOR_VERSION
+from emi_nb.config import EMOTIONS, VAD_NAMES, data_kind, make_config
+from emi_nb.synth import build_corpus, build_vad_corpus, ensure_corpus, corpus_checksum, corpus_name, GENERATOR_VERSION
 
 def _sha(out:str, kind:str) -> str:
     line = next(l for l in out.splitlines() if l.startswith(f'{kind} corpus'))
@@ -16,10 +16,10 @@ def _child_cpu() -> float:
 def test_emi_synth_same_seed_same_bytes_other_seed_differs(tmp_path):
     "Must-show 1: emi_synth twice with one seed -> identical checksums (also with another worker count); another seed -> different."
     c0, t0 = _child_cpu(), time.time()
-    a = run_cli('emi_synth', '--profile', 'smoke', '--seed', 0, '--out', tmp_path/'a', '--vad-out', tmp_path/'av', '--checksum').stdout
+    a = run_cli('emi_synth', '--profile', 'smoke', '--corpus.seed', 0, '--output-dir', tmp_path/'a', '--vad-output-dir', tmp_path/'av', '--checksum').stdout
     cpu, wall = _child_cpu() - c0, time.time() - t0
-    b = run_cli('emi_synth', '--profile', 'smoke', '--seed', 0, '--out', tmp_path/'b', '--vad-out', tmp_path/'bv', '--checksum', '--workers', 1).stdout
-    c = run_cli('emi_synth', '--profile', 'smoke', '--seed', 1, '--out', tmp_path/'c', '--vad-out', tmp_path/'cv', '--checksum').stdout
+    b = run_cli('emi_synth', '--profile', 'smoke', '--corpus.seed', 0, '--output-dir', tmp_path/'b', '--vad-output-dir', tmp_path/'bv', '--checksum', '--corpus.workers', 1).stdout
+    c = run_cli('emi_synth', '--profile', 'smoke', '--corpus.seed', 1, '--output-dir', tmp_path/'c', '--vad-output-dir', tmp_path/'cv', '--checksum').stdout
     print(a, b, c, f"smoke build (emi + vad): {wall:.1f} s wall, {cpu:.1f} s CPU", sep='\n')
     assert _sha(a, 'emi') == _sha(b, 'emi') and _sha(a, 'vad') == _sha(b, 'vad')
     assert _sha(a, 'emi') != _sha(c, 'emi') and _sha(a, 'vad') != _sha(c, 'vad')
@@ -29,29 +29,29 @@ def test_emi_synth_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_emi_synth_refuses_non_empty_out(tmp_path):
     (tmp_path/'x').mkdir(); (tmp_path/'x/f').write_text('')
-    r = run_cli('emi_synth', '--profile', 'smoke', '--out', tmp_path/'x', check=False)
+    r = run_cli('emi_synth', '--profile', 'smoke', '--output-dir', tmp_path/'x', check=False)
     assert r.returncode == 2 and 'not empty' in r.stderr
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
     d = tmp_path_factory.mktemp('synth')
-    return build_corpus(d/'emi', 0, 'smoke'), build_vad_corpus(d/'vad', 0, 'smoke')
+    return build_corpus(d/'emi', 'smoke'), build_vad_corpus(d/'vad', 'smoke')
 
 def test_layout(smoke):
     root, vad = smoke
     meta = json.loads((root/'SYNTHETIC.json').read_text())
     assert meta['version'] == GENERATOR_VERSION and meta['seed'] == 0 and meta['size'] == 'smoke' and data_kind(root) == 'synthetic'
-    S = SIZES['smoke']; ids = {}
+    S = make_config('smoke').corpus; ids = {}
     for s in ('train', 'valid', 'test'):
         df = pd.read_csv(root/f'{s}_split.csv'); ids[s] = set(df.Filename)
-        assert len(df) == S[s]
+        assert len(df) == getattr(S, s)
         assert list(df.columns) == (['Filename'] if s == 'test' else ['Filename'] + EMOTIONS)
         for f in df.Filename:
             assert (root/f'audio/{f:05d}.mp3').stat().st_size > 0 and (root/f'raw/{f:05d}.mp4').exists() and (root/f'face_images/{f:05d}').is_dir()
     assert not (ids['train'] & ids['valid']) and not (ids['train'] & ids['test']) and not (ids['valid'] & ids['test'])
     hidden = pd.read_csv(root/'test_labels.csv'); assert set(hidden.Filename) == ids['test'] and list(hidden.columns) == ['Filename'] + EMOTIONS
     for s in ('vad_train', 'vad_valid'):
-        v = pd.read_csv(vad/f'{s}.csv'); assert list(v.columns) == ['Filename'] + VAD_NAMES and len(v) == S[s]
+        v = pd.read_csv(vad/f'{s}.csv'); assert list(v.columns) == ['Filename'] + VAD_NAMES and len(v) == getattr(S, s)
         assert ((v[VAD_NAMES] >= 0) & (v[VAD_NAMES] <= 1)).all().all()
         assert all((vad/f'audio/{f:05d}.mp3').exists() for f in v.Filename)
 
@@ -81,8 +81,8 @@ def test_smoke_statistics(smoke):
 def test_ensure_corpus_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv('EMI_CACHE', str(tmp_path))
     import emi_nb.synth as S
-    monkeypatch.setitem(S.SIZES, 'tiny', dict(S.SIZES['smoke'], train=3, valid=2, test=2, vad_train=2, vad_valid=2))
-    p = ensure_corpus('tiny', 3); assert (p/'SYNTHETIC.json').exists() and p.name == f'emi-tiny-seed3-v{GENERATOR_VERSION}'
-    t = os.path.getmtime(p/'SYNTHETIC.json'); assert ensure_corpus('tiny', 3) == p and os.path.getmtime(p/'SYNTHETIC.json') == t
+    C = make_config('smoke', **{'corpus.train': 3, 'corpus.valid': 2, 'corpus.test': 2, 'corpus.vad_train': 2, 'corpus.vad_valid': 2, 'corpus.seed': 3}).corpus
+    p = ensure_corpus(C); assert (p/'SYNTHETIC.json').exists() and p.name == corpus_name(C, 'emi') and p.name.endswith(f'-v{GENERATOR_VERSION}')
+    t = os.path.getmtime(p/'SYNTHETIC.json'); assert ensure_corpus(C) == p and os.path.getmtime(p/'SYNTHETIC.json') == t
     assert not list(p.parent.glob('.*.tmp'))
-    v = S.ensure_vad_corpus('tiny', 3); assert (v/'vad_train.csv').exists() and v != p
+    v = S.ensure_vad_corpus(C); assert (v/'vad_train.csv').exists() and v != p

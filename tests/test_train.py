@@ -6,13 +6,15 @@ import numpy as np, pandas as pd, pytest, soundfile as sf, torch
 from safetensors.torch import load_file
 from conftest import run_cli, BIN
 from emi_nb.config import EMOTIONS, make_config
-from emi_nb.train import fit, resolve_checkpoint, emi_loss
+from emi_nb.train import fit
+from emi_nb.loop import resolve_checkpoint, emi_loss
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', EMI_PROGRESS='off')
 TINY = ['--profile', 'smoke', '--backbone', 'preset:tiny', '--device', 'cpu', '--quiet']
 
-def _train(run_dir, *extra, check=True, **kw):
-    return run_cli('emi_train', *TINY, '--run-dir', run_dir, *extra, check=check, env=ENV, **kw)
+def _train(run_dir, *extra, check=True, quiet=True, **kw):
+    flags = TINY if quiet else [a for a in TINY if a != '--quiet']
+    return run_cli('emi_train', *flags, '--run-dir', run_dir, *extra, check=check, env=ENV, **kw)
 
 def _results(run_dir, name='emi'): return json.loads((Path(run_dir)/'results'/f'{name}.json').read_text())
 
@@ -28,7 +30,7 @@ def _strip(res):
 
 def test_same_seed_same_results(tmp_path):
     "Same seed twice on CPU -> identical results JSON apart from timestamps and the run directory."
-    for r in ('a', 'b'): _train(tmp_path/r, '-p', 'epochs=2', '-p', 'max_steps=2')
+    for r in ('a', 'b'): _train(tmp_path/r, '--epochs', '2', '--max-steps', '2')
     a, b = _results(tmp_path/'a'), _results(tmp_path/'b')
     assert _strip(a) == _strip(b)
     assert set(a) >= {'config', 'seed', 'provenance', 'metrics', 'timing'}
@@ -42,7 +44,7 @@ def test_same_seed_same_results(tmp_path):
 
 def test_kill9_resume_matches_uninterrupted(tmp_path):
     "kill -9 in the middle of an epoch, resume -> the same curves, metrics and weights as a run never interrupted."
-    args = ('-p', 'epochs=2', '-p', 'max_steps=3', '--ckpt-steps', '1')
+    args = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
     _train(tmp_path/'ref', *args)
     run = tmp_path/'killed'; latest = run/'checkpoints'/'emi'/'latest.json'
     p = subprocess.Popen([str(BIN/'emi_train'), *TINY, '--run-dir', str(run), *args], env=ENV,
@@ -73,7 +75,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     and the weights to 1e-3 in relative L2 norm (measured 1.8e-4). Individual weights may differ by up to lr per step:
     the attention key biases have an exactly-zero true gradient (softmax is shift invariant), so theirs is rounding
     noise, which Adam normalises to steps of +-lr."""
-    args = ('-p', 'epochs=2', '-p', 'max_steps=3', '-p', 'batch_size=8', '--no-dropout')
+    args = ('--epochs', '2', '--max-steps', '3', '--batch-size', '8', '--no-dropout')
     _train(tmp_path/'one', *args)
     r = subprocess.run([str(BIN/'torchrun'), '--standalone', '--nproc_per_node', '2', '-m', 'emi_nb.train', *TINY,
                         '--run-dir', str(tmp_path/'two'), *args], env=ENV, capture_output=True, text=True, timeout=600)
@@ -111,7 +113,7 @@ def test_predict_mixed_folder_and_corrupt_file(tmp_path, trained):
     (d/'d_corrupt.wav').write_bytes(b'RIFF\x00\x00\x00\x00WAVEfmt garbage' + bytes(100))
     (d/'notes.txt').write_text('not audio')
     out = tmp_path/'preds.csv'
-    r = run_cli('emi_predict', '--checkpoint', trained, d, '--out', out, check=False, env=ENV)
+    r = run_cli('emi_predict', '--checkpoint', trained, d, '--output', out, check=False, env=ENV)
     assert r.returncode == 1 and 'd_corrupt.wav' in r.stderr
     df = pd.read_csv(out)
     assert df.Filename.tolist() == ['a_stereo48k', 'b_mono', 'c_long']
@@ -120,7 +122,7 @@ def test_predict_mixed_folder_and_corrupt_file(tmp_path, trained):
     assert df.set_index('Filename').loc['c_long', 'used_seconds'] == pytest.approx(6.0)   # smoke max_seconds: cut
     err = pd.read_csv(tmp_path/'preds.errors.csv'); assert err.path.str.endswith('d_corrupt.wav').all()
     r2 = run_cli('emi_predict', '--checkpoint', trained, d/'c_long.wav', d/'b_mono.mp3', '--long', 'windows',
-                 '--batch-size', '4', '--out', tmp_path/'w.csv', env=ENV)
+                 '--batch-size', '4', '--output', tmp_path/'w.csv', env=ENV)
     w = pd.read_csv(tmp_path/'w.csv').set_index('Filename')
     assert w.loc['c_long', 'windows'] == 2 and w.loc['c_long', 'used_seconds'] == pytest.approx(9.0)   # 6 s + 3 s
     assert w.loc['b_mono', EMOTIONS].to_numpy() == pytest.approx(df.set_index('Filename').loc['b_mono', EMOTIONS].to_numpy(), abs=1e-5)
@@ -163,8 +165,75 @@ def test_smoke_scale_training_learns(tmp_path, monkeypatch):
     is too small to show that (16 validation clips: a CI of about +-0.2), so this corpus has the smoke corpus' short clips
     but 128 train and 96 validation clips (measured: rho .204 [.131, .278] with seed 1; .241 and .212 with seeds 2, 3)."""
     import emi_nb.synth as S
-    monkeypatch.setitem(S.SIZES, 'check', dict(S.SIZES['smoke'], train=128, valid=96, test=16))
-    root = S.build_corpus(tmp_path/'corpus', 0, 'check')
+    corpus = make_config('smoke', **{'corpus.train': 128, 'corpus.valid': 96, 'corpus.test': 16}).corpus
+    root = S.build_corpus(tmp_path/'corpus', corpus)
     cfg = make_config('smoke', data_root=str(root), epochs=6, run_dir=str(tmp_path/'run'), n_boot=500)
     v = fit(cfg, 'learns', quiet=True)['metrics']['valid']
     assert v['n'] == 96 and v['ci'][0] > 0.05, v
+
+_KILL_IN_WRITE = """
+import os, signal, sys, torch
+from emi_nb import train
+real, calls = torch.save, []
+def dying_save(obj, f, *a, **k):
+    calls.append(str(f))
+    if len(calls) == int(sys.argv[1]):
+        real(obj, f, *a, **k)
+        data = open(f, 'rb').read()
+        open(f, 'wb').write(data[:len(data) // 3])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, f, *a, **k)
+torch.save = dying_save
+train.emi_train_cli(sys.argv[2:])
+"""
+
+def test_kill_during_checkpoint_write_resumes_from_last_complete_state(tmp_path):
+    "SIGKILL in the middle of writing state.pt: the pointer still names the previous complete state; --resume finishes identically."
+    args = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
+    _train(tmp_path/'ref', *args)
+    run = tmp_path/'killed'
+    p = subprocess.run([sys.executable, '-c', _KILL_IN_WRITE, '4', *TINY, '--run-dir', str(run), *args], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    ck = run/'checkpoints'/'emi'
+    assert list(ck.glob('.state-*.tmp')), 'the half-written state should be left in its temporary folder'
+    latest = json.loads((ck/'latest.json').read_text())
+    assert (ck/latest['dir']/'state.pt').exists()
+    r = _train(run, *args, '--resume', quiet=False)
+    assert r.returncode == 0
+    assert _results(tmp_path/'ref')['metrics'] == _results(run)['metrics']
+
+def test_damaged_checkpoint_resume_names_file_and_uses_previous_state(tmp_path):
+    "A truncated newest state and a damaged pointer: --resume names both and continues from the previous complete state."
+    args = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
+    _train(tmp_path/'ref', *args)
+    run = tmp_path/'run'
+    p = subprocess.run([sys.executable, '-c', _KILL_IN_WRITE, '5', *TINY, '--run-dir', str(run), *args], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    ck = run/'checkpoints'/'emi'
+    newest = ck/json.loads((ck/'latest.json').read_text())['dir']
+    w = newest/'model.safetensors'
+    w.write_bytes(w.read_bytes()[:1000])
+    (ck/'latest.json').write_text('{"dir": "state-e0')
+    r = _train(run, *args, '--resume', quiet=False)
+    assert 'latest.json: damaged pointer' in r.stdout and newest.name in r.stdout and 'newest complete state' in r.stdout
+    assert _results(tmp_path/'ref')['metrics'] == _results(run)['metrics']
+
+def test_resume_refuses_when_no_state_is_complete(tmp_path):
+    "Every state damaged: --resume exits 2 naming the files and deletes nothing."
+    _train(tmp_path, '--epochs', '1', '--max-steps', '1')
+    ck = tmp_path/'checkpoints'/'emi'
+    for s in ck.glob('state-*'): (s/'state.pt').write_bytes(b'truncated')
+    before = sorted(p.name for p in ck.rglob('*'))
+    r = _train(tmp_path, '--epochs', '1', '--max-steps', '1', '--resume', check=False)
+    assert r.returncode == 2 and 'cannot resume' in r.stderr and 'state.pt' in r.stderr
+    assert sorted(p.name for p in ck.rglob('*')) == before
+
+def test_truncated_weights_given_to_predict_is_named(tmp_path, trained):
+    "A truncated model.safetensors: emi_predict exits 2 naming the file."
+    d = tmp_path/'ck'
+    shutil.copytree(resolve_checkpoint(trained, 'best'), d)
+    (d/'model.safetensors').write_bytes((d/'model.safetensors').read_bytes()[:500])
+    sf.write(tmp_path/'a.wav', _tone(16_000, 1.0, 1), 16_000)
+    r = run_cli('emi_predict', '--checkpoint', d, tmp_path/'a.wav', '--output', tmp_path/'p.csv', check=False, env=ENV)
+    assert r.returncode == 2 and 'model.safetensors: damaged' in r.stderr and 'Traceback' not in r.stderr
