@@ -5,6 +5,8 @@
 # %% ../nbs/00_config.ipynb #bbe74e1e
 from __future__ import annotations
 import dataclasses, hashlib, json, os, platform, random, subprocess, sys, time, warnings
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Any
@@ -574,29 +576,38 @@ class threads:
         torch.set_num_threads(self.old)
 
 # %% ../nbs/00_config.ipynb #e8d35108
+_JOBS = None  # (fn, jobs, n_threads) of the running `parallel`, inherited by its forked workers
+
 def _pinned(fn, n:int, *args):
-    "`fn(*args)` with torch pinned to `n` threads (runs inside a worker)."
+    "`fn(*args)` with torch pinned to `n` threads."
     with threads(n): return fn(*args)
 
+def _job(i:int):
+    "Job `i` of the running `parallel` (inside a forked worker)."
+    fn, jobs, n = _JOBS
+    return _pinned(fn, n, *jobs[i])
+
+# %% ../nbs/00_config.ipynb #90928383
 def parallel(fn, # called as fn(*job) for every job
              jobs:list, # argument tuples
              workers:int=1, # processes; 1 = one after the other in this process
              n_threads:int=1, # torch threads per job (0 = leave as is)
              on_result=None): # called with (job index, result) as each job ends
-    "[fn(*job) for job in jobs], in worker processes when workers > 1; results in the order of `jobs`."
-    if workers <= 1 or len(jobs) <= 1:
-        res = []
-        for i, j in enumerate(jobs):
-            res.append(_pinned(fn, n_threads, *j))
-            if on_result: on_result(i, res[-1])
-        return res
-    from joblib import Parallel, delayed, parallel_config
-    out = {}
-    with parallel_config(backend='loky', inner_max_num_threads=max(n_threads, 1)):
-        run = Parallel(n_jobs=min(workers, len(jobs)), return_as='generator_unordered')
-        for i, r in run(delayed(lambda i, j: (i, _pinned(fn, n_threads, *j)))(i, j) for i, j in enumerate(jobs)):
-            out[i] = r
+    "[fn(*job) for job in jobs], in forked worker processes when workers > 1; results in the order of `jobs`."
+    global _JOBS
+    if workers <= 1 or len(jobs) <= 1 or 'fork' not in mp.get_all_start_methods():
+        res = [_pinned(fn, n_threads, *j) for j in jobs]
+        for i, r in enumerate(res):
             if on_result: on_result(i, r)
+        return res
+    out, _JOBS = {}, (fn, jobs, n_threads)
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context('fork')) as ex:
+            futs = {ex.submit(_job, i): i for i in range(len(jobs))}
+            for f in as_completed(futs):
+                out[futs[f]] = f.result()
+                if on_result: on_result(futs[f], out[futs[f]])
+    finally: _JOBS = None
     return [out[i] for i in range(len(jobs))]
 
 # %% ../nbs/00_config.ipynb #df81afc1

@@ -155,6 +155,7 @@ def run_study(profile:str='synthetic', # smoke | synthetic | paper
     _manifest(run_dir, **man)
     if assets:
         print("[emi_study] assets (corpora, offline backbone) ...", flush=True)
+        os.environ.update(HEADLESS_ENV, EMI_PROGRESS='off')
         man['assets'] = ensure_assets(make_config(profile, **overrides))
         print(f"[emi_study] assets ready in {man['assets']['seconds']} s", flush=True)
     for nb in nbs: _run_one(nb, run_dir, man, dict(profile=profile, overrides=overrides), kernel)
