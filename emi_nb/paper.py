@@ -8,7 +8,8 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['TABLE1', 'COMPONENTS', 'BACKBONES', 'TABLE2', 'SECTION_6_2', 'RECIPE', 'DATA', 'LABEL_SHIFT', 'Quote', 'as_frame',
-           'paper_str', 't1', 't1_splits', 't2', 'lstm_row_steps', 'clips_total', 'quotes', 'quote', 'front_page_md']
+           'paper_str', 't1', 't1_splits', 't2', 'lstm_row_steps', 'clips_total', 'quotes', 'quote', 'rhos',
+           'front_page_md']
 
 # %% ../nbs/01_paper.ipynb #1a9ac37a
 @dataclass(frozen=True)
@@ -182,6 +183,13 @@ def quote(key:str) -> Quote:
     qs = quotes()
     if key not in qs: raise KeyError(f"no quoted number {key!r}; keys start with table1., table2., section_6_2., recipe., data.")
     return qs[key]
+
+def rhos(row:str) -> tuple:
+    "(ρ_VAL, ρ_TEST) Quotes of a table row, None where the paper prints a dash: 'table1.<row>' or 'table2.<row>'."
+    if row.startswith('table2.'): return quote(row), None
+    if not (row.startswith('table1.') and row[7:] in TABLE1.index): raise KeyError(f"no table row {row!r}: 'table1.<row>' or 'table2.<row>'")
+    qs = quotes()
+    return qs.get(f'{row}.val'), qs.get(f'{row}.test')
 
 # %% ../nbs/01_paper.ipynb #29890539
 def front_page_md() -> str:
