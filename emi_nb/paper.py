@@ -2,7 +2,7 @@
 
 # %% ../nbs/01_paper.ipynb #6953bcd9
 from __future__ import annotations
-import math
+import math, textwrap
 from dataclasses import dataclass
 import pandas as pd
 
@@ -195,10 +195,11 @@ def rhos(row:str) -> tuple:
 def front_page_md() -> str:
     "The front page's paragraph of the paper's headline numbers (quoted), in Markdown."
     s, d, lstm = lstm_row_steps(), SECTION_6_2, TABLE2.rho_val[TABLE2.lstm]
-    return (f"Quoted from the paper's Table 1: audio only ρ_VAL {paper_str(t1('train'))} / ρ_TEST {paper_str(t1('train', 'test'))} "
+    md = (f"Quoted from the paper's Table 1 (every row of its Tables 1 and 2 is in `emi_nb.paper`): audio only ρ_VAL {paper_str(t1('train'))} / ρ_TEST {paper_str(t1('train', 'test'))} "
             f"(train), {paper_str(t1('train+val', 'test'))} on test when trained on train+val, {paper_str(t1('train+val-long', 'test'))} "
             f"with longer training; the organisers' audio baseline reached {paper_str(t1('baseline-audio', 'test'))} on test. "
             f"Vision did not generalise from train to validation (vision only {paper_str(t1('vision'))}, audio+vision "
             f"{paper_str(t1('audio+vision'))}), although a 2:1 split inside the train set, and inside validation, gave about "
             f"{d['split21_train']:.2f}. Table 2's four rows with an LSTM lie between {paper_str(lstm.min())} and "
             f"{paper_str(lstm.max())}; neighbouring rows differ by {paper_str(min(s))} to {paper_str(max(s))}, each a single run.")
+    return textwrap.fill(md, 116, break_on_hyphens=False)

@@ -8,6 +8,7 @@ import argparse, os, re, shutil, sys, time
 from pathlib import Path
 import yaml
 from .config import project_root, package_versions, git_commit, save_json, PROFILES
+from .paper import front_page_md
 
 # %% auto #0
 __all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'kernel_name', 'NotebookFailed', 'source_cell_index',
@@ -155,11 +156,12 @@ def render_run_site(run_dir:Path) -> Path:
 
 # %% ../nbs/14_study.ipynb #e585f048
 def readme_text(root=None) -> str:
-    "README.md's text: the markdown cells of nbs/index.ipynb, then benchmarks/latest.md if present."
+    "README.md's text: the markdown cells of nbs/index.ipynb and its `paper-quotes` cell's Markdown, then benchmarks/latest.md."
     import nbformat
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
-    parts = [c.source.strip() for c in nb.cells if c.cell_type == 'markdown']
+    quotes = lambda c: c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
+    parts = [c.source.strip() if c.cell_type == 'markdown' else front_page_md().strip() for c in nb.cells if c.cell_type == 'markdown' or quotes(c)]
     bench = root/'benchmarks/latest.md'
     if bench.exists(): parts.append(bench.read_text().strip())
     head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'
