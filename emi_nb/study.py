@@ -156,12 +156,13 @@ def render_run_site(run_dir:Path) -> Path:
 
 # %% ../nbs/14_study.ipynb #e585f048
 def readme_text(root=None) -> str:
-    "README.md's text: the markdown cells of nbs/index.ipynb and its `paper-quotes` cell's Markdown, then benchmarks/latest.md."
+    "README.md's text: nbs/index.ipynb's markdown cells and `paper-quotes` cell's Markdown, then benchmarks/latest.md."
     import nbformat
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
     quotes = lambda c: c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
-    parts = [c.source.strip() if c.cell_type == 'markdown' else front_page_md().strip() for c in nb.cells if c.cell_type == 'markdown' or quotes(c)]
+    parts = [c.source.strip() if c.cell_type == 'markdown' else front_page_md().strip()
+             for c in nb.cells if c.cell_type == 'markdown' or quotes(c)]
     bench = root/'benchmarks/latest.md'
     if bench.exists(): parts.append(bench.read_text().strip())
     head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'
