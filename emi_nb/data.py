@@ -13,8 +13,8 @@ import soundfile as sf
 from .config import EMOTIONS, SR, progress, save_json
 
 # %% auto #0
-__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'PAPER_DATA_STATS', 'DataError', 'split_csv', 'split_table', 'read_split',
-           'media_path', 'out_len', 'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames',
+__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'DataError', 'split_csv', 'split_table', 'read_split', 'media_path',
+           'out_len', 'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames',
            'load_pickled_features', 'check_root', 'format_problems', 'emi_check_cli', 'corpus_facts']
 
 # %% ../nbs/03_data.ipynb #4191cde6
@@ -391,14 +391,6 @@ def emi_check_cli(argv=None):
     print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
     if a.json: save_json(a.json, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
     sys.exit(1 if n_err or (a.strict and n_warn) else 0)
-
-# %% ../nbs/03_data.ipynb #059770b2
-PAPER_DATA_STATS = dict(  # quoted from the paper (Hume-Vidmimic2, ABAW6 EMI); not measured here
-    clips=dict(train=8072, valid=4588, test=4586), duration_mean_s=6.93, duration_min_s=0.1, duration_max_s=1249.9,
-    share_under_1s=0.031, share_over_12s=0.044, cut12_seen_whole=0.956, cut12_audio_dropped=0.014,
-    fps_mean=226, share_30fps=0.626, share_1000fps=0.201, fps_min=25, fps_max=1000, face_fps=6,
-    near_zero_train=(0.553, 0.899), near_zero_valid=(0.341, 0.524),
-    face_examples={11437: dict(fps=30, seconds=6.54, expected=39, found=42), 15709: dict(effective_fps=5.84)})
 
 # %% ../nbs/03_data.ipynb #a34de8e8
 def _clip_row(root, split:str, fid:int) -> dict:

@@ -300,7 +300,8 @@ def from_config(cls:EMIModel, cfg:StudyConfig, backbone:EmotionModel|str|None=No
 
 # %% ../nbs/05_model.ipynb #024d0a9d
 TABLE2_ROWS: dict[str, dict] = {  # component set -> StudyConfig switches, in the paper's order (audeering's rows)
-    r.components: {f'use_{c}': bool(r[c]) for c in COMPONENTS} for _, r in TABLE2[TABLE2.backbone_id == 'audeering'].iterrows()}
+    r.components: {f'use_{c}': bool(r[c]) for c in COMPONENTS}
+    for _, r in TABLE2[TABLE2.backbone_id == 'audeering'].iterrows()}
 TABLE2_BACKBONES = {'w2v2-l': 'facebook/wav2vec2-large-960h', 'xlsr': 'facebook/wav2vec2-large-xlsr-53',
                     'audeering': 'audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim'}  # hub names; loaded only from a local copy
 

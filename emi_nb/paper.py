@@ -2,13 +2,14 @@
 
 # %% ../nbs/01_paper.ipynb #6953bcd9
 from __future__ import annotations
-import math
+import math, textwrap
 from dataclasses import dataclass
 import pandas as pd
 
 # %% auto #0
 __all__ = ['TABLE1', 'COMPONENTS', 'BACKBONES', 'TABLE2', 'SECTION_6_2', 'RECIPE', 'DATA', 'LABEL_SHIFT', 'Quote', 'as_frame',
-           'paper_str', 't1', 't1_splits', 't2', 'lstm_row_steps', 'clips_total', 'quotes', 'quote', 'front_page_md']
+           'paper_str', 't1', 't1_splits', 't2', 'lstm_row_steps', 'clips_total', 'quotes', 'quote', 'rhos',
+           'front_page_md']
 
 # %% ../nbs/01_paper.ipynb #1a9ac37a
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Quote:
 
 def as_frame(quotes:dict) -> pd.DataFrame:
     "A dict of Quotes as a table: value, source, note, indexed by key."
-    return pd.DataFrame([dict(key=k, value=q.value, source=q.source, note=q.note) for k, q in quotes.items()]).set_index('key')
+    rows = [dict(key=k, value=q.value, source=q.source, note=q.note) for k, q in quotes.items()]
+    return pd.DataFrame(rows).set_index('key')
 
 def paper_str(x, # a Quote or a number
               digits:int=3) -> str:
@@ -84,7 +86,8 @@ def t1(row:str, # a TABLE1 row id, e.g. 'train', 'train+val', 'baseline-audio'
     r = TABLE1.loc[row]; v = float(r[_SPLIT[split]])
     if math.isnan(v): raise ValueError(f"Table 1 row {row!r} ({r.model}) has no ρ_{split.upper()} in the paper")
     mod = ' + '.join(m for m in ('vision', 'audio') if r[m])
-    return Quote(v, f"Table 1, {r.model} ({mod}), ρ_{split.upper()}", 'test labels hidden: the leaderboard' if split == 'test' else '')
+    note = 'test labels hidden: the leaderboard' if split == 'test' else ''
+    return Quote(v, f"Table 1, {r.model} ({mod}), ρ_{split.upper()}", note)
 
 def t1_splits(row:str) -> dict:
     "{'ρ_VAL': Quote, 'ρ_TEST': Quote} of Table 1 `row`, the splits the paper reports."
@@ -104,12 +107,12 @@ def lstm_row_steps() -> list:
     return [round(abs(b - a), 3) for a, b in zip(v, v[1:])]
 
 # %% ../nbs/01_paper.ipynb #445fdcea
-_S62 = 'Section 6.2'
+_S62, _PAD = 'Section 6.2', 'Section 6.2, zero-padding to fixed-length batches'
 SECTION_6_2 = {
-    'padding_share': Quote(0.34, f'{_S62}, zero-padding to fixed-length batches', 'average share of batch data that was padding'),
-    'padding_rho': Quote(-0.1, f'{_S62}, zero-padding to fixed-length batches', 'approximate ("around −0.1"): training often learnt nothing'),
-    'pearson_loss_rho': Quote(math.nan, f'{_S62}, 1−ρ as loss',
-                              'undefined: with labels piled at zero the model predicts a constant, ρ and the loss are undefined, training stops'),
+    'padding_share': Quote(0.34, _PAD, 'average share of batch data that was padding'),
+    'padding_rho': Quote(-0.1, _PAD, 'approximate ("around −0.1"): training often learnt nothing'),
+    'pearson_loss_rho': Quote(math.nan, f'{_S62}, 1−ρ as loss', 'undefined: with labels piled at zero the model '
+                              'predicts a constant, ρ and the loss are undefined, training stops'),
     'vision_finetune_from': Quote(-0.10, f'{_S62}, fine-tuning general vision models (ConvNeXt, DINOv2)', 'ρ before'),
     'vision_finetune_to': Quote(-0.01, f'{_S62}, fine-tuning general vision models (ConvNeXt, DINOv2)', 'ρ after'),
     'split21_train': Quote(0.18, f'{_S62}, vision, 2:1 split inside the train set', 'approximate ("ρ ≈ 0.18")'),
@@ -119,7 +122,7 @@ SECTION_6_2 = {
     'facial_vision': t1('vision'),
     'facial_audio_vision': t1('audio+vision'),
     'audio_frozen': t1('frozen'),
-    'audio_frozen_gain': Quote(0.32, f'{_S62}, dropping vision', 'audio only (frozen) against audio + vision: "32% better"'),
+    'audio_frozen_gain': Quote(0.32, f'{_S62}, dropping vision', 'audio only (frozen) vs audio + vision: "32% better"'),
 }
 
 # %% ../nbs/01_paper.ipynb #8259b397
@@ -148,15 +151,18 @@ DATA = {
     'hours_train': Quote(15, _DS, 'about'), 'hours_valid': Quote(9, _DS, 'about'), 'hours_test': Quote(9, _DS, 'about'),
     'sample_rate': Quote(16_000, _DS, 'mono mp3'), 'mp3_kbps': Quote(64, _DS),
     'duration_min_s': Quote(0.1, _F2), 'duration_max_s': Quote(1249.9, _F2), 'duration_mean_s': Quote(6.93, _F2),
-    'n_under_1s': Quote(533, _F2), 'share_under_1s': Quote(0.031, _F2), 'n_over_12s': Quote(753, _F2), 'share_over_12s': Quote(0.044, _F2),
+    'n_under_1s': Quote(533, _F2), 'share_under_1s': Quote(0.031, _F2),
+    'n_over_12s': Quote(753, _F2), 'share_over_12s': Quote(0.044, _F2),
     'cut12_seen_whole': Quote(0.956, _F2, 'share of clips whole at the 12 s cut'),
     'cut12_audio_dropped': Quote(0.014, _F2, 'share of all audio beyond 12 s'),
     'fps_min': Quote(25, _F2), 'fps_max': Quote(1000, _F2), 'fps_mean': Quote(226, _F2),
     'share_30fps': Quote(0.626, _F2), 'share_1000fps': Quote(0.201, _F2),
     'face_fps': Quote(6, _DS, 'face crops given at about 6 fps'),
-    'face_11437_fps': Quote(30, _DS, 'clip 11437: video fps'), 'face_11437_seconds': Quote(6.54, _DS, 'clip 11437: duration'),
+    'face_11437_fps': Quote(30, _DS, 'clip 11437: video fps'),
+    'face_11437_seconds': Quote(6.54, _DS, 'clip 11437: duration'),
     'face_11437_expected': Quote(39, _DS, 'clip 11437: crops expected at 6 fps'),
-    'face_11437_found': Quote(42, _DS, 'clip 11437: crops found'), 'face_11437_fps_found': Quote(6.42, _DS, 'clip 11437: effective rate'),
+    'face_11437_found': Quote(42, _DS, 'clip 11437: crops found'),
+    'face_11437_fps_found': Quote(6.42, _DS, 'clip 11437: effective rate'),
     'face_15709_fps_found': Quote(5.84, _DS, 'clip 15709: effective rate'),
     'near_zero_train_min': Quote(0.553, _F1, 'share of near-zero train labels, lowest emotion'),
     'near_zero_train_max': Quote(0.899, _F1, 'share of near-zero train labels, highest emotion'),
@@ -172,25 +178,38 @@ def clips_total() -> int:
 # %% ../nbs/01_paper.ipynb #2a45a45b
 def quotes() -> dict:
     "Every quoted number, {dotted key: Quote}."
-    out = {f'table1.{r}.{s}': t1(r, s) for r in TABLE1.index for s in _SPLIT if not math.isnan(TABLE1.loc[r, _SPLIT[s]])}
+    out = {f'table1.{r}.{s}': t1(r, s) for r in TABLE1.index for s in _SPLIT
+           if not math.isnan(TABLE1.loc[r, _SPLIT[s]])}
     out.update({f'table2.{k}': t2(c, b) for k, b, c in zip(TABLE2.index, TABLE2.backbone_id, TABLE2.components)})
-    for name, d in (('section_6_2', SECTION_6_2), ('recipe', RECIPE), ('data', DATA)): out.update({f'{name}.{k}': q for k, q in d.items()})
+    for name, d in (('section_6_2', SECTION_6_2), ('recipe', RECIPE), ('data', DATA)):
+        out.update({f'{name}.{k}': q for k, q in d.items()})
     return out
 
 def quote(key:str) -> Quote:
     "The Quote of a dotted key of `quotes()`, e.g. 'table2.audeering.global+head+lstm+vad' or 'data.duration_mean_s'."
     qs = quotes()
-    if key not in qs: raise KeyError(f"no quoted number {key!r}; keys start with table1., table2., section_6_2., recipe., data.")
+    if key not in qs: raise KeyError(f"no quoted number {key!r}; keys: table1., table2., section_6_2., recipe., data.")
     return qs[key]
+
+def rhos(row:str) -> tuple:
+    "(ρ_VAL, ρ_TEST) Quotes of a table row, None where the paper prints a dash: 'table1.<row>' or 'table2.<row>'."
+    if row.startswith('table2.'): return quote(row), None
+    if not (row.startswith('table1.') and row[7:] in TABLE1.index):
+        raise KeyError(f"no table row {row!r}: 'table1.<row>' or 'table2.<row>'")
+    qs = quotes()
+    return qs.get(f'{row}.val'), qs.get(f'{row}.test')
 
 # %% ../nbs/01_paper.ipynb #29890539
 def front_page_md() -> str:
     "The front page's paragraph of the paper's headline numbers (quoted), in Markdown."
     s, d, lstm = lstm_row_steps(), SECTION_6_2, TABLE2.rho_val[TABLE2.lstm]
-    return (f"Quoted from the paper's Table 1: audio only ρ_VAL {paper_str(t1('train'))} / ρ_TEST {paper_str(t1('train', 'test'))} "
-            f"(train), {paper_str(t1('train+val', 'test'))} on test when trained on train+val, {paper_str(t1('train+val-long', 'test'))} "
-            f"with longer training; the organisers' audio baseline reached {paper_str(t1('baseline-audio', 'test'))} on test. "
-            f"Vision did not generalise from train to validation (vision only {paper_str(t1('vision'))}, audio+vision "
-            f"{paper_str(t1('audio+vision'))}), although a 2:1 split inside the train set, and inside validation, gave about "
-            f"{d['split21_train']:.2f}. Table 2's four rows with an LSTM lie between {paper_str(lstm.min())} and "
-            f"{paper_str(lstm.max())}; neighbouring rows differ by {paper_str(min(s))} to {paper_str(max(s))}, each a single run.")
+    v = lambda row, split='val': paper_str(t1(row, split))
+    md = (f"Quoted from the paper's Table 1 (every row of its Tables 1 and 2 is in `emi_nb.paper`): audio only "
+          f"ρ_VAL {v('train')} / ρ_TEST {v('train', 'test')} (train), {v('train+val', 'test')} on test when trained on "
+          f"train+val, {v('train+val-long', 'test')} with longer training; the organisers' audio baseline reached "
+          f"{v('baseline-audio', 'test')} on test. Vision did not generalise from train to validation (vision only "
+          f"{v('vision')}, audio+vision {v('audio+vision')}), although a 2:1 split inside the train set, and inside "
+          f"validation, gave about {d['split21_train']:.2f}. Table 2's four rows with an LSTM lie between "
+          f"{paper_str(lstm.min())} and {paper_str(lstm.max())}; neighbouring rows differ by {paper_str(min(s))} to "
+          f"{paper_str(max(s))}, each a single run.")
+    return textwrap.fill(md, 116, break_on_hyphens=False)

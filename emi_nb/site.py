@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat, yaml
 import emi_nb
 from .config import project_root, make_config, data_kind, data_fingerprint
+from .paper import rhos
 
 # %% auto #0
 __all__ = ['HIDE_TAGS', 'SHOWN_PACKAGES', 'FULL', 'PAPER_ROWS', 'VAL_KEYS', 'TEST_KEYS', 'MATHJAX_CONFIG', 'TEMPLATES',
@@ -226,22 +227,22 @@ def provenance_html(rows) -> str:
 # %% ../nbs/13_site.ipynb #96fdbee6
 FULL = dict(use_global=True, use_head=True, use_lstm=True, use_vad=True, lstm_dropout=0.0, freeze_backbone=False, train_on='train')
 _EMO = r't2\.(audeering|vad)\.'
-PAPER_ROWS = [  # row, paper rho_VAL, paper rho_TEST (quoted from Tables 1 and 2), where ours are: [(results, row pattern)], config
-    ('audio: full model', .386, .461, [('ablations', r't1\.train')], FULL),
-    ('audio: full model, LSTM dropout 0.1', .389, .465, [('ablations', r't1\.dropout')], {**FULL, 'lstm_dropout': 0.1}),
-    ('audio: frozen backbone', .262, None, [('ablations', r't1\.frozen')], {**FULL, 'freeze_backbone': True}),
-    ('audio: trained on train+val', None, .522, [('ablations', r't1\.train\+val')], {**FULL, 'train_on': 'train+valid'}),
-    ('audio: train+val, longer training', None, .554, [('ablations', r't1\.train\+val-long')], None),
-    ('Table 2: global vector only', .342, None, [('ablations', _EMO + r'global')], None),
-    ('Table 2: global + regression head', .356, None, [('ablations', _EMO + r'global\+head')], None),
-    ('Table 2: head + LSTM', .375, None, [('ablations', _EMO + r'head\+lstm')], None),
-    ('Table 2: global + head + LSTM', .377, None, [('ablations', _EMO + r'global\+head\+lstm')], None),
-    ('Table 2: head + LSTM + VAD', .375, None, [('ablations', _EMO + r'head\+lstm\+vad')], None),
-    ('Table 2: global + head + LSTM + VAD', .386, None, [('ablations', _EMO + r'global\+head\+lstm\+vad')], None),
-    ('Table 2: W2V2-L (ASR) backbone, global only', .017, None, [('ablations', r't2\.(w2v2-l|untrained)\.global')], None),
-    ('Table 2: XLSR (ASR) backbone, global only', .021, None, [('ablations', r't2\.(xlsr|untrained)\.global')], None),
-    ('vision only', .013, None, [('vision', r'vision')], None),
-    ('audio + vision', .198, None, [('vision', r'joint-unfrozen'), ('vision', r'joint-frozen')], None),
+PAPER_ROWS = [  # label, the paper's row (emi_nb.paper.rhos), where ours are: [(results, row pattern)], single-run config
+    ('audio: full model', 'table1.train', [('ablations', r't1\.train')], FULL),
+    ('audio: full model, LSTM dropout 0.1', 'table1.dropout', [('ablations', r't1\.dropout')], {**FULL, 'lstm_dropout': 0.1}),
+    ('audio: frozen backbone', 'table1.frozen', [('ablations', r't1\.frozen')], {**FULL, 'freeze_backbone': True}),
+    ('audio: trained on train+val', 'table1.train+val', [('ablations', r't1\.train\+val')], {**FULL, 'train_on': 'train+valid'}),
+    ('audio: train+val, longer training', 'table1.train+val-long', [('ablations', r't1\.train\+val-long')], None),
+    ('Table 2: global vector only', 'table2.audeering.global', [('ablations', _EMO + r'global')], None),
+    ('Table 2: global + regression head', 'table2.audeering.global+head', [('ablations', _EMO + r'global\+head')], None),
+    ('Table 2: head + LSTM', 'table2.audeering.head+lstm', [('ablations', _EMO + r'head\+lstm')], None),
+    ('Table 2: global + head + LSTM', 'table2.audeering.global+head+lstm', [('ablations', _EMO + r'global\+head\+lstm')], None),
+    ('Table 2: head + LSTM + VAD', 'table2.audeering.head+lstm+vad', [('ablations', _EMO + r'head\+lstm\+vad')], None),
+    ('Table 2: global + head + LSTM + VAD', 'table2.audeering.global+head+lstm+vad', [('ablations', _EMO + r'global\+head\+lstm\+vad')], None),
+    ('Table 2: W2V2-L (ASR) backbone, global only', 'table2.w2v2-l.global', [('ablations', r't2\.(w2v2-l|untrained)\.global')], None),
+    ('Table 2: XLSR (ASR) backbone, global only', 'table2.xlsr.global', [('ablations', r't2\.(xlsr|untrained)\.global')], None),
+    ('vision only', 'table1.vision', [('vision', r'vision')], None),
+    ('audio + vision', 'table1.audio+vision', [('vision', r'joint-unfrozen'), ('vision', r'joint-frozen')], None),
 ]
 
 # %% ../nbs/13_site.ipynb #c8188a9b
@@ -263,8 +264,8 @@ def _fmt_stats(s:dict) -> str:
     return f(s['mean']) + (f" ± {f(s.get('sd'))}" if n > 1 else '') + (f' [{f(ci[0])}, {f(ci[1])}]' if ci else '') + f' (n={n})'
 
 # %% ../nbs/13_site.ipynb #9a6859be
-VAL_KEYS = ('valid.rho', 'val_rho', 'rho_val', 'best_val_rho')
-TEST_KEYS = ('test.rho', 'test_rho', 'rho_test')
+VAL_KEYS = ('valid.rho',)  # what the training notebook writes
+TEST_KEYS = ('test.rho',)
 
 def _get(d:dict, path:str):
     for k in path.split('.'): d = d.get(k) if isinstance(d, dict) else None
@@ -306,8 +307,8 @@ def paper_vs_here(run_dir) -> 'pd.DataFrame':
     import pandas as pd
     run = load_run(run_dir); rows = []
     def kind(names): return ', '.join(sorted({str((run['results'][n].get('provenance') or {}).get('data_kind', '?')).upper() for n in names}))
-    for row, pv, pt, where, config in PAPER_ROWS:
-        here, src = {}, []
+    for row, key, where, config in PAPER_ROWS:
+        (pv, pt), here, src = rhos(key), {}, []
         for split, pq, keys in (('valid', pv, VAL_KEYS), ('test', pt, TEST_KEYS)):
             g = grid_row(run, where, split)
             if g: here[split] = _fmt_stats(g[0]); src.append(g[1]); continue

@@ -11,6 +11,7 @@ from .config import (project_root, package_versions, git_commit, save_json, make
                            PROFILES)
 from .synth import resolve_data_root, ensure_vad_corpus
 from .pretrain import resolve_backbone
+from .paper import front_page_md
 from .site import render_site
 
 # %% auto #0
@@ -186,11 +187,13 @@ def _run_one(nb:Path, run_dir:Path, man:dict, params:dict, kernel):
 
 # %% ../nbs/14_study.ipynb #e585f048
 def readme_text(root=None) -> str:
-    "README.md's text: the markdown cells of nbs/index.ipynb, then benchmarks/latest.md if present."
+    "README.md's text: nbs/index.ipynb's markdown cells and `paper-quotes` cell's Markdown, then benchmarks/latest.md."
     import nbformat
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
-    parts = [c.source.strip() for c in nb.cells if c.cell_type == 'markdown']
+    quotes = lambda c: c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
+    parts = [c.source.strip() if c.cell_type == 'markdown' else front_page_md().strip()
+             for c in nb.cells if c.cell_type == 'markdown' or quotes(c)]
     bench = root/'benchmarks/latest.md'
     if bench.exists(): parts.append(bench.read_text().strip())
     head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'

@@ -387,8 +387,10 @@ class FrameMLP(nn.Module):
 
 # %% ../nbs/10_vision.ipynb #225a338b
 ROW_QUOTES = {'vision': t1('vision'), 'audio-frozen': t1('frozen'), 'late': t1('baseline-fusion', 'test'),
-              'joint-unfrozen': t1('audio+vision'), '2:1-train': SECTION_6_2['split21_train'], '2:1-valid': SECTION_6_2['split21_valid']}
-CONTEXT_QUOTES = {'baseline vision (ViT + GRU), test': t1('baseline-vision', 'test'), 'baseline audio, test': t1('baseline-audio', 'test'),
+              'joint-unfrozen': t1('audio+vision'), '2:1-train': SECTION_6_2['split21_train'],
+              '2:1-valid': SECTION_6_2['split21_valid']}
+CONTEXT_QUOTES = {'baseline vision (ViT + GRU), test': t1('baseline-vision', 'test'),
+                  'baseline audio, test': t1('baseline-audio', 'test'),
                   'fine-tuned ConvNeXt / DINOv2, before': SECTION_6_2['vision_finetune_from'],
                   'fine-tuned ConvNeXt / DINOv2, after': SECTION_6_2['vision_finetune_to'],
                   'audio only (frozen) against audio + vision, gain': SECTION_6_2['audio_frozen_gain']}
