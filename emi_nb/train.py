@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from .config import (EMOTIONS, SR, StudyConfig, make_config, run_path, get_device, amp_dtype, seed_everything,
                            save_json, save_results, progress, data_kind)
 from .metrics import pearson, mean_rho, rho_report, write_submission
-from .data import EMIDataset, DataError, collate, load_audio, normalize, read_split
-from .model import EmotionModel, EMIModel, MIN_SAMPLES
+from .data import (EMIDataset, DataError, collate, load_audio, normalize, read_split, split_csv, read_test_labels,
+                         check_shared_ids, check_length, write_quarantine_report, speech_share, LITTLE_SPEECH, MIN_SAMPLES)
+from .model import EmotionModel, EMIModel
 from fastcore.basics import patch
 
 # %% auto #0
@@ -262,13 +263,33 @@ def make_loader(ds, lengths, cfg:StudyConfig, train:bool, rank:int=0, world:int=
     g = torch.Generator().manual_seed(cfg.seed)   # its own: a new iterator must not draw from the global RNG (resume)
     return torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin, generator=g)
 
-def run_data(cfg:StudyConfig, root) -> dict:
-    "train dataset (+valid when train_on='train+valid'), its lengths, and the validation dataset."
+def _report_rows(data:dict, shared:list) -> list:
+    "Quarantine report rows of a run's data: skipped rows/clips, unscored test labels, ids kept in two splits."
+    rows = [dict(r, action='skipped (missing from the submission)') if s == 'test' else r
+            for s in ('train', 'valid', 'test') if data.get(s) is not None for r in data[s].report]
+    lab = data.get('test_labels')
+    rows += [dict(file=p['path'], split='test', problem=p['problem'], action='not scored', fid=p['fid'], row=p['row']) for p in (lab.attrs['problems'] if lab is not None else [])]
+    return rows + [dict(file=p['path'], split='', problem=p['problem'], action='kept (allow_shared_ids)', fid=p['fid'], row=p['row']) for p in shared]
+
+def run_data(cfg:StudyConfig, root,
+             name:str='emi', # the run's name: its quarantine report is results/<name>_quarantine.csv
+             allow_shared_ids:bool|None=None, # train on ids found in two splits; None: the config's allow_shared_ids (False when absent)
+             write_report:bool=True, # write the quarantine report (False on all but rank 0)
+            ) -> dict:
+    "Every split the run reads, validated before training starts: train (+valid for train+valid), lengths, valid, test, test labels, quarantine."
+    if cfg.train_on not in ('train', 'train+valid'): raise ValueError(f"train_on={cfg.train_on!r}: choose train | train+valid")
     kw = dict(max_seconds=cfg.max_seconds, quarantine=cfg.quarantine)
-    tr, va = EMIDataset(root, 'train', **kw), EMIDataset(root, 'valid', **kw)
-    if cfg.train_on == 'train': return dict(train=tr, lengths=tr.lengths, valid=va)
-    if cfg.train_on != 'train+valid': raise ValueError(f"train_on={cfg.train_on!r}: choose train | train+valid")
-    return dict(train=torch.utils.data.ConcatDataset([tr, va]), lengths=np.concatenate([tr.lengths, va.lengths]), valid=va)
+    d = dict(train=EMIDataset(root, 'train', **kw), valid=EMIDataset(root, 'valid', **kw))
+    d['test'] = EMIDataset(root, 'test', labels=False, **kw) if split_csv(root, 'test').exists() else None
+    allow = getattr(cfg, 'allow_shared_ids', False) if allow_shared_ids is None else allow_shared_ids
+    shared = check_shared_ids({s: d[s].df for s in ('train', 'valid', 'test') if d[s] is not None}, allow)
+    d['test_labels'] = read_test_labels(root, d['test'].fids, cfg.quarantine) if d['test'] is not None else None
+    rows = _report_rows(d, shared)
+    rep = write_quarantine_report([rows], run_path(cfg, 'results'), f'{name}_quarantine') if cfg.quarantine and write_report else dict(path=None)
+    d.update(lengths=d['train'].lengths, quarantine=dict(path=rep['path'], count=len(rows)))
+    if cfg.train_on == 'train+valid':
+        d.update(train=torch.utils.data.ConcatDataset([d['train'], d['valid']]), lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))
+    return d
 
 # %% ../nbs/08_train.ipynb #3bd6283e
 class Trainer:
@@ -286,7 +307,7 @@ class Trainer:
         self.dtype = amp_dtype(self.device, cfg.amp)
         self.ckpt_dir = run_path(cfg, 'checkpoints', name)
         seed_everything(cfg.seed)
-        self.data = run_data(cfg, self.root)
+        self.data = run_data(cfg, self.root, name, write_report=self.rank == 0)
         self.model = build_model(cfg, self.backbone, self.device, no_dropout)
 
     def log(self, *a):
@@ -462,7 +483,7 @@ def _final(self:Trainer, timing:dict) -> dict:
                    skipped_steps=sum(r['skipped_steps'] for r in st['curves']))
     timing.update(final_eval_seconds=round(time.time() - t0, 2))
     res = dict(name=self.name, metrics=metrics, world_size=self.world, no_dropout=self.no_dropout, backbone=str(self.backbone),
-               checkpoint=str(resolve_checkpoint(self.ckpt_dir, 'best')))
+               checkpoint=str(resolve_checkpoint(self.ckpt_dir, 'best')), quarantine=self.data['quarantine'])
     if self.rank == 0:
         res['path'] = str(save_results(cfg, self.name, metrics, data_root=self.root, timing=timing,
                                        **{k: v for k, v in res.items() if k not in ('name', 'metrics')}))
@@ -475,18 +496,17 @@ def _final(self:Trainer, timing:dict) -> dict:
 
 @patch
 def _test_score(self:Trainer) -> dict|None:
-    "Predict the test split, write the submission CSV, and score it against test_labels.csv when present."
-    import pandas as pd
-    lab = Path(self.root)/'test_labels.csv'
-    if not (Path(self.root)/'test_split.csv').exists(): return None
-    ds = EMIDataset(self.root, 'test', max_seconds=self.cfg.max_seconds, quarantine=self.cfg.quarantine, labels=False)
+    "Predict the test split, write the submission CSV, and score it against the validated test labels when present."
+    ds, lab = self.data['test'], self.data['test_labels']
+    if ds is None: return None
     fids, p, _ = predict(self.model, make_loader(ds, ds.lengths, self.cfg, False, self.rank, self.world, self.device),
                          self.device, self.dtype, 'test', self.world)
     sub = write_submission(fids, p, run_path(self.cfg, 'results')/f'{self.name}_test_submission.csv') if self.rank == 0 else None
-    if not lab.exists(): return None
-    y = pd.read_csv(lab).set_index('Filename').loc[fids, EMOTIONS].to_numpy()
+    if lab is None: return None
+    keep = np.isin(fids, lab.index)   # with quarantine, a test clip whose label row is bad is predicted but not scored
+    y = lab.loc[fids[keep], EMOTIONS].to_numpy()
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); return dict(rho_report(np.clip(p, 0, 1), y, self.cfg.n_boot, self.cfg.seed), scored='clipped submission')
+        warnings.simplefilter('ignore'); return dict(rho_report(np.clip(p[keep], 0, 1), y, self.cfg.n_boot, self.cfg.seed), scored='clipped submission')
 
 # %% ../nbs/08_train.ipynb #8fe1ad2e
 def fit(cfg:StudyConfig, name:str='emi', # checkpoint and results name
@@ -549,11 +569,12 @@ def windows(y:np.ndarray, n:int, min_len:int=SR) -> list:
     return w[:-1] if len(w) > 1 and len(w[-1]) < min_len else w
 
 # %% ../nbs/08_train.ipynb #3e13053e
-def _load_items(path:Path, max_seconds:float, long:str) -> tuple:
-    "(list of normalised windows, info) of one file; raises DataError naming it."
+def _load_items(path:Path, max_seconds:float, long:str, speech:bool=True) -> tuple:
+    "(list of normalised windows, info + speech_share of the samples used) of one file; raises DataError naming it."
     y, info = load_audio(path, None if long == 'windows' else max_seconds)
     ws = windows(y, int(round(max_seconds * SR))) if long == 'windows' else [y]
-    if len(ws[0]) < MIN_SAMPLES: raise DataError(path, f"too short: {len(y)} samples at 16 kHz (< {MIN_SAMPLES}, {MIN_SAMPLES*1000//SR} ms)")
+    check_length(path, len(ws[0]))
+    info['speech_share'] = speech_share(y[:sum(len(w) for w in ws)]) if speech else float('nan')
     return [torch.from_numpy(normalize(w)) for w in ws], info
 
 @torch.no_grad()
@@ -567,13 +588,16 @@ def _predict_items(model, items:list, device, batch_size:int, dtype=None) -> np.
     return out
 
 # %% ../nbs/08_train.ipynb #05f1902a
-def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='cut', batch_size:int=1, dtype=None, chunk:int=64) -> tuple:
-    "(DataFrame of predictions, list of (path, error)) for audio files; bad files are reported, not fatal."
+def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='cut', batch_size:int=1, dtype=None, chunk:int=64,
+                  speech:bool=True, # measure each file's speech share (silero-vad, about 1/150 of real time on a CPU core)
+                  min_speech:float=LITTLE_SPEECH, # below this share a file is flagged: read speech measures 0.8-0.9, noise 0.0
+                 ) -> tuple:
+    "(DataFrame of predictions + speech_share/little_speech, list of (path, error)); bad files are reported, not fatal."
     rows, failed = [], []
     for c in progress(range(0, len(files), chunk), desc='predict', total=-(-len(files) // chunk)):
         items, owner, infos = [], [], {}
         for f in files[c:c + chunk]:
-            try: ws, info = _load_items(f, max_seconds, long)
+            try: ws, info = _load_items(f, max_seconds, long, speech)
             except Exception as e:
                 failed.append((str(f), e.reason if isinstance(e, DataError) else f"{type(e).__name__}: {e}"))
                 print(f"emi_predict: ERROR {f}: {failed[-1][1]}", file=sys.stderr); continue
@@ -582,12 +606,32 @@ def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='c
         p = _predict_items(model, items, device, batch_size, dtype); owner = np.array(owner)
         for f, (info, lens) in infos.items():
             pred = np.average(p[owner == f], axis=0, weights=lens)
+            sh = info['speech_share']; little = bool(sh < min_speech)
             rows.append(dict(Filename=Path(f).stem, **dict(zip(EMOTIONS, np.clip(pred, 0, 1).round(6))), path=f,
-                             seconds=round(info['seconds'], 3), used_seconds=round(sum(lens) / SR, 3), windows=len(lens)))
+                             seconds=round(info['seconds'], 3), used_seconds=round(sum(lens) / SR, 3), windows=len(lens),
+                             speech_share=round(sh, 3), little_speech=little if speech else None))
+            if little: print(f"emi_predict: LITTLE SPEECH {f}: {sh:.0%} of its {sum(lens) / SR:.1f} s is speech (below {min_speech:.0%}); "
+                             "its intensities describe something other than a person speaking", file=sys.stderr)
     import pandas as pd
-    return pd.DataFrame(rows, columns=['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows']), failed
+    return pd.DataFrame(rows, columns=['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows', 'speech_share', 'little_speech']), failed
 
 # %% ../nbs/08_train.ipynb #e492d299
+def _load_checkpoint(path, device) -> tuple:
+    "load_trained, with a file that cannot be read turned into a DataError naming it."
+    try: return load_trained(path, device)
+    except FileNotFoundError: raise
+    except Exception as e:
+        from safetensors import safe_open
+        d = resolve_checkpoint(path)
+        for f in ('config.json', 'backbone_config.json'):
+            try: json.loads((d/f).read_text())
+            except Exception as e2: raise DataError(d/f, f"cannot read the checkpoint's {f}: {e2}") from None
+        try:
+            with safe_open(str(d/'model.safetensors'), 'pt') as h: h.keys()
+        except Exception as e2: raise DataError(d/'model.safetensors', f"cannot read the weights (truncated or corrupt?): {e2}") from None
+        raise DataError(d/'model.safetensors', f"weights do not fit the model of config.json: {type(e).__name__}: {str(e)[:300]}") from None
+
+# %% ../nbs/08_train.ipynb #fd9789cf
 def emi_predict_cli(argv=None):
     "emi_predict: predict the six intensities of audio files with a trained checkpoint; writes a CSV."
     ap = argparse.ArgumentParser(prog='emi_predict', description='Predict emotion mimicry intensities of audio files with a trained checkpoint.')
@@ -599,16 +643,20 @@ def emi_predict_cli(argv=None):
     ap.add_argument('--batch-size', type=int, help='clips per forward; 1 = one at a time (default: 1 on CPU, eval_batch_size on CUDA)')
     ap.add_argument('--device', default='auto', help='auto | cpu | cuda')
     ap.add_argument('--recursive', action='store_true', help='search folders recursively')
+    ap.add_argument('--min-speech', type=float, default=LITTLE_SPEECH, help=f'flag files whose speech share is below this (default {LITTLE_SPEECH})')
+    ap.add_argument('--no-speech-check', action='store_true', help='skip the speech-share measurement')
     a = ap.parse_args(argv)
     try:
-        dev = get_device(a.device); model, cfg = load_trained(a.checkpoint, dev)
-    except (FileNotFoundError, RuntimeError, ValueError) as e: print(f"emi_predict: {e}", file=sys.stderr); sys.exit(2)
+        dev = get_device(a.device); model, cfg = _load_checkpoint(a.checkpoint, dev)
+    except (DataError, FileNotFoundError, RuntimeError, ValueError) as e: print(f"emi_predict: {e}", file=sys.stderr); sys.exit(2)
     files = audio_files(a.inputs, a.recursive)
     if not files: print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr); sys.exit(2)
     bs = a.batch_size or (1 if dev.type == 'cpu' else cfg.eval_batch_size)
-    df, failed = predict_files(model, files, dev, a.max_seconds or cfg.max_seconds, a.long, bs, amp_dtype(dev, cfg.amp))
+    df, failed = predict_files(model, files, dev, a.max_seconds or cfg.max_seconds, a.long, bs, amp_dtype(dev, cfg.amp),
+                               speech=not a.no_speech_check, min_speech=a.min_speech)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); df.to_csv(out, index=False)
-    print(f"[emi_predict] {len(df)} of {len(files)} files predicted -> {out}")
+    little = int(df.little_speech.fillna(False).astype(bool).sum())
+    print(f"[emi_predict] {len(df)} of {len(files)} files predicted -> {out}" + (f"; {little} with little speech (column little_speech)" if little else ''))
     err = out.with_name(out.stem + '.errors.csv')
     if failed:
         import pandas as pd
