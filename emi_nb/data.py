@@ -42,7 +42,8 @@ def split_csv(root, split:str) -> Path:
 def _id_problem(v:str) -> str|None:
     "Why the text `v` is not a clip id (None when it is one)."
     if not (v.isascii() and v.isdigit()): return f"Filename {v!r} is not a non-negative integer id"
-    if len(v.lstrip('0')) > MAX_ID_DIGITS: return f"Filename {v!r} is too large for a clip id (more than {MAX_ID_DIGITS} digits)"
+    if len(v.lstrip('0')) > MAX_ID_DIGITS:
+        return f"Filename {v!r} is too large for a clip id (more than {MAX_ID_DIGITS} digits)"
     return None
 
 def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
@@ -86,7 +87,8 @@ def read_table(csv, # a split CSV or test_labels.csv
     if 'Filename' not in df.columns: raise DataError(csv, f"missing column 'Filename' (have {list(df.columns)})")
     if len(df) == 0: raise DataError(csv, f"empty {name}: no rows")
     present = [c for c in EMOTIONS if c in df.columns]
-    if labels and len(present) < len(EMOTIONS): raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
+    if labels and len(present) < len(EMOTIONS):
+        raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
     ids, probs = _id_problems(df['Filename'])
     out = pd.DataFrame({'Filename': ids})
     if labels or len(present) == len(EMOTIONS):
@@ -126,17 +128,19 @@ def read_split(root, # ABAW-layout data root
 # %% ../nbs/03_data.ipynb #efec370d
 def read_test_labels(root, # ABAW-layout data root
                      fids=None, # the test ids to score, each needs a row (default: those of test_split.csv)
-                     quarantine:bool=False, # leave bad or missing rows out of the score (attrs['problems']) instead of raising
+                     quarantine:bool=False, # leave bad or missing rows out of the score (listed in attrs['problems'])
                     ) -> pd.DataFrame|None:
     "test_labels.csv validated like a split, indexed by Filename; None when the corpus has none."
     csv = Path(root)/'test_labels.csv'
     if not csv.exists(): return None
     df, probs = read_table(csv, True, 'test labels')
-    if fids is None: fids = read_split(root, 'test', labels=False, quarantine=True).Filename if split_csv(root, 'test').exists() else []
+    if fids is None and split_csv(root, 'test').exists():
+        fids = read_split(root, 'test', labels=False, quarantine=True).Filename
     have, bad = set(df.Filename.tolist()), {p['fid'] for p in probs}
     probs += [dict(path=str(csv), row=None, fid=int(f), problem=f"no row for test id {int(f)} (it is in test_split.csv)")
-              for f in fids if int(f) not in have | bad]
-    if probs and not quarantine: raise DataError(csv, probs[0]['problem'] + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ''))
+              for f in (fids if fids is not None else []) if int(f) not in have | bad]
+    if probs and not quarantine:
+        raise DataError(csv, probs[0]['problem'] + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ''))
     out = df.set_index('Filename')
     out.attrs['problems'] = probs
     return out
@@ -151,7 +155,8 @@ def shared_id_problems(tables:dict, # split -> its table (read_split, split_tabl
         for f, r in zip(df.Filename.tolist(), rows):
             if f not in seen: seen[f] = (split, r, Path(path).name); continue
             s0, r0, p0 = seen[f]
-            probs.append(dict(path=path, row=r, fid=int(f), problem=f"row {r}, Filename {f}: id {f} is also in {s0} ({p0} row {r0}): splits must not share clips"))
+            why = f"row {r}, Filename {f}: id {f} is also in {s0} ({p0} row {r0}): splits must not share clips"
+            probs.append(dict(path=path, row=r, fid=int(f), problem=why))
     return probs
 
 def check_shared_ids(tables:dict, # split -> its table
@@ -159,9 +164,11 @@ def check_shared_ids(tables:dict, # split -> its table
                     ) -> list[dict]:
     "Raise a DataError naming the first id found in two splits (and the count) unless `allow`; returns the problems."
     probs = shared_id_problems(tables)
-    if probs and not allow:
-        raise DataError(probs[0]['path'], probs[0]['problem'] + f" ({len(probs)} shared id(s); allow_shared_ids=True trains anyway)")
-    if probs: warnings.warn(f"{len(probs)} id(s) in two splits, kept because allow_shared_ids=True: first {probs[0]['path']}: {probs[0]['problem']}")
+    if not probs: return probs
+    first = probs[0]
+    if not allow:
+        raise DataError(first['path'], first['problem'] + f" ({len(probs)} shared id(s); allow_shared_ids=True trains anyway)")
+    warnings.warn(f"{len(probs)} id(s) in two splits, kept as allow_shared_ids=True: first {first['path']}: {first['problem']}")
     return probs
 
 # %% ../nbs/03_data.ipynb #7cd84dc7
@@ -184,7 +191,9 @@ def media_path(root, # ABAW-layout data root
     folder = Path(root)/KINDS[kind]
     cands = [folder/f'{int(fid):05d}{e}' for e in AUDIO_EXTS] if kind == 'audio' else [folder/(f'{int(fid):05d}' + ('.mp4' if kind == 'raw' else ''))]
     found = [c for c in cands if c.exists() or c.is_symlink()]
-    if len(found) > 1: raise DataError(found[0], f"{len(found)} audio files for id {fid}: {' and '.join(c.name for c in found)} (keep one: which is meant is ambiguous)")
+    if len(found) > 1:
+        names = ' and '.join(c.name for c in found)
+        raise DataError(found[0], f"{len(found)} audio files for id {fid}: {names} (keep one: which is meant is ambiguous)")
     p = found[0] if found else cands[0]
     if not (p.exists() or p.is_symlink()):
         if must_exist: raise DataError(p, "missing file" + (f" (also looked for {', '.join(AUDIO_EXTS[1:])})" if kind == 'audio' else ''))
@@ -263,12 +272,13 @@ def normalize(wav:np.ndarray) -> np.ndarray:
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
 
 # %% ../nbs/03_data.ipynb #e35aa3bc
-MIN_SAMPLES = 400  # wav2vec2's conv encoder: the shortest input that yields one frame (25 ms at 16 kHz); 05_model checks it
+MIN_SAMPLES = 400  # wav2vec2's conv encoder: the shortest input that yields a frame (25 ms at 16 kHz); 05_model checks it
 
 def check_length(path, n:int):
     "Raise a DataError naming `path` when `n` samples at 16 kHz are too few for the model."
-    if n < MIN_SAMPLES:
-        raise DataError(path, f"too short: {n} samples at 16 kHz ({n * 1000 / SR:.0f} ms); the model needs at least {MIN_SAMPLES} ({MIN_SAMPLES * 1000 // SR} ms)")
+    if n >= MIN_SAMPLES: return
+    need = f"the model needs at least {MIN_SAMPLES} ({MIN_SAMPLES * 1000 // SR} ms)"
+    raise DataError(path, f"too short: {n} samples at 16 kHz ({n * 1000 / SR:.0f} ms); {need}")
 
 def audio_folder(root) -> Path:
     "The audio folder of `root`; a DataError when it is missing (every clip would be)."
@@ -286,12 +296,15 @@ def check_clip(root, # ABAW-layout data root
     "The one validation of a clip's audio: dict(fid, path, length, seconds, channels, orig_sr, problem)."
     r = dict(fid=fid, path=None, length=0, seconds=float('nan'), channels=None, orig_sr=None, problem=None)
     try:
-        p = media_path(root, fid, 'audio'); r['path'] = str(p)
+        p = media_path(root, fid, 'audio')
+        r['path'] = str(p)
         if decode:
-            y, info = load_audio(p, max_seconds); n = len(y)
+            y, info = load_audio(p, max_seconds)
+            n = len(y)
             if keep: r['wav'] = y
         else:
-            info = _probe(p); f = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
+            info = _probe(p)
+            f = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
             n = out_len(f, info['orig_sr'])
         r.update(length=n, seconds=info['frames'] / info['orig_sr'], channels=info['channels'], orig_sr=info['orig_sr'])
         check_length(p, n)
@@ -305,7 +318,8 @@ def _report_row(split:str, path, problem:str, fid=None, row=None, action:str='sk
 
 def _show(rows:list, n:int=3) -> str:
     "The first `n` report rows as 'file: problem' text."
-    return '; '.join(f"{Path(r['file']).name}: {r['problem']}" for r in rows[:n]) + (f"; ... {len(rows) - n} more" if len(rows) > n else '')
+    more = f"; ... {len(rows) - n} more" if len(rows) > n else ''
+    return '; '.join(f"{Path(r['file']).name}: {r['problem']}" for r in rows[:n]) + more
 
 # %% ../nbs/03_data.ipynb #47bb0f85
 import torch
@@ -321,7 +335,9 @@ class EMIDataset(torch.utils.data.Dataset):
         with ThreadPoolExecutor(max(1, workers)) as ex:
             checks = list(ex.map(lambda f: check_clip(root, f, max_seconds, decode=quarantine), df.Filename.tolist()))
         bad = [c for c in checks if c['problem']]
-        if bad and not quarantine: raise DataError(bad[0]['path'], bad[0]['problem'] + (f" (and {len(bad)-1} more bad clips in {split})" if len(bad) > 1 else ''))
+        if bad and not quarantine:
+            more = f" (and {len(bad) - 1} more bad clips in {split})" if len(bad) > 1 else ''
+            raise DataError(bad[0]['path'], bad[0]['problem'] + more)
         self.report = [_report_row(split, p['path'], p['problem'], p['fid'], p['row']) for p in df.attrs.get('problems', [])]
         self.report += [_report_row(split, c['path'], c['problem'], c['fid']) for c in bad]
         self._keep(df, checks)
@@ -334,7 +350,8 @@ def _keep(self:EMIDataset, df:pd.DataFrame, checks:list):
     n = len(df) + len(df.attrs.get('problems', []))
     if self.report:
         print(f"EMIDataset({self.split}): quarantined {len(self.report)} of {n} rows/clips: {_show(self.report)} (all in .report)")
-    if not keep.any(): raise DataError(split_csv(self.root, self.split), f"no usable clip: all {n} quarantined ({_show(self.report, 2)})")
+    if not keep.any():
+        raise DataError(split_csv(self.root, self.split), f"no usable clip: all {n} quarantined ({_show(self.report, 2)})")
     rows = np.asarray(df.attrs.get('rows') or range(2, len(df) + 2))[keep].tolist()
     self.df = df[keep].reset_index(drop=True)
     self.df.attrs.update(rows=rows, path=str(split_csv(self.root, self.split)), problems=df.attrs.get('problems', []))
@@ -370,8 +387,10 @@ def write_quarantine_report(reports, # EMIDatasets and/or lists of report rows (
     "Write <out_dir>/<name>.csv (+ .json) of every quarantined row/clip; dict(path, count, rows)."
     rows = [r for x in reports for r in (x.report if isinstance(x, EMIDataset) else x)]
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame([{k: r.get(k) for k in REPORT_COLUMNS} for r in rows], columns=REPORT_COLUMNS).astype({'fid': 'Int64', 'row': 'Int64'})
-    tmp = out/f'.{name}.csv.{os.getpid()}.tmp'; df.to_csv(tmp, index=False); os.replace(tmp, out/f'{name}.csv')
+    df = pd.DataFrame([{k: r.get(k) for k in REPORT_COLUMNS} for r in rows], columns=REPORT_COLUMNS)
+    tmp = out/f'.{name}.csv.{os.getpid()}.tmp'
+    df.astype({'fid': 'Int64', 'row': 'Int64'}).to_csv(tmp, index=False)
+    os.replace(tmp, out/f'{name}.csv')
     save_json(out/f'{name}.json', dict(count=len(rows), rows=rows))
     if rows:
         print(f"quarantine: {len(rows)} row(s)/clip(s) left out, listed in {out/f'{name}.csv'}")
@@ -440,7 +459,7 @@ def load_pickled_features(path, # a .pkl of per-frame features
 # %% ../nbs/03_data.ipynb #52d4f893
 VAD_FRAME = 512       # samples per silero-vad frame at 16 kHz (32 ms)
 SPEECH_PROB = 0.5     # silero-vad's own default: a frame whose speech probability reaches it counts as speech
-LITTLE_SPEECH = 0.2   # a clip whose frames are less than a fifth speech is mostly something else (noise, music, silence)
+LITTLE_SPEECH = 0.2   # under a fifth of the frames speech: mostly something else (noise, music, silence)
 _VAD_LOCK = threading.RLock()   # the model carries its recurrent state from call to call: one clip at a time
 
 @functools.cache
@@ -463,17 +482,19 @@ def speech_share(y:np.ndarray, # float32 mono samples at 16 kHz (as load_audio r
 
 # %% ../nbs/03_data.ipynb #614c369f
 def _clip_facts(root, split:str, fid:int, media:dict, max_seconds:float, speech:bool) -> dict:
-    "check_clip on the whole clip, its video and faces, and its speech share (of the cut) when `speech`; facts + problems."
+    "check_clip on the whole clip, its video and faces, its speech share (of the cut) when `speech`; facts + problems."
     c = check_clip(root, fid, None, decode=True, keep=speech)
     r = dict(split=split, fid=fid, path=c['path'], problems=[])
     if c['problem']: r['problems'].append(('error', c['path'], c['problem']))
     else:
         r.update(seconds=c['seconds'], channels=c['channels'], orig_sr=c['orig_sr'])
         if c['channels'] != 1 or c['orig_sr'] != SR:
-            r['problems'].append(('warning', c['path'], f"{c['channels']} channel(s) at {c['orig_sr']} Hz (expected mono 16 kHz; down-mixed and resampled on load)"))
+            fmt = f"{c['channels']} channel(s) at {c['orig_sr']} Hz"
+            r['problems'].append(('warning', c['path'], f"{fmt} (expected mono 16 kHz; down-mixed and resampled on load)"))
         if speech:
             with _VAD_LOCK:
-                t0 = time.perf_counter(); r['speech_share'] = speech_share(c['wav'][:int(max_seconds * SR) if max_seconds else None])
+                t0 = time.perf_counter()
+                r['speech_share'] = speech_share(c['wav'][:int(max_seconds * SR) if max_seconds else None])
                 r['vad_seconds'] = time.perf_counter() - t0
     if media.get('raw'):
         try: r.update({f'video_{k}': v for k, v in video_info(media_path(root, fid, 'raw')).items()})
@@ -491,7 +512,8 @@ def _broken_links(root, used:set) -> list:
         for dirpath, dirnames, filenames in os.walk(Path(root)/k):
             for fn in sorted(dirnames + filenames):
                 p = Path(dirpath)/fn
-                if p.is_symlink() and not p.exists() and str(p) not in used: out.append(('warning', str(p), f"broken symlink (to {os.readlink(p)}) not used by any split"))
+                if p.is_symlink() and not p.exists() and str(p) not in used:
+                    out.append(('warning', str(p), f"broken symlink (to {os.readlink(p)}) not used by any split"))
     return out
 
 # %% ../nbs/03_data.ipynb #0d1194b7
@@ -501,7 +523,8 @@ def _tables(root:Path) -> tuple[dict, list]:
     for split in SPLITS:
         try: tables[split], tp = split_table(root, split)
         except DataError as e:
-            probs.append(('warning' if split == 'test' and 'missing split file' in e.reason else 'error', e.path, e.reason)); continue
+            probs.append(('warning' if split == 'test' and 'missing split file' in e.reason else 'error', e.path, e.reason))
+            continue
         probs += [('error', p['path'], p['problem']) for p in tp]
     probs += [('error', p['path'], p['problem']) for p in shared_id_problems(tables)]
     try:
@@ -515,7 +538,7 @@ def check_root(root, # ABAW-layout data root
                workers:int|None=None, # decoding threads (default: CPU count)
                max_seconds:float=12.0, # the cut whose effect the summary reports
                limit:int|None=None, # check only the first `limit` clips per split (a quick look)
-               speech_sample:int=200, # clips whose speech share is measured, spread evenly over the corpus (0: none, -1: all)
+               speech_sample:int=200, # clips whose speech share is measured, spread evenly (0: none, -1: all)
               ) -> dict:
     "Validate a data root: {'problems': DataFrame(severity, path, problem), 'clips': DataFrame, 'summary': dict}."
     root = Path(root)
@@ -529,13 +552,15 @@ def check_root(root, # ABAW-layout data root
     media = {k: (root/KINDS[k]).is_dir() for k in ('raw', 'faces')}
     for k, v in media.items():
         if not v: probs.append(('warning', str(root/KINDS[k]), "folder absent: not checked (the audio-only study does not need it)"))
+    one = lambda i: _clip_facts(root, *rows[i], media, max_seconds, i in vad)
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
-        facts = list(progress(ex.map(lambda i: _clip_facts(root, *rows[i], media, max_seconds, i in vad), range(len(rows))), total=len(rows), desc='emi_check', unit='clip'))
+        facts = list(progress(ex.map(one, range(len(rows))), total=len(rows), desc='emi_check', unit='clip'))
     for f in facts: probs += f.pop('problems')
     probs += _broken_links(root, {p[1] for p in probs} | {f['path'] for f in facts})
     clips = pd.DataFrame(facts)
-    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable').reset_index(drop=True)
-    return dict(problems=problems, clips=clips, summary=dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds)))
+    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable')
+    summary = dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds))
+    return dict(problems=problems.reset_index(drop=True), clips=clips, summary=summary)
 
 # %% ../nbs/03_data.ipynb #6bf47445
 def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
@@ -558,8 +583,8 @@ def _speech_summary(clips:pd.DataFrame, max_seconds:float) -> dict:
     if 'speech_share' not in clips or clips['speech_share'].notna().sum() == 0: return dict(measured=0)
     c = clips.dropna(subset=['speech_share']); v = c['speech_share'].to_numpy()
     low = c.nsmallest(5, 'speech_share')
-    return dict(model='silero-vad', measured=len(c), of=int(clips['seconds'].notna().sum()) if 'seconds' in clips else len(clips),
-                cut_seconds=max_seconds, vad_seconds=round(float(c['vad_seconds'].sum()), 2), mean=round(float(v.mean()), 3),
+    return dict(model='silero-vad', measured=len(c), of=int(clips['seconds'].notna().sum()), cut_seconds=max_seconds,
+                vad_seconds=round(float(c['vad_seconds'].sum()), 2), mean=round(float(v.mean()), 3),
                 median=round(float(np.median(v)), 3), min=round(float(v.min()), 3), max=round(float(v.max()), 3),
                 below_little_speech=int((v < LITTLE_SPEECH).sum()), little_speech=LITTLE_SPEECH,
                 least_speech={f"{r.split}/{r.fid:05d}": round(r.speech_share, 3) for r in low.itertuples()})
@@ -579,9 +604,9 @@ def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
 def speech_line(sp:dict) -> str:
     "One line on the speech share of a corpus from check_root's summary."
     if not sp.get('measured'): return "speech: not measured (--speech-sample 0)"
-    return (f"speech (silero-vad, first {sp['cut_seconds']:g} s of each clip): {sp['measured']} of {sp['of']} clips measured in "
-            f"{sp['vad_seconds']:.1f} s; share of speech frames median {sp['median']:.2f} (min {sp['min']:.2f}, max {sp['max']:.2f}); "
-            f"{sp['below_little_speech']} clip(s) below {sp['little_speech']:g}")
+    return (f"speech (silero-vad, first {sp['cut_seconds']:g} s of each clip): {sp['measured']} of {sp['of']} clips measured "
+            f"in {sp['vad_seconds']:.1f} s; share of speech frames median {sp['median']:.2f} (min {sp['min']:.2f}, "
+            f"max {sp['max']:.2f}); {sp['below_little_speech']} clip(s) below {sp['little_speech']:g}")
 
 # %% ../nbs/03_data.ipynb #961aabf5
 def emi_check_cli(argv=None):
@@ -593,7 +618,8 @@ def emi_check_cli(argv=None):
     ap.add_argument('--limit', type=int, default=None, help='check only the first N clips of each split')
     ap.add_argument('--json', metavar='PATH', help='also write the full report (summary, problems, per-clip facts) as JSON')
     ap.add_argument('--strict', action='store_true', help='exit 1 on warnings too')
-    ap.add_argument('--speech-sample', type=int, default=200, help='clips whose speech share silero-vad measures, spread over the corpus (0: none, -1: all; default 200)')
+    ap.add_argument('--speech-sample', type=int, default=200,
+                    help='clips whose speech share silero-vad measures, spread over the corpus (0: none, -1: all)')
     a = ap.parse_args(argv)
     root = Path(a.root)
     try: rep = check_root(root, a.workers, a.max_seconds, a.limit, a.speech_sample)

@@ -267,17 +267,20 @@ def _report_rows(data:dict, shared:list) -> list:
     "Quarantine report rows of a run's data: skipped rows/clips, unscored test labels, ids kept in two splits."
     rows = [dict(r, action='skipped (missing from the submission)') if s == 'test' else r
             for s in ('train', 'valid', 'test') if data.get(s) is not None for r in data[s].report]
+    row = lambda p, split, action: dict(file=p['path'], split=split, problem=p['problem'], action=action, fid=p['fid'],
+                                        row=p['row'])
     lab = data.get('test_labels')
-    rows += [dict(file=p['path'], split='test', problem=p['problem'], action='not scored', fid=p['fid'], row=p['row']) for p in (lab.attrs['problems'] if lab is not None else [])]
-    return rows + [dict(file=p['path'], split='', problem=p['problem'], action='kept (allow_shared_ids)', fid=p['fid'], row=p['row']) for p in shared]
+    rows += [row(p, 'test', 'not scored') for p in (lab.attrs['problems'] if lab is not None else [])]
+    return rows + [row(p, '', 'kept (allow_shared_ids)') for p in shared]
 
 def run_data(cfg:StudyConfig, root,
              name:str='emi', # the run's name: its quarantine report is results/<name>_quarantine.csv
-             allow_shared_ids:bool|None=None, # train on ids found in two splits; None: the config's allow_shared_ids (False when absent)
+             allow_shared_ids:bool|None=None, # train on ids in two splits; None: the config's allow_shared_ids (False if absent)
              write_report:bool=True, # write the quarantine report (False on all but rank 0)
             ) -> dict:
-    "Every split the run reads, validated before training starts: train (+valid for train+valid), lengths, valid, test, test labels, quarantine."
-    if cfg.train_on not in ('train', 'train+valid'): raise ValueError(f"train_on={cfg.train_on!r}: choose train | train+valid")
+    "Every split of the run validated before training: train (+valid), lengths, valid, test, test labels, quarantine report."
+    if cfg.train_on not in ('train', 'train+valid'):
+        raise ValueError(f"train_on={cfg.train_on!r}: choose train | train+valid")
     kw = dict(max_seconds=cfg.max_seconds, quarantine=cfg.quarantine)
     d = dict(train=EMIDataset(root, 'train', **kw), valid=EMIDataset(root, 'valid', **kw))
     d['test'] = EMIDataset(root, 'test', labels=False, **kw) if split_csv(root, 'test').exists() else None
@@ -285,10 +288,12 @@ def run_data(cfg:StudyConfig, root,
     shared = check_shared_ids({s: d[s].df for s in ('train', 'valid', 'test') if d[s] is not None}, allow)
     d['test_labels'] = read_test_labels(root, d['test'].fids, cfg.quarantine) if d['test'] is not None else None
     rows = _report_rows(d, shared)
-    rep = write_quarantine_report([rows], run_path(cfg, 'results'), f'{name}_quarantine') if cfg.quarantine and write_report else dict(path=None)
+    rep = dict(path=None)
+    if cfg.quarantine and write_report: rep = write_quarantine_report([rows], run_path(cfg, 'results'), f'{name}_quarantine')
     d.update(lengths=d['train'].lengths, quarantine=dict(path=rep['path'], count=len(rows)))
     if cfg.train_on == 'train+valid':
-        d.update(train=torch.utils.data.ConcatDataset([d['train'], d['valid']]), lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))
+        d.update(train=torch.utils.data.ConcatDataset([d['train'], d['valid']]),
+                 lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))
     return d
 
 # %% ../nbs/08_train.ipynb #3bd6283e
@@ -506,7 +511,9 @@ def _test_score(self:Trainer) -> dict|None:
     keep = np.isin(fids, lab.index)   # with quarantine, a test clip whose label row is bad is predicted but not scored
     y = lab.loc[fids[keep], EMOTIONS].to_numpy()
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); return dict(rho_report(np.clip(p[keep], 0, 1), y, self.cfg.n_boot, self.cfg.seed), scored='clipped submission')
+        warnings.simplefilter('ignore')
+        rep = rho_report(np.clip(p[keep], 0, 1), y, self.cfg.n_boot, self.cfg.seed)
+    return dict(rep, scored='clipped submission')
 
 # %% ../nbs/08_train.ipynb #8fe1ad2e
 def fit(cfg:StudyConfig, name:str='emi', # checkpoint and results name
@@ -588,9 +595,10 @@ def _predict_items(model, items:list, device, batch_size:int, dtype=None) -> np.
     return out
 
 # %% ../nbs/08_train.ipynb #05f1902a
-def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='cut', batch_size:int=1, dtype=None, chunk:int=64,
-                  speech:bool=True, # measure each file's speech share (silero-vad, about 1/150 of real time on a CPU core)
-                  min_speech:float=LITTLE_SPEECH, # below this share a file is flagged: read speech measures 0.8-0.9, noise 0.0
+def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='cut', batch_size:int=1, dtype=None,
+                  chunk:int=64, # files decoded and predicted together
+                  speech:bool=True, # measure each file's speech share (silero-vad: ~1/150 of real time on a CPU core)
+                  min_speech:float=LITTLE_SPEECH, # flag files below (measured: read speech 0.8-0.9, words 0.6-0.7, noise 0)
                  ) -> tuple:
     "(DataFrame of predictions + speech_share/little_speech, list of (path, error)); bad files are reported, not fatal."
     rows, failed = [], []
@@ -606,14 +614,16 @@ def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='c
         p = _predict_items(model, items, device, batch_size, dtype); owner = np.array(owner)
         for f, (info, lens) in infos.items():
             pred = np.average(p[owner == f], axis=0, weights=lens)
-            sh = info['speech_share']; little = bool(sh < min_speech)
+            sh, used = info['speech_share'], sum(lens) / SR
+            little = bool(sh < min_speech)
             rows.append(dict(Filename=Path(f).stem, **dict(zip(EMOTIONS, np.clip(pred, 0, 1).round(6))), path=f,
-                             seconds=round(info['seconds'], 3), used_seconds=round(sum(lens) / SR, 3), windows=len(lens),
+                             seconds=round(info['seconds'], 3), used_seconds=round(used, 3), windows=len(lens),
                              speech_share=round(sh, 3), little_speech=little if speech else None))
-            if little: print(f"emi_predict: LITTLE SPEECH {f}: {sh:.0%} of its {sum(lens) / SR:.1f} s is speech (below {min_speech:.0%}); "
+            if little: print(f"emi_predict: LITTLE SPEECH {f}: {sh:.0%} of its {used:.1f} s is speech (below {min_speech:.0%}); "
                              "its intensities describe something other than a person speaking", file=sys.stderr)
     import pandas as pd
-    return pd.DataFrame(rows, columns=['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows', 'speech_share', 'little_speech']), failed
+    cols = ['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows', 'speech_share', 'little_speech']
+    return pd.DataFrame(rows, columns=cols), failed
 
 # %% ../nbs/08_train.ipynb #e492d299
 def _load_checkpoint(path, device) -> tuple:
@@ -626,10 +636,11 @@ def _load_checkpoint(path, device) -> tuple:
         for f in ('config.json', 'backbone_config.json'):
             try: json.loads((d/f).read_text())
             except Exception as e2: raise DataError(d/f, f"cannot read the checkpoint's {f}: {e2}") from None
+        w = d/'model.safetensors'
         try:
-            with safe_open(str(d/'model.safetensors'), 'pt') as h: h.keys()
-        except Exception as e2: raise DataError(d/'model.safetensors', f"cannot read the weights (truncated or corrupt?): {e2}") from None
-        raise DataError(d/'model.safetensors', f"weights do not fit the model of config.json: {type(e).__name__}: {str(e)[:300]}") from None
+            with safe_open(str(w), 'pt') as h: h.keys()
+        except Exception as e2: raise DataError(w, f"cannot read the weights (truncated or corrupt?): {e2}") from None
+        raise DataError(w, f"weights do not fit the model of config.json: {type(e).__name__}: {str(e)[:300]}") from None
 
 # %% ../nbs/08_train.ipynb #fd9789cf
 def emi_predict_cli(argv=None):
@@ -643,20 +654,24 @@ def emi_predict_cli(argv=None):
     ap.add_argument('--batch-size', type=int, help='clips per forward; 1 = one at a time (default: 1 on CPU, eval_batch_size on CUDA)')
     ap.add_argument('--device', default='auto', help='auto | cpu | cuda')
     ap.add_argument('--recursive', action='store_true', help='search folders recursively')
-    ap.add_argument('--min-speech', type=float, default=LITTLE_SPEECH, help=f'flag files whose speech share is below this (default {LITTLE_SPEECH})')
+    ap.add_argument('--min-speech', type=float, default=LITTLE_SPEECH,
+                    help=f'flag files whose speech share is below this (default {LITTLE_SPEECH})')
     ap.add_argument('--no-speech-check', action='store_true', help='skip the speech-share measurement')
     a = ap.parse_args(argv)
     try:
         dev = get_device(a.device); model, cfg = _load_checkpoint(a.checkpoint, dev)
-    except (DataError, FileNotFoundError, RuntimeError, ValueError) as e: print(f"emi_predict: {e}", file=sys.stderr); sys.exit(2)
+    except (DataError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"emi_predict: {e}", file=sys.stderr)
+        sys.exit(2)
     files = audio_files(a.inputs, a.recursive)
     if not files: print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr); sys.exit(2)
     bs = a.batch_size or (1 if dev.type == 'cpu' else cfg.eval_batch_size)
     df, failed = predict_files(model, files, dev, a.max_seconds or cfg.max_seconds, a.long, bs, amp_dtype(dev, cfg.amp),
                                speech=not a.no_speech_check, min_speech=a.min_speech)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); df.to_csv(out, index=False)
-    little = int(df.little_speech.fillna(False).astype(bool).sum())
-    print(f"[emi_predict] {len(df)} of {len(files)} files predicted -> {out}" + (f"; {little} with little speech (column little_speech)" if little else ''))
+    little = int(df.little_speech.eq(True).sum())
+    note = f"; {little} with little speech (column little_speech)" if little else ''
+    print(f"[emi_predict] {len(df)} of {len(files)} files predicted -> {out}{note}")
     err = out.with_name(out.stem + '.errors.csv')
     if failed:
         import pandas as pd

@@ -396,11 +396,11 @@ def _plain(obj) -> bool:
     return obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str))
 
 def _cached(path:Path, make):
-    "torch.load(path, weights_only=True) when it exists and reads, else make() (tensors/plain containers), saved atomically."
+    "torch.load(path, weights_only=True) when it exists and reads, else make() (tensors, plain containers) saved there."
     import os, warnings
     if path.exists():
         try: return torch.load(path, weights_only=True)
-        except Exception as e: warnings.warn(f"{path}: cache unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding it")
+        except Exception as e: warnings.warn(f"{path}: cache unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding")
     obj = make()
     assert _plain(obj), f"{path}: a cache holds only tensors and plain containers"
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp'); torch.save(obj, tmp); os.replace(tmp, path)

@@ -101,7 +101,7 @@ def test_shared_ids_refused_in_training(clean, tmp_path):
     _clean_exit(code, out, 2); assert _has(out, 'emi_train: ', 'valid_split.csv', why, 'allow_shared_ids=True'), out
     cfg = make_config('smoke', data_root=str(r), run_dir=str(tmp_path/'run'), quarantine=True)
     with pytest.raises(DataError, match='is also in train'): run_data(cfg, r)   # quarantine does not hide leakage
-    with pytest.warns(UserWarning, match='kept because allow_shared_ids=True'): d = run_data(cfg, r, allow_shared_ids=True)
+    with pytest.warns(UserWarning, match='kept as allow_shared_ids=True'): d = run_data(cfg, r, allow_shared_ids=True)
     rows = pd.read_csv(d['quarantine']['path'])
     assert rows.action.tolist() == ['kept (allow_shared_ids)'] and why in rows.problem[0]
 
