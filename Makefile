@@ -13,7 +13,7 @@ STAMP := $(VENV)/.emi-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env study test check-export nbtest pytest bench lab browser corpus clean
+.PHONY: help env study test check-export nbtest pytest bench lab browser sounds corpus clean
 
 help:
 	@echo "make study   - environment, synthetic corpus, every notebook headless, the study site"
@@ -46,6 +46,16 @@ browser:
 	fi
 	@chromium --version
 
+# Real recorded speech for the loader/predictor tests: LibriVox sentences (pocketsphinx-testdata, 16 kHz) and spoken
+# words + a noise recording (alsa-utils, 48 kHz); Debian's packages, installed when missing.
+SOUNDS := /usr/share/pocketsphinx/test/data/librivox /usr/share/sounds/alsa/Front_Center.wav
+sounds:
+	@if ! ls $(SOUNDS) >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq pocketsphinx-testdata alsa-utils >/dev/null; \
+	fi
+	@ls $(SOUNDS) >/dev/null
+
 check-export: env
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
@@ -56,7 +66,7 @@ check-export: env
 nbtest: env
 	EMI_PROGRESS=off $(BIN)/nbdev_test --n_workers 2 --timing
 
-pytest: env browser
+pytest: env browser sounds
 	$(BIN)/python -m pytest tests -n 2 --durations=15 -ra
 
 test: check-export nbtest pytest

@@ -4,18 +4,22 @@
 
 # %% ../nbs/03_data.ipynb #c5c758df
 from __future__ import annotations
-import argparse, json, math, os, pickle, sys, warnings
+import argparse, functools, json, math, os, pickle, sys, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import soundfile as sf
+from fastcore.basics import patch
 from .config import EMOTIONS, SR, progress, save_json
 
 # %% auto #0
-__all__ = ['SPLITS', 'AUDIO_EXTS', 'KINDS', 'IMG_EXTS', 'DataError', 'split_csv', 'split_table', 'read_split', 'media_path',
-           'out_len', 'load_audio', 'normalize', 'EMIDataset', 'collate', 'video_info', 'face_frames',
-           'load_pickled_features', 'check_root', 'format_problems', 'emi_check_cli', 'corpus_facts']
+__all__ = ['SPLITS', 'MAX_ID_DIGITS', 'AUDIO_EXTS', 'KINDS', 'MIN_SAMPLES', 'REPORT_COLUMNS', 'IMG_EXTS', 'VAD_FRAME',
+           'SPEECH_PROB', 'LITTLE_SPEECH', 'DataError', 'split_csv', 'read_table', 'split_table', 'read_split',
+           'read_test_labels', 'shared_id_problems', 'check_shared_ids', 'media_path', 'out_len', 'load_audio',
+           'normalize', 'check_length', 'audio_folder', 'check_clip', 'EMIDataset', 'write_quarantine_report',
+           'collate', 'video_info', 'face_frames', 'load_pickled_features', 'vad_model', 'speech_share', 'check_root',
+           'format_problems', 'speech_line', 'emi_check_cli', 'corpus_facts']
 
 # %% ../nbs/03_data.ipynb #4191cde6
 class DataError(ValueError):
@@ -27,18 +31,28 @@ class DataError(ValueError):
 
 # %% ../nbs/03_data.ipynb #baa132ec
 SPLITS = ('train', 'valid', 'test')
+MAX_ID_DIGITS = 18  # a Filename of more digits overflows a 64-bit integer id
 
 def split_csv(root, split:str) -> Path:
     "Path of the CSV of `split` (train | valid | test) under `root`."
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     return Path(root)/f'{split}_split.csv'
 
+# %% ../nbs/03_data.ipynb #8b85f02c
+def _id_problem(v:str) -> str|None:
+    "Why the text `v` is not a clip id (None when it is one)."
+    if not (v.isascii() and v.isdigit()): return f"Filename {v!r} is not a non-negative integer id"
+    if len(v.lstrip('0')) > MAX_ID_DIGITS:
+        return f"Filename {v!r} is too large for a clip id (more than {MAX_ID_DIGITS} digits)"
+    return None
+
 def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
     "Filename column as ints (-1 where bad) and {row index: problem}."
     ids, probs = np.full(len(raw), -1, np.int64), {}
     for i, v in enumerate(raw.astype(str).str.strip()):
-        if v.isdigit(): ids[i] = int(v)
-        else: probs[i] = f"Filename {v!r} is not a non-negative integer id"
+        why = _id_problem(v)
+        if why: probs[i] = why
+        else: ids[i] = int(v)
     rows = pd.Series(np.flatnonzero(ids >= 0)).groupby(ids[ids >= 0]).apply(list)
     for fid, rs in rows[rows.map(len) > 1].items():
         for i in rs: probs[i] = f"duplicate id {fid} (rows {', '.join(str(j + 2) for j in rs)}): labels ambiguous, every copy is bad"
@@ -56,6 +70,38 @@ def _label_problems(df:pd.DataFrame) -> tuple[np.ndarray, dict]:
     return y, probs
 
 # %% ../nbs/03_data.ipynb #26a718f8
+def _row_problem(csv:Path, i:int, fid:int, raw:str, msg:str) -> dict:
+    "A problem of CSV row index `i` (line i + 2): path, row, fid, problem text naming the line and the Filename."
+    where = f"row {i + 2}" if msg.startswith('Filename') else f"row {i + 2}, Filename {raw}"
+    return dict(path=str(csv), row=i + 2, fid=int(fid) if fid >= 0 else None, problem=f"{where}: {msg}")
+
+def read_table(csv, # a split CSV or test_labels.csv
+               labels:bool, # the six emotion columns are required (else read only when all present)
+               name:str='table', # what the table is, for the messages
+              ) -> tuple[pd.DataFrame, list[dict]]:
+    "The table's valid rows (attrs: rows, path) and a list of row problems; structural problems raise DataError."
+    csv = Path(csv)
+    if not csv.exists(): raise DataError(csv, f"missing file ({name})")
+    try: df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e: raise DataError(csv, f"unreadable CSV: {e}") from None
+    if 'Filename' not in df.columns: raise DataError(csv, f"missing column 'Filename' (have {list(df.columns)})")
+    if len(df) == 0: raise DataError(csv, f"empty {name}: no rows")
+    present = [c for c in EMOTIONS if c in df.columns]
+    if labels and len(present) < len(EMOTIONS):
+        raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
+    ids, probs = _id_problems(df['Filename'])
+    out = pd.DataFrame({'Filename': ids})
+    if labels or len(present) == len(EMOTIONS):
+        y, lp = _label_problems(df)
+        out[EMOTIONS] = y
+        for i, m in lp.items(): probs.setdefault(i, m)
+    raw = df['Filename'].astype(str).str.strip()
+    problems = [_row_problem(csv, i, ids[i], raw.iloc[i], m) for i, m in sorted(probs.items())]
+    out = out.drop(index=list(probs)).reset_index(drop=True)
+    out.attrs.update(rows=[i + 2 for i in range(len(df)) if i not in probs], path=str(csv))
+    return out, problems
+
+# %% ../nbs/03_data.ipynb #f130e2b6
 def split_table(root, # ABAW-layout data root
                 split:str, # train | valid | test
                 labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
@@ -63,20 +109,7 @@ def split_table(root, # ABAW-layout data root
     "The split's valid rows and a list of row problems (row, fid, problem); structural problems raise DataError."
     csv = split_csv(root, split)
     if not csv.exists(): raise DataError(csv, f"missing split file ({split})")
-    try: df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except Exception as e: raise DataError(csv, f"unreadable CSV: {e}") from None
-    if 'Filename' not in df.columns: raise DataError(csv, f"missing column 'Filename' (have {list(df.columns)})")
-    if len(df) == 0: raise DataError(csv, "empty split: no rows")
-    present = [c for c in EMOTIONS if c in df.columns]
-    want = (split != 'test') if labels is None else labels
-    if want and len(present) < len(EMOTIONS): raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
-    ids, probs = _id_problems(df['Filename'])
-    out = pd.DataFrame({'Filename': ids})
-    if want or len(present) == len(EMOTIONS):
-        y, lp = _label_problems(df); out[EMOTIONS] = y
-        for i, m in lp.items(): probs.setdefault(i, m)
-    problems = [dict(path=str(csv), row=i + 2, fid=int(ids[i]) if ids[i] >= 0 else None, problem=f"row {i + 2}: {m}") for i, m in sorted(probs.items())]
-    return out.drop(index=list(probs)).reset_index(drop=True), problems
+    return read_table(csv, (split != 'test') if labels is None else labels, 'split')
 
 # %% ../nbs/03_data.ipynb #0a35a173
 def read_split(root, # ABAW-layout data root
@@ -91,6 +124,52 @@ def read_split(root, # ABAW-layout data root
     if len(df) == 0: raise DataError(split_csv(root, split), "empty split: no valid rows")
     df.attrs['problems'] = probs
     return df
+
+# %% ../nbs/03_data.ipynb #efec370d
+def read_test_labels(root, # ABAW-layout data root
+                     fids=None, # the test ids to score, each needs a row (default: those of test_split.csv)
+                     quarantine:bool=False, # leave bad or missing rows out of the score (listed in attrs['problems'])
+                    ) -> pd.DataFrame|None:
+    "test_labels.csv validated like a split, indexed by Filename; None when the corpus has none."
+    csv = Path(root)/'test_labels.csv'
+    if not csv.exists(): return None
+    df, probs = read_table(csv, True, 'test labels')
+    if fids is None and split_csv(root, 'test').exists():
+        fids = read_split(root, 'test', labels=False, quarantine=True).Filename
+    have, bad = set(df.Filename.tolist()), {p['fid'] for p in probs}
+    probs += [dict(path=str(csv), row=None, fid=int(f), problem=f"no row for test id {int(f)} (it is in test_split.csv)")
+              for f in (fids if fids is not None else []) if int(f) not in have | bad]
+    if probs and not quarantine:
+        raise DataError(csv, probs[0]['problem'] + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ''))
+    out = df.set_index('Filename')
+    out.attrs['problems'] = probs
+    return out
+
+# %% ../nbs/03_data.ipynb #b913035f
+def shared_id_problems(tables:dict, # split -> its table (read_split, split_table or EMIDataset.df)
+                      ) -> list[dict]:
+    "A problem (path, row, fid, problem) on the later split's line for each id that is in more than one split."
+    seen, probs = {}, []
+    for split, df in tables.items():
+        rows, path = df.attrs.get('rows') or [None] * len(df), df.attrs.get('path', f'{split}_split.csv')
+        for f, r in zip(df.Filename.tolist(), rows):
+            if f not in seen: seen[f] = (split, r, Path(path).name); continue
+            s0, r0, p0 = seen[f]
+            why = f"row {r}, Filename {f}: id {f} is also in {s0} ({p0} row {r0}): splits must not share clips"
+            probs.append(dict(path=path, row=r, fid=int(f), problem=why))
+    return probs
+
+def check_shared_ids(tables:dict, # split -> its table
+                     allow:bool=False, # train anyway on ids found in two splits (opt-in; the scores then leak)
+                    ) -> list[dict]:
+    "Raise a DataError naming the first id found in two splits (and the count) unless `allow`; returns the problems."
+    probs = shared_id_problems(tables)
+    if not probs: return probs
+    first = probs[0]
+    if not allow:
+        raise DataError(first['path'], first['problem'] + f" ({len(probs)} shared id(s); allow_shared_ids=True trains anyway)")
+    warnings.warn(f"{len(probs)} id(s) in two splits, kept as allow_shared_ids=True: first {first['path']}: {first['problem']}")
+    return probs
 
 # %% ../nbs/03_data.ipynb #7cd84dc7
 AUDIO_EXTS = ('.mp3', '.wav', '.flac')
@@ -111,7 +190,11 @@ def media_path(root, # ABAW-layout data root
     if not isinstance(fid, (int, np.integer)) or fid < 0: raise DataError(root, f"clip id {fid!r} is not a non-negative integer")
     folder = Path(root)/KINDS[kind]
     cands = [folder/f'{int(fid):05d}{e}' for e in AUDIO_EXTS] if kind == 'audio' else [folder/(f'{int(fid):05d}' + ('.mp4' if kind == 'raw' else ''))]
-    p = next((c for c in cands if c.exists() or c.is_symlink()), cands[0])
+    found = [c for c in cands if c.exists() or c.is_symlink()]
+    if len(found) > 1:
+        names = ' and '.join(c.name for c in found)
+        raise DataError(found[0], f"{len(found)} audio files for id {fid}: {names} (keep one: which is meant is ambiguous)")
+    p = found[0] if found else cands[0]
     if not (p.exists() or p.is_symlink()):
         if must_exist: raise DataError(p, "missing file" + (f" (also looked for {', '.join(AUDIO_EXTS[1:])})" if kind == 'audio' else ''))
         return p
@@ -189,57 +272,131 @@ def normalize(wav:np.ndarray) -> np.ndarray:
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
 
 # %% ../nbs/03_data.ipynb #e35aa3bc
-def _check_clip(root, fid:int, max_seconds, full:bool) -> dict:
-    "Probe (or fully decode when `full`) the audio of `fid`; dict with fid, path, length or problem."
-    try:
-        p = media_path(root, fid, 'audio')
-        if full:
-            y, info = load_audio(p, max_seconds)
-            return dict(fid=fid, path=str(p), length=len(y), seconds=info['seconds'], problem=None)
-        info = _probe(p)
-        n = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
-        return dict(fid=fid, path=str(p), length=out_len(n, info['orig_sr']), seconds=info['frames']/info['orig_sr'], problem=None)
-    except DataError as e: return dict(fid=fid, path=e.path, length=0, seconds=float('nan'), problem=e.reason)
+MIN_SAMPLES = 400  # wav2vec2's conv encoder: the shortest input that yields a frame (25 ms at 16 kHz); 05_model checks it
+
+def check_length(path, n:int):
+    "Raise a DataError naming `path` when `n` samples at 16 kHz are too few for the model."
+    if n >= MIN_SAMPLES: return
+    need = f"the model needs at least {MIN_SAMPLES} ({MIN_SAMPLES * 1000 // SR} ms)"
+    raise DataError(path, f"too short: {n} samples at 16 kHz ({n * 1000 / SR:.0f} ms); {need}")
+
+def audio_folder(root) -> Path:
+    "The audio folder of `root`; a DataError when it is missing (every clip would be)."
+    d = Path(root)/KINDS['audio']
+    if not d.is_dir(): raise DataError(d, "missing folder: the audio of every clip lives here")
+    return d
 
 # %% ../nbs/03_data.ipynb #5e5963cf
+def check_clip(root, # ABAW-layout data root
+               fid:int, # clip id
+               max_seconds:float|None=12.0, # the cut; lengths are after it
+               decode:bool=True, # decode the whole clip (finds truncation, NaN, silence); False: the header only
+               keep:bool=False, # keep the decoded samples under 'wav' (for a measurement that needs them)
+              ) -> dict:
+    "The one validation of a clip's audio: dict(fid, path, length, seconds, channels, orig_sr, problem)."
+    r = dict(fid=fid, path=None, length=0, seconds=float('nan'), channels=None, orig_sr=None, problem=None)
+    try:
+        p = media_path(root, fid, 'audio')
+        r['path'] = str(p)
+        if decode:
+            y, info = load_audio(p, max_seconds)
+            n = len(y)
+            if keep: r['wav'] = y
+        else:
+            info = _probe(p)
+            f = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
+            n = out_len(f, info['orig_sr'])
+        r.update(length=n, seconds=info['frames'] / info['orig_sr'], channels=info['channels'], orig_sr=info['orig_sr'])
+        check_length(p, n)
+    except DataError as e: r.update(path=e.path, problem=e.reason)
+    return r
+
+# %% ../nbs/03_data.ipynb #1e1de4ab
+def _report_row(split:str, path, problem:str, fid=None, row=None, action:str='skipped') -> dict:
+    "One quarantine report row: the file, the split, the problem, what was done, and the id/CSV line when known."
+    return dict(file=str(path), split=split, problem=problem, action=action, fid=fid, row=row)
+
+def _show(rows:list, n:int=3) -> str:
+    "The first `n` report rows as 'file: problem' text."
+    more = f"; ... {len(rows) - n} more" if len(rows) > n else ''
+    return '; '.join(f"{Path(r['file']).name}: {r['problem']}" for r in rows[:n]) + more
+
+# %% ../nbs/03_data.ipynb #47bb0f85
 import torch
+import torch.nn.functional as F
 
 class EMIDataset(torch.utils.data.Dataset):
     "Clips of one split: dict(fid, wav (n,) normalised, labels (6,)); strict or quarantining."
     def __init__(self, root, split:str, max_seconds:float|None=12.0, quarantine:bool=False, labels:bool=True, workers:int=4):
         self.root, self.split, self.max_seconds, self.quarantine = Path(root), split, max_seconds, quarantine
         df = read_split(root, split, labels=labels if labels else None, quarantine=quarantine)
+        audio_folder(root)
         self.has_labels = labels and all(c in df.columns for c in EMOTIONS)
-        fids = df.Filename.tolist()
         with ThreadPoolExecutor(max(1, workers)) as ex:
-            checks = list(ex.map(lambda f: _check_clip(root, f, max_seconds, quarantine), fids))
+            checks = list(ex.map(lambda f: check_clip(root, f, max_seconds, decode=quarantine), df.Filename.tolist()))
         bad = [c for c in checks if c['problem']]
-        if bad and not quarantine: raise DataError(bad[0]['path'], bad[0]['problem'] + (f" (and {len(bad)-1} more bad clips in {split})" if len(bad) > 1 else ''))
-        self.report = [dict(fid=p['fid'], path=p['path'], problem=p['problem']) for p in df.attrs.get('problems', [])]
-        self.report += [dict(fid=c['fid'], path=c['path'], problem=c['problem']) for c in bad]
-        keep = np.array([not c['problem'] for c in checks], bool)
-        if self.report: print(f"EMIDataset({split}): quarantined {len(self.report)} of {len(fids) + len(self.report) - len(bad)} rows/clips (see .report)")
-        self.df = df[keep].reset_index(drop=True)
-        self.fids = self.df.Filename.tolist()
-        self.lengths = np.array([c['length'] for c in checks if not c['problem']], dtype=np.int64)
-        self.labels = self.df[EMOTIONS].to_numpy(np.float32) if self.has_labels else None
+        if bad and not quarantine:
+            more = f" (and {len(bad) - 1} more bad clips in {split})" if len(bad) > 1 else ''
+            raise DataError(bad[0]['path'], bad[0]['problem'] + more)
+        self.report = [_report_row(split, p['path'], p['problem'], p['fid'], p['row']) for p in df.attrs.get('problems', [])]
+        self.report += [_report_row(split, c['path'], c['problem'], c['fid']) for c in bad]
+        self._keep(df, checks)
 
-# %% ../nbs/03_data.ipynb #784f141b
-from fastcore.basics import patch
+# %% ../nbs/03_data.ipynb #13815251
+@patch
+def _keep(self:EMIDataset, df:pd.DataFrame, checks:list):
+    "Keep the rows whose clip passed; print the quarantined ones; DataError when none is left."
+    keep = np.array([not c['problem'] for c in checks], bool)
+    n = len(df) + len(df.attrs.get('problems', []))
+    if self.report:
+        print(f"EMIDataset({self.split}): quarantined {len(self.report)} of {n} rows/clips: {_show(self.report)} (all in .report)")
+    if not keep.any():
+        raise DataError(split_csv(self.root, self.split), f"no usable clip: all {n} quarantined ({_show(self.report, 2)})")
+    rows = np.asarray(df.attrs.get('rows') or range(2, len(df) + 2))[keep].tolist()
+    self.df = df[keep].reset_index(drop=True)
+    self.df.attrs.update(rows=rows, path=str(split_csv(self.root, self.split)), problems=df.attrs.get('problems', []))
+    self.fids = self.df.Filename.tolist()
+    self.lengths = np.array([c['length'] for c in checks if not c['problem']], dtype=np.int64)
+    self.labels = self.df[EMOTIONS].to_numpy(np.float32) if self.has_labels else None
 
+# %% ../nbs/03_data.ipynb #adf18797
 @patch
 def __len__(self:EMIDataset): return len(self.fids)
 
 @patch
 def __getitem__(self:EMIDataset, i:int) -> dict:
     fid = self.fids[i]
-    y, _ = load_audio(media_path(self.root, fid, 'audio'), self.max_seconds)
+    p = media_path(self.root, fid, 'audio')
+    y, _ = load_audio(p, self.max_seconds)
+    check_length(p, len(y))
     item = dict(fid=fid, wav=torch.from_numpy(normalize(y)))
     if self.labels is not None: item['labels'] = torch.from_numpy(self.labels[i])
     return item
 
 @patch
 def __repr__(self:EMIDataset): return f"EMIDataset({self.split}: {len(self)} clips, {len(self.report)} quarantined, root={self.root})"
+
+# %% ../nbs/03_data.ipynb #ff3410e5
+REPORT_COLUMNS = ['file', 'split', 'problem', 'action', 'fid', 'row']
+
+def write_quarantine_report(reports, # EMIDatasets and/or lists of report rows (dicts with file, split, problem, action)
+                            out_dir, # folder of the report (created on demand)
+                            name:str='quarantine', # file stem: <name>.csv and <name>.json
+                            show:int=5, # rows printed
+                           ) -> dict:
+    "Write <out_dir>/<name>.csv (+ .json) of every quarantined row/clip; dict(path, count, rows)."
+    rows = [r for x in reports for r in (x.report if isinstance(x, EMIDataset) else x)]
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame([{k: r.get(k) for k in REPORT_COLUMNS} for r in rows], columns=REPORT_COLUMNS)
+    tmp = out/f'.{name}.csv.{os.getpid()}.tmp'
+    df.astype({'fid': 'Int64', 'row': 'Int64'}).to_csv(tmp, index=False)
+    os.replace(tmp, out/f'{name}.csv')
+    save_json(out/f'{name}.json', dict(count=len(rows), rows=rows))
+    if rows:
+        print(f"quarantine: {len(rows)} row(s)/clip(s) left out, listed in {out/f'{name}.csv'}")
+        for r in rows[:show]: print(f"  {r['split']:5}  {r['file']}: {r['problem']} ({r['action']})")
+        if len(rows) > show: print(f"  ... and {len(rows) - show} more")
+    return dict(path=str(out/f'{name}.csv'), count=len(rows), rows=rows)
 
 # %% ../nbs/03_data.ipynb #8341333d
 def collate(batch:list[dict]) -> dict:
@@ -299,17 +456,46 @@ def load_pickled_features(path, # a .pkl of per-frame features
     try: return np.asarray(obj, dtype=np.float32)
     except Exception as e: raise DataError(path, f"not an array of numbers: {type(obj).__name__}") from None
 
+# %% ../nbs/03_data.ipynb #52d4f893
+VAD_FRAME = 512       # samples per silero-vad frame at 16 kHz (32 ms)
+SPEECH_PROB = 0.5     # silero-vad's own default: a frame whose speech probability reaches it counts as speech
+LITTLE_SPEECH = 0.2   # under a fifth of the frames speech: mostly something else (noise, music, silence)
+_VAD_LOCK = threading.RLock()   # the model carries its recurrent state from call to call: one clip at a time
+
+@functools.cache
+def vad_model():
+    "silero-vad's TorchScript model from its wheel, loaded once per process (CPU)."
+    from silero_vad import load_silero_vad
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        return load_silero_vad(onnx=False)
+
+# %% ../nbs/03_data.ipynb #595dff35
+def speech_share(y:np.ndarray, # float32 mono samples at 16 kHz (as load_audio returns them)
+                ) -> float:
+    "Share of the clip's 32 ms frames that silero-vad calls speech (probability >= SPEECH_PROB)."
+    x = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    if len(x) < VAD_FRAME: x = F.pad(x, (0, VAD_FRAME - len(x)))   # the model refuses less than one frame
+    with _VAD_LOCK, torch.no_grad():
+        p = vad_model().audio_forward(x, SR)[0]   # (frames,) speech probability per 512 samples
+    return float((p >= SPEECH_PROB).float().mean())
+
 # %% ../nbs/03_data.ipynb #614c369f
-def _clip_facts(root, split:str, fid:int, media:dict) -> dict:
-    "Decode one clip fully and look at its video and faces; facts + problems [(severity, path, problem)]."
-    r = dict(split=split, fid=fid, problems=[])
-    try:
-        p = media_path(root, fid, 'audio'); r['path'] = str(p)
-        y, info = load_audio(p, max_seconds=None)
-        r.update(seconds=info['seconds'], channels=info['channels'], orig_sr=info['orig_sr'])
-        if info['channels'] != 1 or info['orig_sr'] != SR:
-            r['problems'].append(('warning', str(p), f"{info['channels']} channel(s) at {info['orig_sr']} Hz (expected mono 16 kHz; down-mixed and resampled on load)"))
-    except DataError as e: r['problems'].append(('error', e.path, e.reason))
+def _clip_facts(root, split:str, fid:int, media:dict, max_seconds:float, speech:bool) -> dict:
+    "check_clip on the whole clip, its video and faces, its speech share (of the cut) when `speech`; facts + problems."
+    c = check_clip(root, fid, None, decode=True, keep=speech)
+    r = dict(split=split, fid=fid, path=c['path'], problems=[])
+    if c['problem']: r['problems'].append(('error', c['path'], c['problem']))
+    else:
+        r.update(seconds=c['seconds'], channels=c['channels'], orig_sr=c['orig_sr'])
+        if c['channels'] != 1 or c['orig_sr'] != SR:
+            fmt = f"{c['channels']} channel(s) at {c['orig_sr']} Hz"
+            r['problems'].append(('warning', c['path'], f"{fmt} (expected mono 16 kHz; down-mixed and resampled on load)"))
+        if speech:
+            with _VAD_LOCK:
+                t0 = time.perf_counter()
+                r['speech_share'] = speech_share(c['wav'][:int(max_seconds * SR) if max_seconds else None])
+                r['vad_seconds'] = time.perf_counter() - t0
     if media.get('raw'):
         try: r.update({f'video_{k}': v for k, v in video_info(media_path(root, fid, 'raw')).items()})
         except DataError as e: r['problems'].append(('warning', e.path, e.reason))
@@ -319,35 +505,66 @@ def _clip_facts(root, split:str, fid:int, media:dict) -> dict:
     return r
 
 # %% ../nbs/03_data.ipynb #ff37b9a7
+def _broken_links(root, used:set) -> list:
+    "Warnings for broken symlinks under the media folders that are not files of a split's clip."
+    out = []
+    for k in KINDS.values():
+        for dirpath, dirnames, filenames in os.walk(Path(root)/k):
+            for fn in sorted(dirnames + filenames):
+                p = Path(dirpath)/fn
+                if p.is_symlink() and not p.exists() and str(p) not in used:
+                    out.append(('warning', str(p), f"broken symlink (to {os.readlink(p)}) not used by any split"))
+    return out
+
+# %% ../nbs/03_data.ipynb #0d1194b7
+def _tables(root:Path) -> tuple[dict, list]:
+    "Every split's table (and the test labels) with their problems as (severity, path, problem)."
+    probs, tables = [], {}
+    for split in SPLITS:
+        try: tables[split], tp = split_table(root, split)
+        except DataError as e:
+            probs.append(('warning' if split == 'test' and 'missing split file' in e.reason else 'error', e.path, e.reason))
+            continue
+        probs += [('error', p['path'], p['problem']) for p in tp]
+    probs += [('error', p['path'], p['problem']) for p in shared_id_problems(tables)]
+    try:
+        lab = read_test_labels(root, tables['test'].Filename if 'test' in tables else [], quarantine=True)
+        probs += [('error', p['path'], p['problem']) for p in (lab.attrs['problems'] if lab is not None else [])]
+    except DataError as e: probs.append(('error', e.path, e.reason))
+    return tables, probs
+
+# %% ../nbs/03_data.ipynb #99fed659
 def check_root(root, # ABAW-layout data root
                workers:int|None=None, # decoding threads (default: CPU count)
                max_seconds:float=12.0, # the cut whose effect the summary reports
                limit:int|None=None, # check only the first `limit` clips per split (a quick look)
+               speech_sample:int=200, # clips whose speech share is measured, spread evenly (0: none, -1: all)
               ) -> dict:
     "Validate a data root: {'problems': DataFrame(severity, path, problem), 'clips': DataFrame, 'summary': dict}."
-    root = Path(root); probs, rows, seen = [], [], {}
+    root = Path(root)
     if not root.is_dir(): raise DataError(root, "data root is not a folder")
-    for split in SPLITS:
-        try: df, tp = split_table(root, split)
-        except DataError as e:
-            probs.append(('warning' if split == 'test' and 'missing split file' in e.reason else 'error', e.path, e.reason)); continue
-        probs += [('error', p['path'], p['problem']) for p in tp]
-        for f in df.Filename:
-            if f in seen: probs.append(('error', str(split_csv(root, split)), f"id {f} is also in {seen[f]} (splits must not share clips)"))
-            seen.setdefault(int(f), split)
-        rows += [(split, int(f)) for f in df.Filename[:limit]]
+    tables, probs = _tables(root)
+    rows = [(split, int(f)) for split, df in tables.items() for f in df.Filename[:limit]]
+    try: audio_folder(root)
+    except DataError as e: probs.append(('error', e.path, e.reason)); rows = []
+    n_vad = len(rows) if speech_sample < 0 else min(speech_sample, len(rows))
+    vad = set(np.linspace(0, len(rows) - 1, n_vad).round().astype(int).tolist()) if n_vad else set()
     media = {k: (root/KINDS[k]).is_dir() for k in ('raw', 'faces')}
     for k, v in media.items():
         if not v: probs.append(('warning', str(root/KINDS[k]), "folder absent: not checked (the audio-only study does not need it)"))
+    one = lambda i: _clip_facts(root, *rows[i], media, max_seconds, i in vad)
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
-        facts = list(progress(ex.map(lambda r: _clip_facts(root, r[0], r[1], media), rows), total=len(rows), desc='emi_check', unit='clip'))
+        facts = list(progress(ex.map(one, range(len(rows))), total=len(rows), desc='emi_check', unit='clip'))
     for f in facts: probs += f.pop('problems')
+    probs += _broken_links(root, {p[1] for p in probs} | {f['path'] for f in facts})
     clips = pd.DataFrame(facts)
-    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable').reset_index(drop=True)
-    return dict(problems=problems, clips=clips, summary=_summary(clips, max_seconds))
+    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable')
+    summary = dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds))
+    return dict(problems=problems.reset_index(drop=True), clips=clips, summary=summary)
 
 # %% ../nbs/03_data.ipynb #6bf47445
 def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
+    "Durations, formats, outliers and the effect of the cut, over the clips that decoded."
     if 'seconds' not in clips or clips['seconds'].notna().sum() == 0: return dict(clips=len(clips), decoded=0)
     c = clips.dropna(subset=['seconds']); d = c['seconds'].to_numpy()
     longest, shortest = c.nlargest(5, 'seconds'), c.nsmallest(5, 'seconds')
@@ -359,6 +576,18 @@ def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
                 longest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in longest.itertuples()},
                 shortest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in shortest.itertuples()},
                 fps={str(round(k, 2)): int(v) for k, v in c['video_fps'].value_counts().sort_index().items()} if 'video_fps' in c else {})
+
+# %% ../nbs/03_data.ipynb #32ec31b1
+def _speech_summary(clips:pd.DataFrame, max_seconds:float) -> dict:
+    "silero-vad's verdict on the measured clips: how many, cost, share quantiles, clips below LITTLE_SPEECH."
+    if 'speech_share' not in clips or clips['speech_share'].notna().sum() == 0: return dict(measured=0)
+    c = clips.dropna(subset=['speech_share']); v = c['speech_share'].to_numpy()
+    low = c.nsmallest(5, 'speech_share')
+    return dict(model='silero-vad', measured=len(c), of=int(clips['seconds'].notna().sum()), cut_seconds=max_seconds,
+                vad_seconds=round(float(c['vad_seconds'].sum()), 2), mean=round(float(v.mean()), 3),
+                median=round(float(np.median(v)), 3), min=round(float(v.min()), 3), max=round(float(v.max()), 3),
+                below_little_speech=int((v < LITTLE_SPEECH).sum()), little_speech=LITTLE_SPEECH,
+                least_speech={f"{r.split}/{r.fid:05d}": round(r.speech_share, 3) for r in low.itertuples()})
 
 # %% ../nbs/03_data.ipynb #abb0ccc5
 def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
@@ -372,6 +601,14 @@ def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/03_data.ipynb #b3dfcbb6
+def speech_line(sp:dict) -> str:
+    "One line on the speech share of a corpus from check_root's summary."
+    if not sp.get('measured'): return "speech: not measured (--speech-sample 0)"
+    return (f"speech (silero-vad, first {sp['cut_seconds']:g} s of each clip): {sp['measured']} of {sp['of']} clips measured "
+            f"in {sp['vad_seconds']:.1f} s; share of speech frames median {sp['median']:.2f} (min {sp['min']:.2f}, "
+            f"max {sp['max']:.2f}); {sp['below_little_speech']} clip(s) below {sp['little_speech']:g}")
+
+# %% ../nbs/03_data.ipynb #961aabf5
 def emi_check_cli(argv=None):
     "emi_check DATA_ROOT: validate an ABAW-layout data root; exit 1 when there are errors."
     ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before training: tables, audio, videos, faces.')
@@ -381,13 +618,16 @@ def emi_check_cli(argv=None):
     ap.add_argument('--limit', type=int, default=None, help='check only the first N clips of each split')
     ap.add_argument('--json', metavar='PATH', help='also write the full report (summary, problems, per-clip facts) as JSON')
     ap.add_argument('--strict', action='store_true', help='exit 1 on warnings too')
+    ap.add_argument('--speech-sample', type=int, default=200,
+                    help='clips whose speech share silero-vad measures, spread over the corpus (0: none, -1: all)')
     a = ap.parse_args(argv)
     root = Path(a.root)
-    try: rep = check_root(root, a.workers, a.max_seconds, a.limit)
+    try: rep = check_root(root, a.workers, a.max_seconds, a.limit, a.speech_sample)
     except DataError as e: print(f"emi_check: {e}", file=sys.stderr); sys.exit(2)
     P = rep['problems']; n_err, n_warn = int((P.severity == 'error').sum()), int((P.severity == 'warning').sum())
     print(json.dumps(rep['summary'], indent=1))
     print(format_problems(P, root.resolve() if root.exists() else None))
+    print(speech_line(rep['summary']['speech']))
     print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
     if a.json: save_json(a.json, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
     sys.exit(1 if n_err or (a.strict and n_warn) else 0)

@@ -15,11 +15,12 @@ from fastcore.basics import patch
 from transformers import Wav2Vec2Config, Wav2Vec2Model, Wav2Vec2PreTrainedModel
 from .config import EMOTIONS, VAD_NAMES, SR, StudyConfig, get_device
 from .paper import TABLE2, COMPONENTS, BACKBONES
+from .data import MIN_SAMPLES
 
 # %% auto #0
-__all__ = ['BACKBONE_PRESETS', 'MIN_SAMPLES', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_BACKBONES', 'backbone_config', 'VADHead',
-           'EmotionModel', 'masked_mean', 'quiet_transformers', 'load_backbone', 'min_samples', 'clip_lengths',
-           'EMIModel', 'draw_architecture', 'block_table', 'forward_seconds']
+__all__ = ['BACKBONE_PRESETS', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_BACKBONES', 'backbone_config', 'VADHead', 'EmotionModel',
+           'masked_mean', 'quiet_transformers', 'load_backbone', 'min_samples', 'clip_lengths', 'EMIModel',
+           'draw_architecture', 'block_table', 'forward_seconds']
 
 # %% ../nbs/05_model.ipynb #fe33a326
 _CONV_KERNEL, _CONV_STRIDE = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)  # wav2vec2's encoder: stride 320 -> 50 Hz
@@ -148,7 +149,7 @@ def min_samples(config:Wav2Vec2Config) -> int:
     for k, s in zip(config.conv_kernel[1:], config.conv_stride[1:]): rf, hop = rf + (k - 1) * hop, hop * s
     return rf
 
-MIN_SAMPLES = min_samples(Wav2Vec2Config())  # 400 samples = 25 ms for wav2vec2's encoder (every preset here)
+assert min_samples(Wav2Vec2Config()) == MIN_SAMPLES  # 400 samples = 25 ms for wav2vec2 (every preset here); 03_data checks clips
 
 def clip_lengths(input_values:torch.Tensor, attention_mask:torch.Tensor|None, min_len:int=MIN_SAMPLES) -> torch.Tensor:
     "Valid samples per clip (B,), checked against the encoder's minimum."

@@ -15,9 +15,10 @@ from .config import (EMOTIONS, SR, StudyConfig, ConfigError, make_config, config
                            amp_dtype, seed_everything, save_json, save_results, load_results, atomic_path, parallel,
                            progress, add_progress_flag, set_progress, data_kind, data_fingerprint)
 from .metrics import pearson, mean_rho, rho_report, paired_stats, write_submission
-from .data import EMIDataset, DataError, collate, load_audio, normalize, read_split
+from .data import (EMIDataset, DataError, collate, load_audio, normalize, read_split, split_csv, read_test_labels,
+                         check_shared_ids, check_length, write_quarantine_report, speech_share, LITTLE_SPEECH)
 from .synth import resolve_data_root
-from .model import EmotionModel, EMIModel, MIN_SAMPLES
+from .model import EmotionModel, EMIModel
 from .loop import (emi_loss, LengthBucketSampler, dist_setup, barrier, rank0_first, global_rows, Loop, recipe,
                          publish_checkpoint, resolve_checkpoint, latest_complete, CheckpointError, rng_state, set_rng_state)
 from .pretrain import resolve_backbone
@@ -138,12 +139,38 @@ def make_loader(ds, lengths, cfg:StudyConfig, train:bool, rank:int=0, world:int=
                                        pin_memory=pin, generator=g)
 
 # %% ../nbs/08_train.ipynb #389c81d8
-def run_data(cfg:StudyConfig, root) -> dict:
-    "train dataset (+valid when train_on='train+valid'), its lengths, and the validation dataset."
+def _report_rows(data:dict, shared:list) -> list:
+    "Quarantine report rows of a run's data: skipped rows/clips, unscored test labels, ids kept in two splits."
+    rows = [dict(r, action='skipped (missing from the submission)') if s == 'test' else r
+            for s in ('train', 'valid', 'test') if data.get(s) is not None for r in data[s].report]
+    row = lambda p, split, action: dict(file=p['path'], split=split, problem=p['problem'], action=action, fid=p['fid'],
+                                        row=p['row'])
+    lab = data.get('test_labels')
+    rows += [row(p, 'test', 'not scored') for p in (lab.attrs['problems'] if lab is not None else [])]
+    return rows + [row(p, '', 'kept (allow_shared_ids)') for p in shared]
+
+def run_data(cfg:StudyConfig, root,
+             name:str='emi', # the run's name: its quarantine report is results/<name>_quarantine.csv
+             allow_shared_ids:bool|None=None, # train on ids in two splits; None: the config's allow_shared_ids
+             write_report:bool=True, # write the quarantine report (False on all but rank 0)
+            ) -> dict:
+    "Every split of the run validated before training: train (+valid), lengths, valid, test, test labels, quarantine report."
+    if cfg.train_on not in ('train', 'train+valid'):
+        raise ConfigError(f"train_on={cfg.train_on!r}: choose train | train+valid")
     kw = dict(max_seconds=cfg.max_seconds, quarantine=cfg.quarantine)
-    tr, va = EMIDataset(root, 'train', **kw), EMIDataset(root, 'valid', **kw)
-    if cfg.train_on == 'train': return dict(train=tr, lengths=tr.lengths, valid=va)
-    return dict(train=torch.utils.data.ConcatDataset([tr, va]), lengths=np.concatenate([tr.lengths, va.lengths]), valid=va)
+    d = dict(train=EMIDataset(root, 'train', **kw), valid=EMIDataset(root, 'valid', **kw))
+    d['test'] = EMIDataset(root, 'test', labels=False, **kw) if split_csv(root, 'test').exists() else None
+    allow = cfg.allow_shared_ids if allow_shared_ids is None else allow_shared_ids
+    shared = check_shared_ids({s: d[s].df for s in ('train', 'valid', 'test') if d[s] is not None}, allow)
+    d['test_labels'] = read_test_labels(root, d['test'].fids, cfg.quarantine) if d['test'] is not None else None
+    rows = _report_rows(d, shared)
+    rep = dict(path=None)
+    if cfg.quarantine and write_report: rep = write_quarantine_report([rows], run_path(cfg, 'results'), f'{name}_quarantine')
+    d.update(lengths=d['train'].lengths, quarantine=dict(path=rep['path'], count=len(rows)))
+    if cfg.train_on == 'train+valid':
+        d.update(train=torch.utils.data.ConcatDataset([d['train'], d['valid']]),
+                 lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))
+    return d
 
 # %% ../nbs/08_train.ipynb #3bd6283e
 class Trainer:
@@ -160,7 +187,7 @@ class Trainer:
         self.ckpt_dir = run_path(cfg, 'checkpoints', name)
         self.log(self.plan())
         seed_everything(cfg.seed)
-        self.data = run_data(cfg, self.root)
+        self.data = run_data(cfg, self.root, name, write_report=self.rank == 0)
         self.model = build_model(cfg, self.backbone, self.device, no_dropout)
 
     def log(self, *a):
@@ -358,19 +385,19 @@ def summary_lines(name:str, m:dict) -> str:
 # %% ../nbs/08_train.ipynb #97927f66
 @patch
 def _test_score(self:Trainer) -> dict|None:
-    "Predict the test split, write the submission CSV, and score it against test_labels.csv when present."
-    import pandas as pd
-    lab = Path(self.root)/'test_labels.csv'
-    if not (Path(self.root)/'test_split.csv').exists(): return None
-    ds = EMIDataset(self.root, 'test', max_seconds=self.cfg.max_seconds, quarantine=self.cfg.quarantine, labels=False)
+    "Predict the test split, write the submission CSV, and score it against the validated test labels when present."
+    ds, lab = self.data['test'], self.data['test_labels']
+    if ds is None: return None
     dl = make_loader(ds, ds.lengths, self.cfg, False, self.rank, self.world, self.device)
     fids, p, _ = predict(self.model, dl, self.device, self.dtype, 'test', self.world)
     if self.rank == 0: write_submission(fids, p, run_path(self.cfg, 'results')/f'{self.name}_test_submission.csv')
-    if not lab.exists(): return None
-    y = pd.read_csv(lab).set_index('Filename').loc[fids, EMOTIONS].to_numpy()
+    if lab is None: return None
+    keep = np.isin(fids, lab.index)
+    y = lab.loc[fids[keep], EMOTIONS].to_numpy()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        return dict(rho_report(np.clip(p, 0, 1), y, self.cfg.n_boot, self.cfg.seed), scored='clipped submission')
+        rep = rho_report(np.clip(p[keep], 0, 1), y, self.cfg.n_boot, self.cfg.seed)
+    return dict(rep, scored='clipped submission')
 
 # %% ../nbs/08_train.ipynb #b4bd1d0e
 def fit(cfg:StudyConfig, name:str='emi', # checkpoint and results name
@@ -444,11 +471,12 @@ def windows(y:np.ndarray, n:int, min_len:int=SR) -> list:
     return w[:-1] if len(w) > 1 and len(w[-1]) < min_len else w
 
 # %% ../nbs/08_train.ipynb #3e13053e
-def _load_items(path:Path, max_seconds:float, long:str) -> tuple:
-    "(list of normalised windows, info) of one file; raises DataError naming it."
+def _load_items(path:Path, max_seconds:float, long:str, speech:bool=True) -> tuple:
+    "(list of normalised windows, info + speech_share of the samples used) of one file; raises DataError naming it."
     y, info = load_audio(path, None if long == 'windows' else max_seconds)
     ws = windows(y, int(round(max_seconds * SR))) if long == 'windows' else [y]
-    if len(ws[0]) < MIN_SAMPLES: raise DataError(path, f"too short: {len(y)} samples at 16 kHz (< {MIN_SAMPLES}, {MIN_SAMPLES*1000//SR} ms)")
+    check_length(path, len(ws[0]))
+    info['speech_share'] = speech_share(y[:sum(len(w) for w in ws)]) if speech else float('nan')
     return [torch.from_numpy(normalize(w)) for w in ws], info
 
 @torch.no_grad()
@@ -462,13 +490,17 @@ def _predict_items(model, items:list, device, batch_size:int, dtype=None) -> np.
     return out
 
 # %% ../nbs/08_train.ipynb #05f1902a
-def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='cut', batch_size:int=1, dtype=None, chunk:int=64) -> tuple:
-    "(DataFrame of predictions, list of (path, error)) for audio files; bad files are reported, not fatal."
+def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='cut', batch_size:int=1, dtype=None,
+                  chunk:int=64, # files decoded and predicted together
+                  speech:bool=True, # measure each file's speech share (silero-vad: ~1/150 of real time on a CPU core)
+                  min_speech:float=LITTLE_SPEECH, # flag files below (measured: read speech 0.8-0.9, words 0.6-0.7, noise 0)
+                 ) -> tuple:
+    "(DataFrame of predictions + speech_share/little_speech, list of (path, error)); bad files are reported, not fatal."
     rows, failed = [], []
     for c in progress(range(0, len(files), chunk), desc='predict', total=-(-len(files) // chunk)):
         items, owner, infos = [], [], {}
         for f in files[c:c + chunk]:
-            try: ws, info = _load_items(f, max_seconds, long)
+            try: ws, info = _load_items(f, max_seconds, long, speech)
             except Exception as e:
                 failed.append((str(f), e.reason if isinstance(e, DataError) else f"{type(e).__name__}: {e}"))
                 print(f"emi_predict: ERROR {f}: {failed[-1][1]}", file=sys.stderr); continue
@@ -477,10 +509,16 @@ def predict_files(model, files:list, device, max_seconds:float=12.0, long:str='c
         p = _predict_items(model, items, device, batch_size, dtype); owner = np.array(owner)
         for f, (info, lens) in infos.items():
             pred = np.average(p[owner == f], axis=0, weights=lens)
+            sh, used = info['speech_share'], sum(lens) / SR
+            little = bool(sh < min_speech)
             rows.append(dict(Filename=Path(f).stem, **dict(zip(EMOTIONS, np.clip(pred, 0, 1).round(6))), path=f,
-                             seconds=round(info['seconds'], 3), used_seconds=round(sum(lens) / SR, 3), windows=len(lens)))
+                             seconds=round(info['seconds'], 3), used_seconds=round(used, 3), windows=len(lens),
+                             speech_share=round(sh, 3), little_speech=little if speech else None))
+            if little: print(f"emi_predict: LITTLE SPEECH {f}: {sh:.0%} of its {used:.1f} s is speech (below {min_speech:.0%}); "
+                             "its intensities describe something other than a person speaking", file=sys.stderr)
     import pandas as pd
-    return pd.DataFrame(rows, columns=['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows']), failed
+    cols = ['Filename', *EMOTIONS, 'path', 'seconds', 'used_seconds', 'windows', 'speech_share', 'little_speech']
+    return pd.DataFrame(rows, columns=cols), failed
 
 # %% ../nbs/08_train.ipynb #e492d299
 @dataclass
@@ -494,6 +532,8 @@ class PredictConfig:
     device: str = 'auto'            # auto | cpu | cuda | cuda:N
     amp: str = ''                   # auto | off | bf16 | fp16; '' = the checkpoint's
     recursive: bool = False         # also search sub-folders of the folders given
+    speech_check: bool = True       # measure each file's speech share (silero-vad, ~1/150 of real time on a CPU core)
+    min_speech: float = LITTLE_SPEECH  # flag files whose speech share is below this (read speech 0.8-0.9, noise 0)
 
 # %% ../nbs/08_train.ipynb #f872aeef
 def _predict_parser():
@@ -519,7 +559,9 @@ def _write_predictions(df, failed:list, out:Path, n_files:int) -> int:
     "Write the CSV (and the errors CSV); returns the exit code (1 when a file failed)."
     import pandas as pd
     with atomic_path(out) as tmp: df.to_csv(tmp, index=False)
-    print(f"[emi_predict] {len(df)} of {n_files} files predicted -> {out}")
+    little = int(df.little_speech.eq(True).sum())
+    note = f"; {little} with little speech (column little_speech)" if little else ''
+    print(f"[emi_predict] {len(df)} of {n_files} files predicted -> {out}{note}")
     err = out.with_name(out.stem + '.errors.csv')
     if not failed:
         err.unlink(missing_ok=True)
@@ -551,7 +593,8 @@ def emi_predict_cli(argv=None):
         print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr)
         sys.exit(2)
     bs = default_batch_size(dev, cfg, pc.batch_size)
-    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, amp_dtype(dev, pc.amp or cfg.amp))
+    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, amp_dtype(dev, pc.amp or cfg.amp),
+                               speech=pc.speech_check, min_speech=pc.min_speech)
     sys.exit(_write_predictions(df, failed, Path(pc.output), len(files)))
 
 # %% ../nbs/08_train.ipynb #ca319795

@@ -340,11 +340,21 @@ def run_seeds(make_model, data, seeds:list, **kw) -> dict:
 
 
 # %% ../nbs/10_vision.ipynb #5433ba71
+def _plain(obj) -> bool:
+    "True when `obj` is made only of tensors, numbers, strings, None and dicts/lists/tuples of them."
+    if isinstance(obj, (dict,)): return all(_plain(k) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)): return all(_plain(v) for v in obj)
+    return obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str))
+
 def _cached(path:Path, make):
-    "torch.load(path) when it exists, else make(), saved atomically to path."
-    import os
-    if path.exists(): return torch.load(path, weights_only=False)
-    obj = make(); tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp'); torch.save(obj, tmp); os.replace(tmp, path)
+    "torch.load(path, weights_only=True) when it exists and reads, else make() (tensors, plain containers) saved there."
+    import os, warnings
+    if path.exists():
+        try: return torch.load(path, weights_only=True)
+        except Exception as e: warnings.warn(f"{path}: cache unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding")
+    obj = make()
+    assert _plain(obj), f"{path}: a cache holds only tensors and plain containers"
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp'); torch.save(obj, tmp); os.replace(tmp, path)
     return obj
 
 def face_items(root, # ABAW-layout data root

@@ -41,11 +41,14 @@ def _escape(r, i=0):
     f = _fid(r, 'train', i); out = r.parent/f'elsewhere{i}.mp3'; shutil.move(r/f'audio/{f:05d}.mp3', out); (r/f'audio/{f:05d}.mp3').symlink_to(out)
     return f'{f:05d}.mp3', 'path escapes the data folder'
 def _nan(r, split='train'):
-    _edit_csv(r, split, lambda d: d.__setitem__('Joy', d['Joy'].where(d.index != 2, 'nan'))); return f'{split}_split.csv', "row 4: Joy = 'nan' is not a finite number"
+    f = _fid(r, split, 2); _edit_csv(r, split, lambda d: d.__setitem__('Joy', d['Joy'].where(d.index != 2, 'nan')))
+    return f'{split}_split.csv', f"row 4, Filename {f}: Joy = 'nan' is not a finite number"
 def _big(r, split='train'):
-    _edit_csv(r, split, lambda d: d.__setitem__('Amusement', d['Amusement'].where(d.index != 0, '1.7'))); return f'{split}_split.csv', 'row 2: Amusement = 1.7 is outside [0, 1]'
+    f = _fid(r, split, 0); _edit_csv(r, split, lambda d: d.__setitem__('Amusement', d['Amusement'].where(d.index != 0, '1.7')))
+    return f'{split}_split.csv', f'row 2, Filename {f}: Amusement = 1.7 is outside [0, 1]'
 def _dup(r, split='train'):
-    _edit_csv(r, split, lambda d: d.__setitem__('Filename', d['Filename'].where(d.index != 3, d['Filename'][1]))); return f'{split}_split.csv', 'row 3: duplicate id'
+    f = _fid(r, split, 1); _edit_csv(r, split, lambda d: d.__setitem__('Filename', d['Filename'].where(d.index != 3, d['Filename'][1])))
+    return f'{split}_split.csv', f'row 3, Filename {f}: duplicate id'
 def _nonnum(r, split='train'):
     _edit_csv(r, split, lambda d: d.__setitem__('Filename', d['Filename'].where(d.index != 5, 'a17'))); return f'{split}_split.csv', "row 7: Filename 'a17' is not a non-negative integer id"
 def _nocol(r, split='train'):
@@ -74,7 +77,7 @@ def test_loader_names_each_problem(clean, tmp_path, case):
     n = len(pd.read_csv(clean/'train_split.csv'))
     n_bad = 2 if case == 'duplicate id' else 1   # both copies of a duplicated id are dropped
     assert len(q) == n - n_bad and len(q.report) == n_bad, (case, len(q), q.report)
-    assert where in q.report[0]['path'] and why in q.report[0]['problem']
+    assert where in q.report[0]['file'] and why in q.report[0]['problem'] and q.report[0]['action'] == 'skipped'
     for i in range(len(q)):   # nothing that loads is silence or a zero-filled stand-in
         y, _ = load_audio(r/f'audio/{q.fids[i]:05d}.mp3', q.max_seconds)
         assert np.abs(y).max() > 1e-3 and q[i]['wav'].abs().max() > 0
@@ -114,6 +117,11 @@ def test_emi_check_clean_corpus_passes(clean, tmp_path):
     assert code == 0 and '0 error(s), 0 warning(s)' in out, out
     s = json.loads((tmp_path/'r.json').read_text())['summary']
     assert s['decoded'] == 64 and s['formats'] == {'1 ch @ 16000 Hz': 64} and s['share_under_1s'] > 0
+    sp = s['speech']; print(sp)   # what silero-vad makes of the generated speech-like audio, whatever it is
+    assert sp['measured'] == sp['of'] == 64 and 0 <= sp['min'] <= sp['median'] <= sp['max'] <= 1
+    assert 'speech (silero-vad, first 12 s of each clip): 64 of 64 clips measured' in out
+    code, out = _emi_check(clean, '--speech-sample', 10, '--json', tmp_path/'r10.json')
+    assert code == 0 and json.loads((tmp_path/'r10.json').read_text())['summary']['speech']['measured'] == 10, out
 
 def test_stereo_44k_loads_correctly(clean, tmp_path):
     "A stereo 44.1 kHz wav is down-mixed and resampled: the same signal as the mono 16 kHz original, not zeros."
