@@ -13,7 +13,7 @@ import torch
 from .config import (EMOTIONS, SR, StudyConfig, make_config, training_view, cache_dir, run_path, get_device,
                            seed_everything, save_json, save_results, data_fingerprint, data_kind, progress, threads, parallel)
 from .data import EMIDataset, DataError, read_split, media_path
-from .synth import resolve_data_root
+from .data import resolve_data_root
 from .paper import BACKBONES, TABLE2, RECIPE, SECTION_6_2, t1_splits, t2
 from .metrics import pearson, mean_rho, rho_report, seed_stats, paired_stats
 from .model import EmotionModel, EMIModel, load_backbone, TABLE2_ROWS, SWITCHES

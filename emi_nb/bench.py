@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from .config import SR, EMOTIONS, StudyConfig, project_root, run_path, save_json, save_results, atomic_path
 from .data import EMIDataset
-from .synth import resolve_data_root
+from .data import resolve_data_root
 from .paper import DATA, RECIPE, SECTION_6_2, clips_total
 from .model import EmotionModel, EMIModel, backbone_config, load_backbone, TABLE2_ROWS
 from .loop import LengthBucketSampler

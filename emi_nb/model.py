@@ -149,7 +149,7 @@ def min_samples(config:Wav2Vec2Config) -> int:
     for k, s in zip(config.conv_kernel[1:], config.conv_stride[1:]): rf, hop = rf + (k - 1) * hop, hop * s
     return rf
 
-assert min_samples(Wav2Vec2Config()) == MIN_SAMPLES  # 400 samples = 25 ms for wav2vec2 (every preset here); 03_data checks clips
+assert min_samples(Wav2Vec2Config()) == MIN_SAMPLES  # 400 samples = 25 ms for wav2vec2 (every preset here); 04_data checks clips
 
 def clip_lengths(input_values:torch.Tensor, attention_mask:torch.Tensor|None, min_len:int=MIN_SAMPLES) -> torch.Tensor:
     "Valid samples per clip (B,), checked against the encoder's minimum."

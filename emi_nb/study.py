@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 from .config import (project_root, package_versions, git_commit, save_json, make_config, config_fields, ConfigError,
                            PROFILES)
-from .synth import resolve_data_root, ensure_vad_corpus
+from .synth import ensure_vad_corpus
+from .data import resolve_data_root
 from .pretrain import resolve_backbone
 from .paper import front_page_md
 from .site import render_site

@@ -16,8 +16,8 @@ from .config import (EMOTIONS, SR, StudyConfig, ConfigError, make_config, config
                            progress, add_progress_flag, set_progress, data_kind, data_fingerprint)
 from .metrics import pearson, mean_rho, rho_report, paired_stats, write_submission
 from .data import (EMIDataset, DataError, collate, load_audio, normalize, read_split, split_csv, read_test_labels,
-                         check_shared_ids, check_length, write_quarantine_report, speech_share, LITTLE_SPEECH)
-from .synth import resolve_data_root
+                         check_shared_ids, check_length, write_quarantine_report, speech_share, LITTLE_SPEECH,
+                         resolve_data_root)
 from .model import EmotionModel, EMIModel
 from .loop import (emi_loss, LengthBucketSampler, dist_setup, barrier, rank0_first, global_rows, Loop, recipe,
                          publish_checkpoint, resolve_checkpoint, latest_complete, CheckpointError, rng_state, set_rng_state)
