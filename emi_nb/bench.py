@@ -245,7 +245,7 @@ def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained 
              root, n_train:int=16, reps:int=5) -> dict:
     "One epoch of each kind of frozen-backbone row from the feature cache and from the live backbone: times, identity."
     bb, sub, y, t_store = _p3_sources(cfg, src, root, n_train)
-    rc = {k: cfg.replace(**TABLE2_ROWS[r], freeze_backbone=True, epochs=1, n_boot=0, device='cpu') for k, r in P3_ROWS.items()}
+    rc = {k: cfg.replace(**TABLE2_ROWS[r], freeze_backbone=True, epochs=1, n_boot=1, device='cpu') for k, r in P3_ROWS.items()}
     run = lambda kind, k: train_head(rc[k], bb, sub[kind]['train'], sub[kind]['valid'], y['train'], y['valid'])
     check = {k: (run('cache', k), run('live', k)) for k in P3_ROWS}  # also the warm-up
     diff = {k: max_abs_diff(dict(m=a['metrics'], p=a['preds']['valid']['pred']), dict(m=b['metrics'], p=b['preds']['valid']['pred']))

@@ -14,13 +14,13 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['EMOTIONS', 'VAD_NAMES', 'SR', 'TABLE2_COMPONENTS', 'TABLE1_ROWS', 'EXPLORE_ROWS', 'CHOICES', 'DEVICE_RE', 'POSITIVE',
-           'PROFILES', 'TRAINING_FREE', 'PACKAGES', 'MEDIA_DIRS', 'CorpusConfig', 'PretrainConfig', 'AblationsConfig',
-           'VisionConfig', 'BenchConfig', 'StudyConfig', 'ConfigError', 'config_fields', 'coerce', 'check',
-           'make_config', 'config_from_dict', 'training_view', 'add_config_flags', 'config_from_args', 'project_root',
-           'cache_dir', 'run_path', 'get_device', 'amp_dtype', 'seed_everything', 'package_versions', 'git_commit',
-           'data_fingerprint', 'data_kind', 'fsync_path', 'replace_durably', 'atomic_path', 'save_json', 'provenance',
-           'save_results', 'load_results', 'data_label', 'stamp', 'save_figure', 'threads', 'parallel', 'progress',
-           'add_progress_flag', 'set_progress']
+           'PROFILES', 'TRAINING_FREE', 'CLI_DEFAULTS', 'PACKAGES', 'MEDIA_DIRS', 'CorpusConfig', 'PretrainConfig',
+           'AblationsConfig', 'VisionConfig', 'BenchConfig', 'StudyConfig', 'ConfigError', 'config_fields', 'coerce',
+           'check', 'make_config', 'config_from_dict', 'training_view', 'add_config_flags', 'config_from_args',
+           'project_root', 'cache_dir', 'run_path', 'get_device', 'amp_dtype', 'seed_everything', 'package_versions',
+           'git_commit', 'data_fingerprint', 'data_kind', 'fsync_path', 'replace_durably', 'atomic_path', 'save_json',
+           'provenance', 'save_results', 'load_results', 'data_label', 'stamp', 'save_figure', 'threads', 'parallel',
+           'progress', 'add_progress_flag', 'set_progress']
 
 # %% ../nbs/00_config.ipynb #424f274d
 EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excitement', 'Joy']  # fixed column order of the task
@@ -358,14 +358,17 @@ def training_view(cfg:StudyConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in TRAINING_FREE}
 
 # %% ../nbs/00_config.ipynb #29e5d456
+CLI_DEFAULTS = {'profile': 'synthetic'}  # a command line without --profile runs the default study
+
 def add_config_flags(ap, cls=None, only:tuple=()) -> None:
     "Add a `--field-name` flag for every leaf field of `cls` (default StudyConfig), or those named/prefixed in `only`."
     import argparse
     for name, (tp, default, doc) in config_fields(cls).items():
         if only and not any(name == o or (o.endswith('.') and name.startswith(o)) for o in only): continue
         flag = '--' + name.replace('_', '-')
-        show = ', '.join(default) if isinstance(default, tuple) else default
-        text = (f"{doc} (default {show!r})" if doc else f"(default {show!r})").replace('%', '%%')
+        show = ', '.join(default) if isinstance(default, tuple) else CLI_DEFAULTS.get(name, default)
+        where = 'default' if cls not in (None, StudyConfig) or name in CLI_DEFAULTS else 'paper profile'
+        text = (f"{doc} ({where}: {show!r})" if doc else f"({where}: {show!r})").replace('%', '%%')
         kw = dict(default=argparse.SUPPRESS, dest=name, help=text)
         if _none_ok(tp)[1] is bool: kw.update(nargs='?', const='true', metavar='BOOL')
         else: kw.update(metavar=getattr(tp, '__name__', 'LIST').upper() if tp in (int, float, str) else 'A,B')
@@ -378,7 +381,7 @@ def config_from_args(args, # an argparse Namespace from a parser with add_config
     "`base` (default: the profile's config) with every config flag given on the command line applied."
     given = {k: v for k, v in vars(args).items() if k in config_fields()}
     profile = given.pop('profile', None)
-    if base is None: return make_config(profile or 'synthetic', **given)
+    if base is None: return make_config(profile or CLI_DEFAULTS['profile'], **given)
     return base.replace(**({'profile': profile} if profile else {}), **given)
 
 # %% ../nbs/00_config.ipynb #12c2f484

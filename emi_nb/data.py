@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 from fastcore.basics import patch
-from .config import EMOTIONS, VAD_NAMES, SR, progress, save_json
+from .config import (EMOTIONS, VAD_NAMES, SR, ConfigError, add_config_flags, config_from_args, progress,
+                           add_progress_flag, set_progress, save_json)
 from .synth import ensure_corpus, ensure_vad_corpus
 
 # %% auto #0
@@ -599,7 +600,7 @@ def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
     w = min(60, max(len(r) for r in rel))
     lines = [f"{'severity':8}  {'path':{w}}  problem", f"{'-' * 8}  {'-' * w}  {'-' * 40}"]
     lines += [f"{s:8}  {r:{w}}  {p}" for s, r, p in zip(problems.severity[:max_rows], rel[:max_rows], problems.problem[:max_rows])]
-    if len(problems) > max_rows: lines.append(f"... and {len(problems) - max_rows} more (see --json)")
+    if len(problems) > max_rows: lines.append(f"... and {len(problems) - max_rows} more (see --output)")
     return '\n'.join(lines)
 
 # %% ../nbs/04_data.ipynb #b3dfcbb6
@@ -611,27 +612,42 @@ def speech_line(sp:dict) -> str:
             f"max {sp['max']:.2f}); {sp['below_little_speech']} clip(s) below {sp['little_speech']:g}")
 
 # %% ../nbs/04_data.ipynb #961aabf5
-def emi_check_cli(argv=None):
-    "emi_check DATA_ROOT: validate an ABAW-layout data root; exit 1 when there are errors."
-    ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before training: tables, audio, videos, faces.')
-    ap.add_argument('root', help='data root (train_split.csv, valid_split.csv, audio/, ...)')
-    ap.add_argument('--workers', type=int, default=None, help='decoding threads (default: CPU count)')
-    ap.add_argument('--max-seconds', type=float, default=12.0, help='cut length whose effect the summary reports')
+def _check_parser():
+    "emi_check's arguments: the data root and the cut (config fields), what to check and where to write the report."
+    ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before training: tables, '
+                                 'audio, videos, faces, speech share. Without --data-root: the synthetic corpus of the profile.')
+    add_config_flags(ap, only=('profile', 'data_root', 'max_seconds', 'decode_workers', 'corpus.seed'))
     ap.add_argument('--limit', type=int, default=None, help='check only the first N clips of each split')
-    ap.add_argument('--json', metavar='PATH', help='also write the full report (summary, problems, per-clip facts) as JSON')
+    ap.add_argument('--output', metavar='JSON', help='also write the full report (summary, problems, per-clip facts) to this file')
     ap.add_argument('--strict', action='store_true', help='exit 1 on warnings too')
     ap.add_argument('--speech-sample', type=int, default=200,
                     help='clips whose speech share silero-vad measures, spread over the corpus (0: none, -1: all)')
-    a = ap.parse_args(argv)
-    root = Path(a.root)
-    try: rep = check_root(root, a.workers, a.max_seconds, a.limit, a.speech_sample)
-    except DataError as e: print(f"emi_check: {e}", file=sys.stderr); sys.exit(2)
-    P = rep['problems']; n_err, n_warn = int((P.severity == 'error').sum()), int((P.severity == 'warning').sum())
+    add_progress_flag(ap)
+    return ap
+
+# %% ../nbs/04_data.ipynb #ae3c7654
+def emi_check_cli(argv=None):
+    "emi_check: validate an ABAW-layout data root; exit 1 when there are errors, 2 when it cannot be read at all."
+    a = _check_parser().parse_args(argv)
+    set_progress(a.progress)
+    given = vars(a)
+    try:
+        cfg = config_from_args(a)
+        if 'profile' not in given and 'max_seconds' not in given: cfg = cfg.replace(max_seconds=12.0)
+        root = resolve_data_root(cfg)
+        why = 'given' if 'max_seconds' in given else f'profile {cfg.profile}' if 'profile' in given else "the paper's"
+        print(f"emi_check: {root}; the summary assumes a cut of {cfg.max_seconds:g} s ({why})")
+        rep = check_root(root, cfg.decode_workers, cfg.max_seconds, a.limit, a.speech_sample)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"emi_check: {e}", file=sys.stderr)
+        sys.exit(2)
+    P = rep['problems']
+    n_err, n_warn = int((P.severity == 'error').sum()), int((P.severity == 'warning').sum())
     print(json.dumps(rep['summary'], indent=1))
-    print(format_problems(P, root.resolve() if root.exists() else None))
+    print(format_problems(P, root.resolve()))
     print(speech_line(rep['summary']['speech']))
     print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
-    if a.json: save_json(a.json, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
+    if a.output: save_json(a.output, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
     sys.exit(1 if n_err or (a.strict and n_warn) else 0)
 
 # %% ../nbs/04_data.ipynb #4a4a889a

@@ -83,7 +83,7 @@ def test_loader_names_each_problem(clean, tmp_path, case):
         assert np.abs(y).max() > 1e-3 and q[i]['wav'].abs().max() > 0
 
 def _emi_check(root, *args):
-    r = run_cli('emi_check', root, '--workers', 2, *args, check=False)
+    r = run_cli('emi_check', '--data-root', root, '--decode-workers', 2, *args, check=False)
     return r.returncode, r.stdout + r.stderr
 
 def test_emi_check_names_every_problem(clean, tmp_path):
@@ -92,7 +92,7 @@ def test_emi_check_names_every_problem(clean, tmp_path):
     expected = [_missing(r, 0), _empty(r, 1), _corrupt(r, 2), _escape(r, 3), _truncated(r, 4)]
     expected += [f(r, 'valid') for f in (_nan, _big, _dup, _nonnum)]
     stereo = _fid(r, 'valid', 4); _stereo44k(r, stereo)   # row 4 is untouched by the row breaks
-    code, out = _emi_check(r, '--json', tmp_path/'report.json')
+    code, out = _emi_check(r, '--output', tmp_path/'report.json')
     print(out)
     assert code == 1, out
     for where, why in expected:
@@ -113,14 +113,14 @@ def test_emi_check_structural_problems(clean, tmp_path):
     assert any('test_split.csv' in l and 'warning' in l for l in out.splitlines()), out
 
 def test_emi_check_clean_corpus_passes(clean, tmp_path):
-    code, out = _emi_check(clean, '--json', tmp_path/'r.json')
+    code, out = _emi_check(clean, '--output', tmp_path/'r.json')
     assert code == 0 and '0 error(s), 0 warning(s)' in out, out
     s = json.loads((tmp_path/'r.json').read_text())['summary']
     assert s['decoded'] == 64 and s['formats'] == {'1 ch @ 16000 Hz': 64} and s['share_under_1s'] > 0
     sp = s['speech']; print(sp)   # what silero-vad makes of the generated speech-like audio, whatever it is
     assert sp['measured'] == sp['of'] == 64 and 0 <= sp['min'] <= sp['median'] <= sp['max'] <= 1
     assert 'speech (silero-vad, first 12 s of each clip): 64 of 64 clips measured' in out
-    code, out = _emi_check(clean, '--speech-sample', 10, '--json', tmp_path/'r10.json')
+    code, out = _emi_check(clean, '--speech-sample', 10, '--output', tmp_path/'r10.json')
     assert code == 0 and json.loads((tmp_path/'r10.json').read_text())['summary']['speech']['measured'] == 10, out
 
 def test_stereo_44k_loads_correctly(clean, tmp_path):

@@ -28,7 +28,7 @@ def _set(root, csv, i, col, value):
     p = root/csv; df = pd.read_csv(p, dtype=str, keep_default_na=False); df.loc[i, col] = value; df.to_csv(p, index=False)
 
 def _check(root, *args):
-    r = run_cli('emi_check', root, '--workers', 2, *args, check=False, env=ENV)
+    r = run_cli('emi_check', '--data-root', root, '--decode-workers', 2, *args, check=False, env=ENV)
     return r.returncode, r.stdout + r.stderr
 
 def _train(root, run_dir, *extra):
