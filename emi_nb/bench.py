@@ -468,19 +468,21 @@ def find_gpu_results(root=None) -> dict|None:
         if r.get('kind') == 'emi-gpu-check' and not r.get('dry_run') and (r.get('throughput') or {}).get('rows'):
             found.append((r.get('started', ''), str(p), r))
     if not found: return None
-    started, path, r = max(found, key=lambda f: f[:2])
+    _, path, r = max(found, key=lambda f: f[:2])  # the newest start; the path breaks ties
     return dict(r, source=path)
 
 # %% ../nbs/11_benchmarks.ipynb #58cd2ed5
 def _throughput(res:dict, path:str, amp:str, mode:str) -> dict|None:
     "The throughput row of a GPU-check result for (path, amp, mode), or None."
     rows = (res.get('throughput') or {}).get('rows', [])
-    return next((r for r in rows if (r['path'], r['amp'], r['mode']) == (path, amp, mode) and r.get('audio_s_per_s')), None)
+    hits = [r for r in rows if (r['path'], r['amp'], r['mode']) == (path, amp, mode) and r.get('audio_s_per_s')]
+    return hits[0] if hits else None
 
 def gpu_projection(res:dict, # a GPU-check result (`find_gpu_results`)
                    recipe:dict=PAPER_RECIPE) -> dict|None:
     "Hours of the paper recipe's model compute at the measured throughput (batched+bucketed, faster precision)."
-    ok = [a for a in ('bf16', 'fp16') if _throughput(res, 'batched+bucketed', a, 'fwd+bwd') and _throughput(res, 'batched+bucketed', a, 'fwd')]
+    both = lambda a: all(_throughput(res, 'batched+bucketed', a, m) for m in ('fwd', 'fwd+bwd'))
+    ok = [a for a in ('bf16', 'fp16') if both(a)]
     if not ok: return None
     amp = max(ok, key=lambda a: _throughput(res, 'batched+bucketed', a, 'fwd+bwd')['audio_s_per_s'])
     keep = 1 - recipe['dropped']
@@ -491,21 +493,23 @@ def gpu_projection(res:dict, # a GPU-check result (`find_gpu_results`)
         return recipe['epochs'] * (train_s / fb['audio_s_per_s'] + valid_s / f['audio_s_per_s']) / 3600
     h, fb = hours('batched+bucketed'), _throughput(res, 'batched+bucketed', amp, 'fwd+bwd')
     return dict(amp=amp, path='batched+bucketed', epochs=recipe['epochs'], train_clips=TRAIN_CLIPS,
-                train_audio_hours=train_s / 3600, valid_audio_hours=valid_s / 3600, epoch_minutes=60 * h / recipe['epochs'],
-                run_hours=h, per_clip_run_hours=hours('per-clip'), mfu=fb.get('mfu'),
+                train_audio_hours=train_s / 3600, valid_audio_hours=valid_s / 3600,
+                epoch_minutes=60 * h / recipe['epochs'], run_hours=h, per_clip_run_hours=hours('per-clip'),
+                mfu=fb.get('mfu'),
                 note='model compute only: data loading, optimiser steps and checkpoints not included')
 
 # %% ../nbs/11_benchmarks.ipynb #1b54d379
 def gpu_vs_estimate(res:dict|None, # a GPU-check result, or None when there is none
                     est:dict) -> pd.DataFrame:
     "The paper recipe's epoch and run time: the FLOP estimate (`est`, the GPU dict above) beside the GPU measurement."
-    rows = [{'source': f"estimate: {est['gpu']} at {est['mfu']:.0%} MFU (FLOPs counted)", 'epoch (min)': est['epoch_minutes'],
-             f"{PAPER_RECIPE['epochs']} epochs (h)": est['run_hours'], 'per-clip path (h)': None, 'MFU': est['mfu']}]
+    run = f"{PAPER_RECIPE['epochs']} epochs (h)"
+    rows = [{'source': f"estimate: {est['gpu']} at {est['mfu']:.0%} MFU (FLOPs counted)",
+             'epoch (min)': est['epoch_minutes'], run: est['run_hours'], 'per-clip path (h)': None, 'MFU': est['mfu']}]
     pj = gpu_projection(res) if res else None
     if pj:
         dev = res.get('device') or {}
         rows.append({'source': f"measured: {dev.get('name', '?')}, {res.get('started', '?')[:10]}, {pj['amp']}",
-                     'epoch (min)': pj['epoch_minutes'], f"{PAPER_RECIPE['epochs']} epochs (h)": pj['run_hours'],
+                     'epoch (min)': pj['epoch_minutes'], run: pj['run_hours'],
                      'per-clip path (h)': pj['per_clip_run_hours'], 'MFU': pj['mfu']})
     return pd.DataFrame(rows).set_index('source')
 

@@ -188,8 +188,8 @@ def path_equality(model:EMIModel, clips:list, device, amps=('bf16', 'fp16')) -> 
             per = ref if amp == 'fp32' else path_outputs(model, x, am, amp, batched=False)
             d = rel_diff(path_outputs(model, x, am, amp, batched=True), per)
             res[amp] = dict(rel_diff=d, tol=TOL[amp], ok=d <= TOL[amp], per_clip_vs_fp32=rel_diff(per, ref))
-        res['unmasked'] = dict(rel_diff=rel_diff(path_outputs(model, x, None, 'fp32', batched=True), ref), tol=None, ok=None,
-                               per_clip_vs_fp32=None)
+        leak = rel_diff(path_outputs(model, x, None, 'fp32', batched=True), ref)
+        res['unmasked'] = dict(rel_diff=leak, tol=None, ok=None, per_clip_vs_fp32=None)
     return res
 
 # %% ../nbs/12_gpu.ipynb #b7815089
@@ -258,15 +258,17 @@ def field_flags(**fields) -> list:
 def train_command(run_dir, name:str, profile:str, data_root, backbone:str, device:str, epochs:int,
                   resume:bool=False, ckpt_steps:int=0, torchrun:bool=True, **fields) -> list:
     "The emi_train command line (under torchrun with one process when `torchrun`); `fields` are StudyConfig fields."
-    head = [_bin('torchrun'), '--standalone', '--nproc_per_node', '1', '-m', 'emi_nb.train'] if torchrun else [_bin('emi_train')]
-    cmd = [*head, '--profile', profile, '--data-root', str(data_root), '--backbone', backbone, '--device', device,
+    one_process = [_bin('torchrun'), '--standalone', '--nproc_per_node', '1', '-m', 'emi_nb.train']
+    run = one_process if torchrun else [_bin('emi_train')]
+    cmd = [*run, '--profile', profile, '--data-root', str(data_root), '--backbone', backbone, '--device', device,
            '--run-dir', str(run_dir), '--name', name, '--epochs', str(epochs), *field_flags(**fields), '--quiet']
     return cmd + (['--resume'] if resume else []) + (['--ckpt-steps', str(ckpt_steps)] if ckpt_steps else [])
 
 # %% ../nbs/12_gpu.ipynb #2d6b9156
 def predict_command(checkpoint, output, device:str, files:list) -> list:
     "The emi_predict command line: a run's checkpoint folder, the CSV to write, the audio files."
-    return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--out', str(output), '--device', device, *map(str, files)]
+    return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--out', str(output), '--device', device,
+            *map(str, files)]
 
 def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
     "The emi_study command line into `run_dir`; `extra` e.g. ('--only', '00', '--no-site')."
@@ -292,10 +294,12 @@ def run_cmd(cmd:list, log, timeout:float, check:bool=True) -> dict:
         except BaseException as e:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-            if isinstance(e, subprocess.TimeoutExpired): raise StageTimeout(f"{Path(cmd[0]).name} ran past {timeout:.0f} s (log {log})") from None
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise StageTimeout(f"{Path(cmd[0]).name} ran past {timeout:.0f} s (log {log})") from None
             raise
     res = dict(cmd=' '.join(map(str, cmd)), rc=rc, seconds=round(time.time() - t0, 1), log=str(log))
-    if check and rc != 0: raise RuntimeError(f"{Path(cmd[0]).name} exited {rc}; end of {log}:\n{log.read_text()[-1500:]}")
+    if check and rc != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} exited {rc}; end of {log}:\n{log.read_text()[-1500:]}")
     return res
 
 # %% ../nbs/12_gpu.ipynb #fe4ddfb4
@@ -314,7 +318,8 @@ def gpu_corpus(out, # folder to create (must be new or empty)
     for i, d in enumerate(dur):
         t = np.arange(int(round(d * SR))) / SR
         env = 0.05 * (1.2 + np.sin(2 * np.pi * rng.uniform(0.2, 3) * t + rng.uniform(0, 6.3)))
-        sf.write(out/'audio'/f'{i + 1:05d}.wav', (env * rng.standard_normal(len(t))).astype(np.float32), SR, subtype='PCM_16')
+        y = (env * rng.standard_normal(len(t))).astype(np.float32)
+        sf.write(out/'audio'/f'{i + 1:05d}.wav', y, SR, subtype='PCM_16')
     df = pd.DataFrame({'Filename': np.arange(1, n + 1), **{e: lab[:, j] for j, e in enumerate(EMOTIONS)}})
     df[:n_train].to_csv(out/'train_split.csv', index=False)
     df[n_train:n_train + n_valid].to_csv(out/'valid_split.csv', index=False)
@@ -330,7 +335,7 @@ def _latest(ckpt:Path) -> dict:
     except (OSError, json.JSONDecodeError): return {}
 
 def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float) -> dict|None:
-    "Start `cmd`, SIGKILL it at its first mid-epoch checkpoint; the pointer it was killed at, or None if it ended first."
+    "Start `cmd`, SIGKILL it at its first mid-epoch checkpoint; the pointer it was killed at (None: it ended first)."
     with open(log, 'w') as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         t0, at = time.time(), None
@@ -360,15 +365,16 @@ def resume_check(work, device:str, timeout:float=60, steps:int=4, backbone:str='
     kw = dict(name='resume', profile='smoke', data_root=corpus, backbone=backbone, device=device, epochs=2,
               ckpt_steps=1, torchrun=False, max_steps=steps, batch_size=2, max_seconds=2.0, **amp)
     run_cmd(train_command(work/'straight', **kw), work/'straight.log', timeout)
-    at = _kill_mid_epoch(train_command(work/'killed', **kw), work/'killed'/'checkpoints'/'resume', work/'killed.log', steps,
-                         timeout - (time.time() - t0))
-    if at is None: return dict(ok=False, interrupted=False, note='the run ended before a mid-epoch checkpoint could be killed')
+    at = _kill_mid_epoch(train_command(work/'killed', **kw), work/'killed'/'checkpoints'/'resume', work/'killed.log',
+                         steps, timeout - (time.time() - t0))
+    if at is None: return dict(ok=False, interrupted=False, note='the run ended before a mid-epoch checkpoint')
     run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', timeout - (time.time() - t0))
     a, b = (json.loads((work/r/'results'/'resume.json').read_text())['metrics'] for r in ('straight', 'killed'))
     wa, wb = _weights(work/'straight'/'checkpoints'/'resume'), _weights(work/'killed'/'checkpoints'/'resume')
-    rel = (sum(float(((wa[k] - wb[k]).double()**2).sum()) for k in wa) / sum(float((wa[k].double()**2).sum()) for k in wa)) ** 0.5
+    sq = lambda t: float((t.double()**2).sum())
+    rel = (sum(sq(wa[k] - wb[k]) for k in wa) / sum(sq(wa[k]) for k in wa)) ** 0.5
     dm = max_abs_diff(a, b)
-    return dict(ok=dm <= 1e-4 and rel <= 1e-3, interrupted=True, killed_at=dict(epoch=at.get('epoch'), step=at.get('step')),
+    return dict(ok=dm <= 1e-4 and rel <= 1e-3, interrupted=True, killed_at={k: at.get(k) for k in ('epoch', 'step')},
                 metrics_max_diff=dm, weights_rel_l2=rel, exact=dm == 0 and rel == 0, amp=amp.get('amp', 'fp32'),
                 seconds=round(time.time() - t0, 1))
 
@@ -406,7 +412,8 @@ def time_passes(model:EMIModel, batches:list, # (input_values, attention_mask) p
         t0 = time.perf_counter()
         one()
         secs.append(time.perf_counter() - t0)
-    return dict(seconds=stats(secs), peak_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else None)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else None
+    return dict(seconds=stats(secs), peak_gb=peak)
 
 # %% ../nbs/12_gpu.ipynb #0eb42093
 PATHS = {'per-clip': dict(batched=False, ckpt=False), 'batched+bucketed': dict(batched=True, ckpt=False),
@@ -416,8 +423,10 @@ def set_path(model:EMIModel, batched:bool, ckpt:bool) -> EMIModel:
     "Switch `model` between the per-clip and batched backbone and gradient checkpointing on or off."
     model.batched = batched
     bb = model.backbone
-    if ckpt: (getattr(bb, 'activation_checkpointing_enable', None) or bb.gradient_checkpointing_enable)(dict(use_reentrant=False))
-    else: (getattr(bb, 'activation_checkpointing_disable', None) or bb.gradient_checkpointing_disable)()
+    on = getattr(bb, 'activation_checkpointing_enable', None) or bb.gradient_checkpointing_enable  # newer name first
+    off = getattr(bb, 'activation_checkpointing_disable', None) or bb.gradient_checkpointing_disable
+    if ckpt: on(dict(use_reentrant=False))
+    else: off()
     return model
 
 # %% ../nbs/12_gpu.ipynb #47789f38
@@ -442,8 +451,8 @@ def throughput(model:EMIModel, lengths:list, # batches of clip lengths (samples)
                     torch.cuda.empty_cache()
                     continue
                 tf = mult * flops / t['seconds']['median'] / 1e12 if flops else None
-                rows.append(dict(row, audio_s_per_s=audio / t['seconds']['median'], seconds=t['seconds'], peak_gb=t['peak_gb'],
-                                 tflops=tf, mfu=tf / peak if tf and peak else None))
+                rows.append(dict(row, audio_s_per_s=audio / t['seconds']['median'], seconds=t['seconds'],
+                                 peak_gb=t['peak_gb'], tflops=tf, mfu=tf / peak if tf and peak else None))
     set_path(model, **PATHS['batched+bucketed'])
     return rows
 
@@ -496,13 +505,15 @@ def run_stage(self:GPUCheck, name:str, fn) -> bool:
         with time_cap(cap): fn(rec, t0 + cap)
         st['status'] = 'ok'
     except StageTimeout as e: st.update(status='timeout', error=str(e))
-    except Exception as e: st.update(status='failed', error=f'{type(e).__name__}: {e}'[:3000], trace=traceback.format_exc()[-3000:])
+    except Exception as e:
+        st.update(status='failed', error=f'{type(e).__name__}: {e}'[:3000], trace=traceback.format_exc()[-3000:])
     finally:
         st['seconds'] = round(time.monotonic() - t0, 1)
         gc.collect()
         if self.dev.type == 'cuda': torch.cuda.empty_cache()
         self.save()
-    print(f"[emi_gpu_check] {name} {st['status']} in {st['seconds']} s" + (f": {st['error'][:300]}" if 'error' in st else ''), flush=True)
+    why = f": {st['error'][:300]}" if 'error' in st else ''
+    print(f"[emi_gpu_check] {name} {st['status']} in {st['seconds']} s{why}", flush=True)
     return st['status'] == 'ok'
 
 RECORDS = {'env': 'device'}  # the key of a stage's record in the results, where it is not the stage's name
@@ -560,8 +571,8 @@ def stage_throughput(self:GPUCheck, rec:dict, deadline:float):
     rec.update(preset=g['preset'], batch=g['batch'], batches=g['n_batches'], cut=g['cut'], reps=g['reps'],
                flops_per_audio_second=fps, peak_tflops=dev.get('peak_tflops'),
                layerdrop=0.0, note='dry run: CPU, tiny geometry; timings are no claims' if self.dry else '', rows=[])
-    rec['rows'] = throughput(self.model(), lengths, self.dev, amps_for(self.dev), g['reps'], coef, dev.get('peak_tflops'),
-                             g['warmup'])
+    rec['rows'] = throughput(self.model(), lengths, self.dev, amps_for(self.dev), g['reps'], coef,
+                             dev.get('peak_tflops'), g['warmup'])
     self.res['projection'] = None if self.dry else gpu_projection(self.res)
     bad = [f"{r['path']} {r['amp']} {r['mode']}: {r['error']}" for r in rec['rows'] if 'error' in r]
     if bad: raise RuntimeError('; '.join(bad))
@@ -583,15 +594,18 @@ def stage_train(self:GPUCheck, rec:dict, deadline:float):
     rec.update(run_cmd(cmd, self.run_dir/'logs'/'train.log', _left(deadline)))
     r = json.loads((work/'results'/'gpucheck.json').read_text())
     m, c = r['metrics'], r['metrics']['curves'][0]
-    rec.update(steps=c['steps'], skipped_steps=m['skipped_steps'], train_loss=c['train_loss'], valid_rho=m['valid']['rho'],
-               timing=r.get('timing'), checkpoint=str(work/'checkpoints'/'gpucheck'), data_kind=r['provenance'].get('data_kind'))
-    assert c['steps'] == g['steps'] and m['skipped_steps'] == 0, f"{c['steps']} steps of {g['steps']}, {m['skipped_steps']} skipped"
+    rec.update(steps=c['steps'], skipped_steps=m['skipped_steps'], train_loss=c['train_loss'],
+               valid_rho=m['valid']['rho'], timing=r.get('timing'), checkpoint=str(work/'checkpoints'/'gpucheck'),
+               data_kind=r['provenance'].get('data_kind'))
+    ok = c['steps'] == g['steps'] and m['skipped_steps'] == 0
+    assert ok, f"{c['steps']} steps of {g['steps']}, {m['skipped_steps']} skipped"
 
 # %% ../nbs/12_gpu.ipynb #681e380e
 @patch
 def stage_predict(self:GPUCheck, rec:dict, deadline:float):
     "emi_predict on CUDA on a few files with the trained checkpoint: one row per file, values in [0, 1]."
-    if self.res['stages'].get('train', {}).get('status') != 'ok': raise RuntimeError("no checkpoint: the train stage did not succeed")
+    if self.res['stages'].get('train', {}).get('status') != 'ok':
+        raise RuntimeError("no checkpoint: the train stage did not succeed")
     files = sorted((self.run_dir/'corpus'/'audio').glob('*.wav'))[:self.g['predict_files']]
     out = self.run_dir/'paper-recipe'/'preds.csv'
     rec.update(run_cmd(predict_command(self.res['train']['checkpoint'], out, self.dev.type, files),
@@ -604,10 +618,12 @@ def stage_predict(self:GPUCheck, rec:dict, deadline:float):
 def stage_study(self:GPUCheck, rec:dict, deadline:float):
     "emi_study --profile smoke on the device; the manifest's per-notebook status and seconds."
     run = self.run_dir/'smoke-study'
-    try: rec.update(run_cmd(study_command('smoke', self.dev.type, run, *self.g['study']), self.run_dir/'logs'/'study.log', _left(deadline)))
+    cmd = study_command('smoke', self.dev.type, run, *self.g['study'])
+    try: rec.update(run_cmd(cmd, self.run_dir/'logs'/'study.log', _left(deadline)))
     finally:
         man = json.loads((run/'manifest.json').read_text()) if (run/'manifest.json').exists() else {}
-        rec.update(status=man.get('status'), notebooks=[{k: n.get(k) for k in ('notebook', 'status', 'seconds')} for n in man.get('notebooks', [])])
+        nbs = [{k: n.get(k) for k in ('notebook', 'status', 'seconds')} for n in man.get('notebooks', [])]
+        rec.update(status=man.get('status'), notebooks=nbs)
     assert rec['status'] == 'ok', f"study status {rec['status']}"
 
 # %% ../nbs/12_gpu.ipynb #0a8c9f8c
@@ -621,7 +637,8 @@ def run(self:GPUCheck, only:list|None=None) -> dict:
         for p in (self.run_dir/'corpus', self.run_dir/'paper-recipe'/'checkpoints', self.run_dir/'resume'):
             shutil.rmtree(p, ignore_errors=True)
     ok = all(s['status'] == 'ok' for s in self.res['stages'].values())
-    self.res.update(status='ok' if ok else 'failed', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'), seconds=round(time.time() - t0, 1))
+    self.res.update(status='ok' if ok else 'failed', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                    seconds=round(time.time() - t0, 1))
     self.save()
     return self.res
 
@@ -631,15 +648,20 @@ def _f(v, fmt:str='.3g') -> str:
 
 def _check_lines(c:dict) -> list:
     "Markdown lines of the checks section of a result."
-    out = []
-    for r in c.get('lstm', []): out.append(f"| LSTM packed vs padded, {r['amp']} | {_f(r['rel_diff'])} | ≤ {r['tol']:g} | {r['ok']} |")
+    row = lambda *cells: '| ' + ' | '.join(map(str, cells)) + ' |'
+    out = [row(f"LSTM packed vs padded, {r['amp']}", _f(r['rel_diff']), f"≤ {r['tol']:g}", r['ok'])
+           for r in c.get('lstm', [])]
     for k, r in c.get('batched_vs_per_clip', {}).items():
-        out.append(f"| batched vs per clip, {k} | {_f(r['rel_diff'])} | {'≤ %g' % r['tol'] if r['tol'] else 'a padding leak, for scale'} | {r['ok'] if r['ok'] is not None else '–'} |")
+        tol = f"≤ {r['tol']:g}" if r['tol'] else 'a padding leak, for scale'
+        out.append(row(f'batched vs per clip, {k}', _f(r['rel_diff']), tol, '–' if r['ok'] is None else r['ok']))
     for k, r in c.get('amp_steps', {}).items():
-        out.append(f"| AMP steps, {k} | {r['skipped']} of {r['steps']} skipped, scale {r['scales'][0]:g} | 0 skipped | {r['ok']} |")
-    if c.get('collectives'): out.append(f"| collectives ({c['collectives']['backend']}) | | | {c['collectives']['ok']} |")
+        skips = f"{r['skipped']} of {r['steps']} skipped, scale {r['scales'][0]:g}"
+        out.append(row(f'AMP steps, {k}', skips, '0 skipped', r['ok']))
+    cc = c.get('collectives')
+    if cc: out.append(row(f"collectives ({cc['backend']})", '', '', cc['ok']))
     r = c.get('resume')
-    if r: out.append(f"| killed + resumed = straight ({r.get('amp')}) | metrics {_f(r.get('metrics_max_diff'))}, weights {_f(r.get('weights_rel_l2'))} | ≤ 1e-4, ≤ 1e-3 | {r['ok']} |")
+    if r: out.append(row(f"killed + resumed = straight ({r.get('amp')})", f"metrics {_f(r.get('metrics_max_diff'))}, "
+                         f"weights {_f(r.get('weights_rel_l2'))}", '≤ 1e-4, ≤ 1e-3', r['ok']))
     return ['| check | measured | tolerance | ok |', '|---|---|---|---|', *out] if out else []
 
 # %% ../nbs/12_gpu.ipynb #625c1bb6
@@ -656,30 +678,34 @@ def _throughput_lines(t:dict) -> list:
 def gpu_markdown(res:dict) -> str:
     "The short text summary of a GPU-check result."
     d, dry = res.get('device') or {}, res.get('dry_run')
-    head = (f"# GPU check{' (DRY RUN on CPU: tiny geometry, timings are no claims)' if dry else ''}: {res['status']}\n\n"
-            f"{d.get('name') or d.get('device', '?')}, {_f(d.get('memory_gb'))} GB, driver {d.get('driver')}, CUDA {d.get('cuda')}, "
-            f"cuDNN {d.get('cudnn')}, NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, "
-            f"commit `{(res.get('provenance') or {}).get('commit', '')[:12]}`.\n")
+    what = ' (DRY RUN on CPU: tiny geometry, timings are no claims)' if dry else ''
+    commit = (res.get('provenance') or {}).get('commit', '')[:12]
+    head = (f"# GPU check{what}: {res['status']}\n\n{d.get('name') or d.get('device', '?')}, "
+            f"{_f(d.get('memory_gb'))} GB, driver {d.get('driver')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}, "
+            f"NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, commit `{commit}`.\n")
     stages = [(k, res['stages'][k]) for k in STAGES if k in res['stages']]  # run order (the JSON sorts its keys)
     st = ['| stage | status | seconds | cap |', '|---|---|---|---|'] + [
           f"| {k} | {s['status']} | {_f(s.get('seconds'))} | {s['cap_s']:g} |" for k, s in stages]
     errs = [f"- {k}: {s['error'][:400]}" for k, s in stages if s.get('error')]
     parts = [head, '\n'.join(st), '\n'.join(errs), '\n'.join(_check_lines(res.get('checks') or {}))]
     if not dry: parts.append('\n'.join(_throughput_lines(res.get('throughput') or {})))
-    pj = res.get('projection')
-    if pj and not dry: parts.append(f"Paper recipe projected from this throughput ({pj['amp']}, {pj['path']}; {pj['note']}): "
-                                    f"{pj['epoch_minutes']:.1f} min per epoch, {pj['run_hours']:.1f} h for {pj['epochs']} epochs"
-                                    + (f" (per-clip path: {pj['per_clip_run_hours']:.1f} h)." if pj.get('per_clip_run_hours') else '.'))
-    tr = res.get('train') or {}
-    if 'steps' in tr: parts.append(f"Training: {tr['steps']} steps, {tr['skipped_steps']} skipped, {tr.get('seconds')} s for the "
-                                   f"whole command (synthetic data; validation rho {_f(tr.get('valid_rho'), '.3f')} means nothing).")
+    pj, tr = res.get('projection'), res.get('train') or {}
+    if pj and not dry:
+        per = f" (per-clip path: {pj['per_clip_run_hours']:.1f} h)" if pj.get('per_clip_run_hours') else ''
+        parts.append(f"Paper recipe projected from this throughput ({pj['amp']}, {pj['path']}; {pj['note']}): "
+                     f"{pj['epoch_minutes']:.1f} min per epoch, {pj['run_hours']:.1f} h for {pj['epochs']} "
+                     f"epochs{per}.")
+    if 'steps' in tr:
+        rho = _f(tr.get('valid_rho'), '.3f')
+        parts.append(f"Training: {tr['steps']} steps, {tr['skipped_steps']} skipped, {tr.get('seconds')} s for the "
+                     f"whole command (synthetic data: validation rho {rho} means nothing).")
     return '\n\n'.join(p for p in parts if p) + '\n'
 
 # %% ../nbs/12_gpu.ipynb #894f60df
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='emi_gpu_check', description='The prepared CUDA check of emi-study: exactness of the '
-                                 'CUDA paths, throughput at the paper geometry, the paper recipe end to end.')
-    ap.add_argument('--dry-run', action='store_true', help='every stage on CPU, tiny geometry, 2 steps; no timing claims')
+    ap = argparse.ArgumentParser(prog='emi_gpu_check', description='The prepared CUDA check of emi-study: exactness '
+                                 'of the CUDA paths, throughput at the paper geometry, the paper recipe end to end.')
+    ap.add_argument('--dry-run', action='store_true', help='every stage on CPU, tiny sizes, no timing claims')
     ap.add_argument('--run-dir', help='run folder (default runs/gpu-check-<time>, or runs/gpu-dry-<time>)')
     ap.add_argument('--publish', action='store_true', help='also write benchmarks/gpu-latest.json and .md')
     ap.add_argument('--peak-tflops', type=float, help="the GPU's dense bf16 peak, for MFU on a GPU not in the table")
@@ -694,7 +720,8 @@ def _caps(pairs:list) -> dict:
     caps = {}
     for kv in pairs:
         k, _, v = kv.partition('=')
-        if k not in STAGES or not v.replace('.', '', 1).isdigit(): raise ValueError(f"--cap {kv!r}: expected STAGE=SECONDS with STAGE in {list(STAGES)}")
+        if k not in STAGES or not v.replace('.', '', 1).isdigit():
+            raise ValueError(f"--cap {kv!r}: expected STAGE=SECONDS with STAGE in {list(STAGES)}")
         caps[k] = float(v)
     return caps
 
@@ -720,7 +747,8 @@ def emi_gpu_check_cli(argv=None):
     if not a.dry_run and not torch.cuda.is_available():
         _exit(f"no CUDA GPU visible to torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}); "
               "install a CUDA build (make env TORCH_INDEX=...) or run --dry-run")
-    run_dir = Path(a.run_dir or project_root()/'runs'/f"gpu-{'dry' if a.dry_run else 'check'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = f"gpu-{'dry' if a.dry_run else 'check'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(a.run_dir or project_root()/'runs'/name)
     res = GPUCheck(run_dir, a.dry_run, a.peak_tflops, caps, a.keep).run(a.only)
     print(f"[emi_gpu_check] {res['status']}: {run_dir/'gpu.json'}, {run_dir/'gpu.md'}")
     if a.publish:
