@@ -229,6 +229,7 @@ def collective_check(device) -> dict:
     "all_gather, all_reduce, all_gather_object and barrier in a one-process group: nccl on CUDA, gloo on CPU."
     import torch.distributed as dist
     dev = torch.device(device)
+    if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
     backend = 'nccl' if dev.type == 'cuda' else 'gloo'
     if dist.is_initialized(): raise RuntimeError("a process group is already initialised in this process")
     t0 = time.time()
