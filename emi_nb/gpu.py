@@ -4,11 +4,14 @@
 
 # %% ../nbs/12_gpu.ipynb #5620e74b
 from __future__ import annotations
-import argparse, contextlib, gc, json, os, shutil, signal, subprocess, sys, threading, time, traceback
+import argparse, contextlib, gc, json, os, re, shutil, signal, subprocess, sys, threading, time, traceback
 from pathlib import Path
 import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 from fastcore.basics import patch
 from .config import SR, EMOTIONS, make_config, project_root, save_json, package_versions, git_commit
 from .data import collate
@@ -48,10 +51,10 @@ def device_facts(device='cuda') -> dict:
                 nccl='.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl)
 
 # %% ../nbs/12_gpu.ipynb #a7af4115
-GPU_PEAKS = (  # (fragment of torch's device name, dense bf16 TFLOP/s, vendor datasheet, quoted); first match wins
-    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H200 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('H800', 989.0),
-    ('B200', 2250.0), ('A100', 312.0), ('A800', 312.0), ('L40S', 362.0), ('L40', 181.0), ('L4', 121.0),
-    ('A40', 150.0), ('A10', 125.0),
+GPU_PEAKS = (  # (name in torch's device name, dense bf16 TFLOP/s, vendor datasheet, quoted); first match wins
+    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H200 NVL', 835.0), ('H100', 989.0), ('H200', 989.0),
+    ('GH200', 989.0), ('H800', 989.0), ('B200', 2250.0), ('A100', 312.0), ('A800', 312.0), ('L40S', 362.0),
+    ('L40', 181.0), ('L4', 121.0), ('A40', 150.0), ('A10', 125.0),
 )
 
 def peak_tflops(name:str|None, # torch's device name, e.g. 'NVIDIA H100 80GB HBM3'
@@ -59,7 +62,7 @@ def peak_tflops(name:str|None, # torch's device name, e.g. 'NVIDIA H100 80GB HBM
     "(dense bf16 peak in TFLOP/s or None, where it came from) for a device name; `override` wins."
     if override: return float(override), '--peak-tflops'
     for frag, tf in GPU_PEAKS:
-        if name and frag.lower() in name.lower(): return tf, f'table: {frag}'
+        if name and re.search(rf'\b{re.escape(frag)}\b', name, re.I): return tf, f'table: {frag}'
     return None, 'unknown device: pass --peak-tflops for an MFU'
 
 # %% ../nbs/12_gpu.ipynb #7e65c78f
@@ -227,7 +230,6 @@ def amp_steps(model:EMIModel, clips:list, device, amp:str, # fp16 (with the scal
 # %% ../nbs/12_gpu.ipynb #0dbc7f15
 def collective_check(device) -> dict:
     "all_gather, all_reduce, all_gather_object and barrier in a one-process group: nccl on CUDA, gloo on CPU."
-    import torch.distributed as dist
     dev = torch.device(device)
     if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
     backend = 'nccl' if dev.type == 'cuda' else 'gloo'
@@ -311,7 +313,6 @@ def gpu_corpus(out, # folder to create (must be new or empty)
     out = Path(out)
     (out/'audio').mkdir(parents=True, exist_ok=True)
     if any((out/'audio').iterdir()): raise FileExistsError(f"{out}: not empty; write the corpus into a new folder")
-    import soundfile as sf
     rng = np.random.default_rng(seed)
     n = n_train + n_valid + n_test
     dur = np.minimum(rng.choice(simulate_real_durations(seed), n, replace=False), cut + 0.5)
@@ -355,7 +356,6 @@ def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float) -> 
 # %% ../nbs/12_gpu.ipynb #48da7f6c
 def _weights(ckpt:Path) -> dict:
     "The latest weights of a run's checkpoint folder."
-    from safetensors.torch import load_file
     return load_file(str(resolve_checkpoint(ckpt, 'latest')/'model.safetensors'))
 
 def resume_check(work, device:str, timeout:float=60, steps:int=4, backbone:str='preset:tiny') -> dict:
@@ -366,10 +366,12 @@ def resume_check(work, device:str, timeout:float=60, steps:int=4, backbone:str='
     kw = dict(name='resume', profile='smoke', data_root=corpus, backbone=backbone, device=device, epochs=2,
               ckpt_steps=1, torchrun=False, max_steps=steps, batch_size=2, max_seconds=2.0, **amp)
     run_cmd(train_command(work/'straight', **kw), work/'straight.log', timeout)
+    left = lambda: timeout - (time.time() - t0)
+    if left() < 1: raise StageTimeout(f"resume check: no time left after the straight run ({timeout:.0f} s)")
     at = _kill_mid_epoch(train_command(work/'killed', **kw), work/'killed'/'checkpoints'/'resume', work/'killed.log',
-                         steps, timeout - (time.time() - t0))
+                         steps, left())
     if at is None: return dict(ok=False, interrupted=False, note='the run ended before a mid-epoch checkpoint')
-    run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', timeout - (time.time() - t0))
+    run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', left())
     a, b = (json.loads((work/r/'results'/'resume.json').read_text())['metrics'] for r in ('straight', 'killed'))
     wa, wb = _weights(work/'straight'/'checkpoints'/'resume'), _weights(work/'killed'/'checkpoints'/'resume')
     sq = lambda t: float((t.double()**2).sum())
