@@ -685,7 +685,7 @@ def gpu_markdown(res:dict) -> str:
     commit = (res.get('provenance') or {}).get('commit', '')[:12]
     head = (f"# GPU check{what}: {res['status']}\n\n{d.get('name') or d.get('device', '?')}, "
             f"{_f(d.get('memory_gb'))} GB, driver {d.get('driver')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}, "
-            f"NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, commit `{commit}`.\n")
+            f"NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, commit `{commit}`.")
     stages = [(k, res['stages'][k]) for k in STAGES if k in res['stages']]  # run order (the JSON sorts its keys)
     st = ['| stage | status | seconds | cap |', '|---|---|---|---|'] + [
           f"| {k} | {s['status']} | {_f(s.get('seconds'))} | {s['cap_s']:g} |" for k, s in stages]
@@ -702,6 +702,11 @@ def gpu_markdown(res:dict) -> str:
         rho = _f(tr.get('valid_rho'), '.3f')
         parts.append(f"Training: {tr['steps']} steps, {tr['skipped_steps']} skipped, {tr.get('seconds')} s for the "
                      f"whole command (synthetic data: validation rho {rho} means nothing).")
+    pr, sd = res.get('predict') or {}, res.get('study') or {}
+    if 'rows' in pr: parts.append(f"Prediction: {pr['rows']} of {pr['files']} files, {pr.get('seconds')} s.")
+    if sd.get('notebooks'):
+        ok, n = sum(x['status'] == 'ok' for x in sd['notebooks']), len(sd['notebooks'])
+        parts.append(f"Smoke study: {sd.get('status')}, {ok} of {n} notebooks ok, {sd.get('seconds')} s.")
     return '\n\n'.join(p for p in parts if p) + '\n'
 
 # %% ../nbs/12_gpu.ipynb #894f60df
