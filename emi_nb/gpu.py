@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from fastcore.basics import patch
-from .config import SR, EMOTIONS, make_config, project_root, save_json, package_versions, git_commit
+from .config import SR, EMOTIONS, project_root, save_json, package_versions, git_commit
 from .data import collate
 from .model import EMIModel, load_backbone
 from .train import resolve_checkpoint

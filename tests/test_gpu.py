@@ -1,8 +1,7 @@
 """The GPU check: its CPU dry run end to end (so the prepared check cannot rot), the one-line exit without CUDA, and,
 on a machine with a GPU, the CUDA-only checks at the paper geometry and the whole check (marked cuda)."""
-import json, tempfile, time
-from pathlib import Path
-import numpy as np, pandas as pd, pytest, torch
+import json, time
+import numpy as np, pytest, torch
 from conftest import run_cli
 from emi_nb.gpu import (STAGES, TOL, SIZES, amps_for, lstm_paths, path_equality, equality_clips, amp_steps, collective_check,
                         resume_check, gpu_markdown)
