@@ -45,7 +45,8 @@ def test_markdown_of_a_failed_partial_result():
                   checks=dict(status='timeout', seconds=60.1, cap_s=60, error='past its cap of 60 s'))
     lstm = [dict(amp='fp32', rel_diff=1e-7, tol=1e-4, ok=True)]
     res = dict(status='failed', started='2026-01-01T00:00:00+0000', dry_run=False, stages=stages,
-               device=dict(name='NVIDIA H100 80GB HBM3'), checks=dict(lstm=lstm), throughput={}, projection=None, train={})
+               device=dict(name='NVIDIA H100 80GB HBM3'), checks=dict(lstm=lstm), throughput={}, projection=None,
+               train={})
     md = gpu_markdown(res)
     assert 'H100' in md and '| checks | timeout |' in md and 'past its cap' in md
     assert 'LSTM packed vs padded, fp32' in md
