@@ -13,12 +13,13 @@ STAMP := $(VENV)/.emi-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env study test check-export nbtest pytest bench lab browser sounds corpus clean
+.PHONY: help env study test check-export nbtest pytest bench gpu-check lab browser sounds corpus clean
 
 help:
 	@echo "make study   - environment, synthetic corpus, every notebook headless, the study site"
 	@echo "make test    - export/clean check, notebook tests, integration + browser tests"
 	@echo "make bench   - the benchmarks notebook alone (bench JSON in its run directory)"
+	@echo "make gpu-check - on a CUDA machine: the prepared GPU check (benchmarks/gpu-latest.{json,md})"
 	@echo "make lab     - JupyterLab with the project's kernel"
 
 env: $(STAMP)
@@ -76,6 +77,12 @@ BENCH_PARAMS ?= -p bench.reps=7 -p bench.p1_clips=4 -p bench.p1_seconds=6
 bench: env
 	$(BIN)/emi_study --profile $(PROFILE) --only 11 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
 	$(BIN)/python -c "from emi_nb.study import write_readme; write_readme()"
+
+# On a CUDA machine (install a CUDA build first: make env TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128):
+# exactness of the CUDA paths, throughput at the paper geometry, the paper recipe end to end; <= 8 min with the install.
+GPU_CHECK_ARGS ?= --publish
+gpu-check: env
+	$(BIN)/emi_gpu_check $(GPU_CHECK_ARGS)
 
 lab: env
 	$(BIN)/jupyter lab --notebook-dir=nbs --MappingKernelManager.default_kernel_name=emi-study $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -20,13 +20,14 @@ from .ablations import feature_store, LiveFrames, labels_for, train_head, untrai
 
 # %% auto #0
 __all__ = ['FIGURE_KEYS', 'PATHS', 'REAL_DURATIONS', 'P3_ROWS', 'TRAIN_CHILD', 'FORWARD_CHILD', 'PAPER_RECIPE', 'GPU_PEAK',
-           'pick_threads', 'stats', 'ratio', 'time_variants', 'figure', 'check_bench', 'noise_clips', 'bare_backbone',
-           'bare_network', 'predict_path', 'our_predictor', 'p1_inference', 'padding_share', 'sampler_batches',
-           'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames', 'max_abs_diff', 'table2_mix',
-           'p3_cache', 'p3_paper_components', 'find_study', 'stage_table', 'p4_study', 'RSSPeak', 'run_children',
-           'run_child', 'train_job', 'forward_job', 'lstm_flops', 'count_flops', 'p3_flop_estimate',
-           'flops_per_audio_second', 'epoch_estimate', 'code_mentions', 'cuda_path_checks', 'profile_step', 'machine',
-           'plot_bench', 'bench_markdown', 'publish_bench']
+           'TRAIN_CLIPS', 'pick_threads', 'stats', 'ratio', 'time_variants', 'figure', 'check_bench', 'noise_clips',
+           'bare_backbone', 'bare_network', 'predict_path', 'our_predictor', 'p1_inference', 'padding_share',
+           'sampler_batches', 'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames',
+           'max_abs_diff', 'table2_mix', 'p3_cache', 'p3_paper_components', 'find_study', 'stage_table', 'p4_study',
+           'RSSPeak', 'run_children', 'run_child', 'train_job', 'forward_job', 'lstm_flops', 'count_flops',
+           'p3_flop_estimate', 'flops_per_audio_second', 'epoch_estimate', 'find_gpu_results', 'gpu_projection',
+           'gpu_vs_estimate', 'code_mentions', 'cuda_path_checks', 'profile_step', 'machine', 'plot_bench',
+           'bench_markdown', 'publish_bench']
 
 # %% ../nbs/11_benchmarks.ipynb #8cb7296e
 def pick_threads(cores:int|None=None, load:float|None=None) -> int:
@@ -461,6 +462,63 @@ def epoch_estimate(flops_per_s:float, # forward FLOPs per audio second
     sec = (train + valid) / (peak * mfu)
     return dict(epoch_train_pflop=train / 1e15, epoch_valid_pflop=valid / 1e15, run_pflop=recipe['epochs'] * (train + valid) / 1e15,
                 epoch_seconds=sec, run_hours=recipe['epochs'] * sec / 3600, peak=peak, mfu=mfu)
+
+# %% ../nbs/11_benchmarks.ipynb #ec9f729d
+TRAIN_CLIPS = 8_072  # REFERENCE (quoted): clips of the real train split
+
+def find_gpu_results(root=None) -> dict|None:
+    "The newest GPU-check result (not a dry run) in benchmarks/gpu-latest.json or runs/*/gpu.json; None if none."
+    root, found = Path(root or project_root()), []
+    for p in [root/'benchmarks'/'gpu-latest.json', *sorted((root/'runs').glob('*/gpu.json'))]:
+        try: r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError): continue
+        if r.get('kind') == 'emi-gpu-check' and not r.get('dry_run') and (r.get('throughput') or {}).get('rows'):
+            found.append((r.get('started', ''), str(p), r))
+    if not found: return None
+    _, path, r = max(found, key=lambda f: f[:2])  # the newest start; the path breaks ties
+    return dict(r, source=path)
+
+# %% ../nbs/11_benchmarks.ipynb #58cd2ed5
+def _throughput(res:dict, path:str, amp:str, mode:str) -> dict|None:
+    "The throughput row of a GPU-check result for (path, amp, mode), or None."
+    rows = (res.get('throughput') or {}).get('rows', [])
+    hits = [r for r in rows if (r['path'], r['amp'], r['mode']) == (path, amp, mode) and r.get('audio_s_per_s')]
+    return hits[0] if hits else None
+
+def gpu_projection(res:dict, # a GPU-check result (`find_gpu_results`)
+                   recipe:dict=PAPER_RECIPE) -> dict|None:
+    "Hours of the paper recipe's model compute at the measured throughput (batched+bucketed, faster precision)."
+    both = lambda a: all(_throughput(res, 'batched+bucketed', a, m) for m in ('fwd', 'fwd+bwd'))
+    ok = [a for a in ('bf16', 'fp16') if both(a)]
+    if not ok: return None
+    amp = max(ok, key=lambda a: _throughput(res, 'batched+bucketed', a, 'fwd+bwd')['audio_s_per_s'])
+    keep = 1 - recipe['dropped']
+    train_s, valid_s = recipe['train_hours'] * 3600 * keep, recipe['valid_hours'] * 3600 * keep
+    def hours(path):
+        fb, f = _throughput(res, path, amp, 'fwd+bwd'), _throughput(res, path, amp, 'fwd')
+        if not (fb and f): return None
+        return recipe['epochs'] * (train_s / fb['audio_s_per_s'] + valid_s / f['audio_s_per_s']) / 3600
+    h, fb = hours('batched+bucketed'), _throughput(res, 'batched+bucketed', amp, 'fwd+bwd')
+    return dict(amp=amp, path='batched+bucketed', epochs=recipe['epochs'], train_clips=TRAIN_CLIPS,
+                train_audio_hours=train_s / 3600, valid_audio_hours=valid_s / 3600,
+                epoch_minutes=60 * h / recipe['epochs'], run_hours=h, per_clip_run_hours=hours('per-clip'),
+                mfu=fb.get('mfu'),
+                note='model compute only: data loading, optimiser steps and checkpoints not included')
+
+# %% ../nbs/11_benchmarks.ipynb #1b54d379
+def gpu_vs_estimate(res:dict|None, # a GPU-check result, or None when there is none
+                    est:dict) -> pd.DataFrame:
+    "The paper recipe's epoch and run time: the FLOP estimate (`est`, the GPU dict above) beside the GPU measurement."
+    run = f"{PAPER_RECIPE['epochs']} epochs (h)"
+    rows = [{'source': f"estimate: {est['gpu']} at {est['mfu']:.0%} MFU (FLOPs counted)",
+             'epoch (min)': est['epoch_minutes'], run: est['run_hours'], 'per-clip path (h)': None, 'MFU': est['mfu']}]
+    pj = gpu_projection(res) if res else None
+    if pj:
+        dev = res.get('device') or {}
+        rows.append({'source': f"measured: {dev.get('name', '?')}, {res.get('started', '?')[:10]}, {pj['amp']}",
+                     'epoch (min)': pj['epoch_minutes'], run: pj['run_hours'],
+                     'per-clip path (h)': pj['per_clip_run_hours'], 'MFU': pj['mfu']})
+    return pd.DataFrame(rows).set_index('source')
 
 # %% ../nbs/11_benchmarks.ipynb #1d29cf00
 def code_mentions(fn, *names) -> bool:

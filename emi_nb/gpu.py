@@ -4,6 +4,764 @@
 
 # %% ../nbs/12_gpu.ipynb #5620e74b
 from __future__ import annotations
+import argparse, contextlib, gc, json, os, re, shutil, signal, subprocess, sys, threading, time, traceback
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from fastcore.basics import patch
+from .config import SR, EMOTIONS, project_root, save_json, package_versions, git_commit
+from .data import collate
+from .model import EMIModel, load_backbone
+from .train import resolve_checkpoint
+from .bench import (count_flops, noise_clips, simulate_real_durations, sampler_batches, stats, max_abs_diff,
+                          gpu_projection)
 
 # %% auto #0
-__all__ = []
+__all__ = ['GPU_PEAKS', 'SIZES', 'STAGES', 'INSTALL_SECONDS', 'OVERHEAD_SECONDS', 'TOL', 'AMP_DTYPES', 'PATHS', 'RECORDS',
+           'device_facts', 'peak_tflops', 'stage_estimates', 'rel_diff', 'fp32_exact', 'autocast', 'amps_for',
+           'lstm_paths', 'path_outputs', 'equality_clips', 'path_equality', 'amp_steps', 'collective_check',
+           'field_flags', 'train_command', 'predict_command', 'study_command', 'StageTimeout', 'child_env', 'run_cmd',
+           'gpu_corpus', 'resume_check', 'throughput_batches', 'flop_fit', 'time_passes', 'set_path', 'throughput',
+           'time_cap', 'GPUCheck', 'gpu_markdown', 'publish_gpu', 'emi_gpu_check_cli']
+
+# %% ../nbs/12_gpu.ipynb #92e17048
+def _driver_version() -> str|None:
+    "The NVIDIA driver version from nvidia-smi, or None without one."
+    try:
+        r = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True,
+                           text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError): return None
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+
+def device_facts(device='cuda') -> dict:
+    "Name, memory, capability, bf16 support, driver and CUDA/cuDNN/NCCL/torch versions of `device`."
+    dev = torch.device(device)
+    res = dict(device=str(dev), name=None, capability=None, memory_gb=None, count=torch.cuda.device_count(),
+               bf16_supported=None, driver=None, cuda=torch.version.cuda, torch=torch.__version__,
+               cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None, nccl=None)
+    if dev.type != 'cuda': return res
+    p = torch.cuda.get_device_properties(dev)
+    nccl = torch.cuda.nccl.version() if torch.distributed.is_nccl_available() else None
+    return dict(res, name=p.name, capability=f'{p.major}.{p.minor}', memory_gb=round(p.total_memory / 2**30, 1),
+                bf16_supported=torch.cuda.is_bf16_supported(), driver=_driver_version(),
+                nccl='.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl)
+
+# %% ../nbs/12_gpu.ipynb #a7af4115
+GPU_PEAKS = (  # (name in torch's device name, dense bf16 TFLOP/s, vendor datasheet, quoted); first match wins
+    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H200 NVL', 835.0), ('H100', 989.0), ('H200', 989.0),
+    ('GH200', 989.0), ('H800', 989.0), ('B200', 2250.0), ('A100', 312.0), ('A800', 312.0), ('L40S', 362.0),
+    ('L40', 181.0), ('L4', 121.0), ('A40', 150.0), ('A10', 125.0),
+)
+
+def peak_tflops(name:str|None, # torch's device name, e.g. 'NVIDIA H100 80GB HBM3'
+                override:float|None=None) -> tuple:
+    "(dense bf16 peak in TFLOP/s or None, where it came from) for a device name; `override` wins."
+    if override: return float(override), '--peak-tflops'
+    for frag, tf in GPU_PEAKS:
+        if name and re.search(rf'\b{re.escape(frag)}\b', name, re.I): return tf, f'table: {frag}'
+    return None, 'unknown device: pass --peak-tflops for an MFU'
+
+# %% ../nbs/12_gpu.ipynb #7e65c78f
+SIZES = {
+    'real': dict(preset='paper', device='cuda', cut=12.0, batch=32, steps=50, amp='bf16', n_valid=128, n_test=64,
+                 eq_clips=8, amp_batch=8, amp_steps=4, n_batches=4, warmup=1, reps=2, predict_files=8,
+                 resume_steps=4, study=[], cap_scale=1),
+    'dry': dict(preset='tiny', device='cpu', cut=2.0, batch=2, steps=2, amp='bf16', n_valid=4, n_test=2,
+                eq_clips=3, amp_batch=2, amp_steps=2, n_batches=1, warmup=0, reps=1, predict_files=2,
+                resume_steps=2, study=['--only', '00', '--no-site'], cap_scale=3),
+}
+
+# %% ../nbs/12_gpu.ipynb #0d955fa3
+STAGES = {  # stage: (time cap on a GPU in s, what it does)
+    'env': (10, 'GPU, driver, CUDA, cuDNN, NCCL and torch versions'),
+    'checks': (60, 'LSTM packed = padded; batched = per clip under fp32/bf16/fp16; AMP steps; collectives; resume'),
+    'throughput': (60, 'forward, forward+backward: per clip, batched+bucketed, gradient checkpointing; bf16, fp16'),
+    'train': (75, 'the paper recipe for 50 steps: emi_train under torchrun, one process, synthetic corpus'),
+    'predict': (20, 'emi_predict on CUDA on a few files of the trained checkpoint'),
+    'study': (105, 'emi_study --profile smoke --device cuda'),
+}
+INSTALL_SECONDS = 150  # assumed: make env with a CUDA torch build (~3 GB of wheels) on a fresh machine
+OVERHEAD_SECONDS = {   # assumed fixed costs per stage that FLOPs do not capture
+    'env': 3,          # nvidia-smi
+    'checks': 35,      # building the paper model (5 s), NCCL start (2 s), three tiny emi_train processes (~9 s each)
+    'throughput': 25,  # building the model (5 s); the per-clip path is launch-bound: ~20 ms per clip forward+backward
+    'train': 35,       # corpus (5 s), torchrun + imports (8 s), model (5 s), 2.6 GB of checkpoints, final evaluation
+    'predict': 8,      # process start, loading the checkpoint
+    'study': 90}       # ~15 notebooks with a kernel start each, the smoke corpora, pre-training the tiny backbone
+
+# %% ../nbs/12_gpu.ipynb #6dc225f8
+def stage_estimates(peak:float=989.0, # dense bf16 TFLOP/s of the GPU
+                    mfu:float=0.35, # assumed share of the peak the batched work reaches
+                    clip_s:float|None=None) -> pd.DataFrame:
+    "Estimated seconds per stage of the real check: counted FLOPs at `mfu` of `peak` plus the assumed fixed costs."
+    g = SIZES['real']
+    clip_s = clip_s or float(np.minimum(simulate_real_durations(0), g['cut']).mean())
+    fwd = count_flops('paper', clip_s)['total']  # one clip of the mean length
+    eq, passes = g['eq_clips'] * fwd, 1 + g['reps']
+    flops = {'env': 0.0, 'predict': g['predict_files'] * fwd, 'study': 0.0,
+             'checks': 10 * 3 * eq + 2 * 2 * eq + 2 * g['amp_steps'] * g['amp_batch'] * 3 * fwd,
+             'throughput': 2 * 3 * passes * g['n_batches'] * g['batch'] * (fwd + 3 * fwd),  # 2 amps x 3 paths
+             'train': g['steps'] * g['batch'] * 3 * fwd + (g['n_valid'] + g['n_test']) * fwd}
+    rows = [dict(stage=s, pflop=flops[s] / 1e15, compute_s=flops[s] / (peak * 1e12 * mfu), fixed_s=OVERHEAD_SECONDS[s],
+                 cap_s=STAGES[s][0]) for s in STAGES]
+    df = pd.DataFrame(rows).set_index('stage')
+    return df.assign(estimate_s=df.compute_s + df.fixed_s)
+
+# %% ../nbs/12_gpu.ipynb #555a9431
+TOL = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 5e-2}  # relative; see above
+AMP_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+def rel_diff(a:torch.Tensor, b:torch.Tensor) -> float:
+    "max |a - b| / max |b| (b the reference), in float64."
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+@contextlib.contextmanager
+def fp32_exact():
+    "TF32 off for CUDA matrix products and cuDNN inside the block (fp32 stays fp32), restored after."
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+# %% ../nbs/12_gpu.ipynb #f611f9fa
+def autocast(device, amp:str):
+    "torch.autocast for `amp` (fp32 | fp16 | bf16) on `device`; fp32 = disabled."
+    dt = AMP_DTYPES[amp]
+    return torch.autocast(torch.device(device).type, dtype=dt or torch.float32, enabled=dt is not None)
+
+def amps_for(device) -> list:
+    "The autocast precisions to check on `device`: fp16 always, bf16 where the GPU supports it (always on CPU)."
+    dev = torch.device(device)
+    return ['bf16', 'fp16'] if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else ['fp16']
+
+# %% ../nbs/12_gpu.ipynb #844404af
+def lstm_paths(model:EMIModel, # any EMIModel with use_lstm
+               device, amp:str='fp32', T:int=599, # frames of the longest clip (599 = 12 s)
+               seed:int=0) -> dict:
+    "Packed vs padded+gather LSTM of `model.fuse` on random frames: relative difference of the last-frame state."
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([T, T - 1, T // 2, T // 3, 7, 2, 1])
+    h = torch.randn(len(lengths), T, model.hidden_size, generator=g).to(device)  # (B, T, H)
+    v = torch.randn(len(lengths), T, 3, generator=g).to(device)  # (B, T, 3)
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(device)  # (B, T)
+    out, old = {}, model.lstm_packed
+    try:
+        with torch.no_grad(), fp32_exact(), autocast(device, amp):
+            for packed in (True, False):
+                model.lstm_packed = packed
+                out[packed] = model.fuse(h, v, mask)['last'].float()
+    finally: model.lstm_packed = old
+    d = rel_diff(out[True], out[False])
+    return dict(amp=amp, rel_diff=d, tol=TOL[amp], ok=d <= TOL[amp], frames=T, lengths=lengths.tolist())
+
+# %% ../nbs/12_gpu.ipynb #d8d217c8
+@torch.no_grad()
+def path_outputs(model:EMIModel, x:torch.Tensor, # (B, T) padded audio
+                 am:torch.Tensor|None, # (B, T) attention mask; None = no mask (padding leaks in)
+                 amp:str, batched:bool) -> torch.Tensor:
+    "(B, 6 + 2d): the six outputs, the global vector and the LSTM's last state of one eval forward, as fp32."
+    model.eval()
+    old, model.batched = model.batched, batched
+    try:
+        with autocast(x.device, amp):
+            f = model.features(x, am)
+            y = model.head_logits(f)
+    finally: model.batched = old
+    return torch.cat([y.float(), f['global'].float(), f['last'].float()], -1)
+
+# %% ../nbs/12_gpu.ipynb #5bbf0f07
+def equality_clips(n:int, cut:float, seed:int=0) -> list:
+    "`n` noise clips from 0.6 s to `cut` seconds, evenly spread: a batch that is mostly padding."
+    return noise_clips(np.linspace(cut, 0.6, n), seed)
+
+def path_equality(model:EMIModel, clips:list, device, amps=('bf16', 'fp16')) -> dict:
+    "Batched+masked vs per-clip outputs in fp32 and each of `amps`; relative differences against TOL."
+    b = collate([dict(fid=i, wav=w) for i, w in enumerate(clips)])
+    x, am = b['input_values'].to(device), b['attention_mask'].to(device)
+    res = {}
+    with fp32_exact():
+        ref = path_outputs(model, x, am, 'fp32', batched=False)
+        for amp in ['fp32', *amps]:
+            per = ref if amp == 'fp32' else path_outputs(model, x, am, amp, batched=False)
+            d = rel_diff(path_outputs(model, x, am, amp, batched=True), per)
+            res[amp] = dict(rel_diff=d, tol=TOL[amp], ok=d <= TOL[amp], per_clip_vs_fp32=rel_diff(per, ref))
+        leak = rel_diff(path_outputs(model, x, None, 'fp32', batched=True), ref)
+        res['unmasked'] = dict(rel_diff=leak, tol=None, ok=None, per_clip_vs_fp32=None)
+    return res
+
+# %% ../nbs/12_gpu.ipynb #b7815089
+def amp_steps(model:EMIModel, clips:list, device, amp:str, # fp16 (with the scaler) | bf16 | fp32
+              steps:int=4, lr:float=1e-4, init_scale:float=2.**10, clip:float=100.0, seed:int=0) -> dict:
+    "`steps` AdamW steps on one batch under `amp`: losses, scales, skipped steps, whether both ends of the net moved."
+    b = collate([dict(fid=i, wav=w) for i, w in enumerate(clips)])
+    x, am = b['input_values'].to(device), b['attention_mask'].to(device)
+    y = torch.rand(len(clips), len(EMOTIONS), generator=torch.Generator().manual_seed(seed)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ends = next(model.backbone.wav2vec2.feature_extractor.parameters()), list(model.head.parameters())[-1]
+    before = [p.detach().clone() for p in ends]
+    opt = torch.optim.AdamW(params, lr=lr)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=init_scale, enabled=amp == 'fp16')
+    model.train()
+    losses, scales, skipped = [], [], 0
+    for _ in range(steps):
+        with autocast(device, amp): pred = model(x, am)
+        loss = torch.nn.functional.mse_loss(pred.float(), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_value_(params, clip)
+        s0 = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped += scaler.get_scale() < s0
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        scales.append(s0)
+    moved = [float((p.detach() - p0).abs().max()) for p, p0 in zip(ends, before)]
+    ok = skipped == 0 and bool(np.isfinite(losses).all()) and min(moved) > 0
+    return dict(amp=amp, steps=steps, losses=losses, scales=scales, skipped=int(skipped), moved_first=moved[0],
+                moved_last=moved[1], ok=ok)
+
+# %% ../nbs/12_gpu.ipynb #0dbc7f15
+def collective_check(device) -> dict:
+    "all_gather, all_reduce, all_gather_object and barrier in a one-process group: nccl on CUDA, gloo on CPU."
+    dev = torch.device(device)
+    if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
+    backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+    if dist.is_initialized(): raise RuntimeError("a process group is already initialised in this process")
+    t0 = time.time()
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=dev if dev.type == 'cuda' else None)
+    try:
+        x = torch.arange(6.0, device=dev).view(2, 3)
+        parts, s, objs = [torch.empty_like(x)], x.clone(), [None]
+        dist.all_gather(parts, x)
+        dist.all_reduce(s)
+        dist.all_gather_object(objs, dict(rank=0))
+        dist.barrier()
+        ok = torch.equal(parts[0], x) and torch.equal(s, x) and objs == [dict(rank=0)]
+    finally: dist.destroy_process_group()
+    return dict(backend=backend, ok=bool(ok), seconds=round(time.time() - t0, 2))
+
+# %% ../nbs/12_gpu.ipynb #a79f95c8
+def _bin(name:str) -> str:
+    "A console script of this environment (beside the running interpreter), else from PATH."
+    p = Path(sys.executable).parent/name
+    return str(p) if p.exists() else (shutil.which(name) or name)
+
+def field_flags(**fields) -> list:
+    "StudyConfig fields as emi_train arguments."
+    return [a for k, v in fields.items() for a in ('-p', f'{k}={v}')]
+
+def train_command(run_dir, name:str, profile:str, data_root, backbone:str, device:str, epochs:int,
+                  resume:bool=False, ckpt_steps:int=0, torchrun:bool=True, **fields) -> list:
+    "The emi_train command line (under torchrun with one process when `torchrun`); `fields` are StudyConfig fields."
+    one_process = [_bin('torchrun'), '--standalone', '--nproc_per_node', '1', '-m', 'emi_nb.train']
+    run = one_process if torchrun else [_bin('emi_train')]
+    cmd = [*run, '--profile', profile, '--data-root', str(data_root), '--backbone', backbone, '--device', device,
+           '--run-dir', str(run_dir), '--name', name, '--epochs', str(epochs), *field_flags(**fields), '--quiet']
+    return cmd + (['--resume'] if resume else []) + (['--ckpt-steps', str(ckpt_steps)] if ckpt_steps else [])
+
+# %% ../nbs/12_gpu.ipynb #2d6b9156
+def predict_command(checkpoint, output, device:str, files:list) -> list:
+    "The emi_predict command line: a run's checkpoint folder, the CSV to write, the audio files."
+    return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--out', str(output), '--device', device,
+            *map(str, files)]
+
+def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
+    "The emi_study command line into `run_dir`; `extra` e.g. ('--only', '00', '--no-site')."
+    return [_bin('emi_study'), '--profile', profile, '--device', device, '--out', str(run_dir), *extra]
+
+# %% ../nbs/12_gpu.ipynb #46f7bc88
+class StageTimeout(Exception):
+    "A stage (or a command inside it) ran past its time cap."
+
+def child_env(**extra) -> dict:
+    "The environment of the commands: offline, no progress bars, deterministic cuBLAS."
+    return {**os.environ, 'EMI_PROGRESS': 'off', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
+            'CUBLAS_WORKSPACE_CONFIG': ':4096:8', 'PYTHONUNBUFFERED': '1', **extra}
+
+def run_cmd(cmd:list, log, timeout:float, check:bool=True) -> dict:
+    "Run `cmd` (output to `log`), killing its process group after `timeout` s: dict(cmd, rc, seconds)."
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, 'w') as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        try: rc = p.wait(timeout=max(1.0, timeout))
+        except BaseException as e:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise StageTimeout(f"{Path(cmd[0]).name} ran past {timeout:.0f} s (log {log})") from None
+            raise
+    res = dict(cmd=' '.join(map(str, cmd)), rc=rc, seconds=round(time.time() - t0, 1), log=str(log))
+    if check and rc != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} exited {rc}; end of {log}:\n{log.read_text()[-1500:]}")
+    return res
+
+# %% ../nbs/12_gpu.ipynb #fe4ddfb4
+def gpu_corpus(out, # folder to create (must be new or empty)
+               n_train:int=1600, n_valid:int=128, n_test:int=64, seed:int=0,
+               cut:float=12.0) -> Path:
+    "An ABAW-layout corpus of 16 kHz wav noise clips with the real durations and zero-heavy random labels."
+    out = Path(out)
+    (out/'audio').mkdir(parents=True, exist_ok=True)
+    if any((out/'audio').iterdir()): raise FileExistsError(f"{out}: not empty; write the corpus into a new folder")
+    rng = np.random.default_rng(seed)
+    n = n_train + n_valid + n_test
+    dur = np.minimum(rng.choice(simulate_real_durations(seed), n, replace=False), cut + 0.5)
+    lab = np.clip(rng.normal(-0.25, 0.45, (n, len(EMOTIONS))), 0, 1).round(4)
+    for i, d in enumerate(dur):
+        t = np.arange(int(round(d * SR))) / SR
+        env = 0.05 * (1.2 + np.sin(2 * np.pi * rng.uniform(0.2, 3) * t + rng.uniform(0, 6.3)))
+        y = (env * rng.standard_normal(len(t))).astype(np.float32)
+        sf.write(out/'audio'/f'{i + 1:05d}.wav', y, SR, subtype='PCM_16')
+    df = pd.DataFrame({'Filename': np.arange(1, n + 1), **{e: lab[:, j] for j, e in enumerate(EMOTIONS)}})
+    df[:n_train].to_csv(out/'train_split.csv', index=False)
+    df[n_train:n_train + n_valid].to_csv(out/'valid_split.csv', index=False)
+    if n_test: df[n_train + n_valid:][['Filename']].to_csv(out/'test_split.csv', index=False)
+    save_json(out/'SYNTHETIC.json', dict(generator='emi_nb.gpu.gpu_corpus', kind='emi', seed=seed, cut=cut,
+                                         counts=dict(train=n_train, valid=n_valid, test=n_test)))
+    return out
+
+# %% ../nbs/12_gpu.ipynb #a688a878
+def _latest(ckpt:Path) -> dict:
+    "The latest-checkpoint pointer of a run's checkpoint folder ({} while none or half-written)."
+    try: return json.loads((ckpt/'latest.json').read_text())
+    except (OSError, json.JSONDecodeError): return {}
+
+def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float) -> dict|None:
+    "Start `cmd`, SIGKILL it at its first mid-epoch checkpoint; the pointer it was killed at (None: it ended first)."
+    with open(log, 'w') as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        t0, at = time.time(), None
+        try:
+            while p.poll() is None and time.time() - t0 < timeout:
+                st = _latest(ckpt)
+                if 0 < st.get('step', 0) < steps and not st.get('done'):
+                    at = st
+                    break
+                time.sleep(0.002)
+        finally:
+            if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return at
+
+# %% ../nbs/12_gpu.ipynb #48da7f6c
+def _weights(ckpt:Path) -> dict:
+    "The latest weights of a run's checkpoint folder."
+    return load_file(str(resolve_checkpoint(ckpt, 'latest')/'model.safetensors'))
+
+def resume_check(work, device:str, timeout:float=60, steps:int=4, backbone:str='preset:tiny') -> dict:
+    "Train straight through and killed mid-epoch + resumed (tiny geometry, 2 epochs): do results and weights agree?"
+    work, t0 = Path(work), time.time()
+    corpus = gpu_corpus(work/'corpus', n_train=2 * steps, n_valid=4, n_test=0, cut=2.0)
+    amp = dict(amp='fp16') if device.startswith('cuda') else {}  # the CPU runs fp32 whatever amp says
+    kw = dict(name='resume', profile='smoke', data_root=corpus, backbone=backbone, device=device, epochs=2,
+              ckpt_steps=1, torchrun=False, max_steps=steps, batch_size=2, max_seconds=2.0, **amp)
+    run_cmd(train_command(work/'straight', **kw), work/'straight.log', timeout)
+    left = lambda: timeout - (time.time() - t0)
+    if left() < 1: raise StageTimeout(f"resume check: no time left after the straight run ({timeout:.0f} s)")
+    at = _kill_mid_epoch(train_command(work/'killed', **kw), work/'killed'/'checkpoints'/'resume', work/'killed.log',
+                         steps, left())
+    if at is None: return dict(ok=False, interrupted=False, note='the run ended before a mid-epoch checkpoint')
+    run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', left())
+    a, b = (json.loads((work/r/'results'/'resume.json').read_text())['metrics'] for r in ('straight', 'killed'))
+    wa, wb = _weights(work/'straight'/'checkpoints'/'resume'), _weights(work/'killed'/'checkpoints'/'resume')
+    sq = lambda t: float((t.double()**2).sum())
+    rel = (sum(sq(wa[k] - wb[k]) for k in wa) / sum(sq(wa[k]) for k in wa)) ** 0.5
+    dm = max_abs_diff(a, b)
+    return dict(ok=dm <= 1e-4 and rel <= 1e-3, interrupted=True, killed_at={k: at.get(k) for k in ('epoch', 'step')},
+                metrics_max_diff=dm, weights_rel_l2=rel, exact=dm == 0 and rel == 0, amp=amp.get('amp', 'fp32'),
+                seconds=round(time.time() - t0, 1))
+
+# %% ../nbs/12_gpu.ipynb #01ce6100
+def throughput_batches(batch:int=32, n_batches:int=4, cut:float=12.0, seed:int=0) -> list:
+    "Clip lengths in samples, dealt into bucketed batches by the training sampler: draws of the real durations, cut."
+    d = np.random.default_rng(seed).choice(simulate_real_durations(seed), batch * n_batches, replace=False)
+    L = np.round(np.minimum(d, cut) * SR).astype(int)
+    return [L[b] for b in sampler_batches(L, batch, bucket=True, epoch=0, seed=seed, pool=n_batches)]
+
+def flop_fit(preset:str='paper', lengths=(1.0, 6.0, 12.0)) -> np.ndarray:
+    "Coefficients (c2, c1, c0) of forward FLOPs per clip as a quadratic in its seconds (counted at `lengths`)."
+    return np.polyfit(lengths, [count_flops(preset, L)['total'] for L in lengths], 2)
+
+# %% ../nbs/12_gpu.ipynb #83cc7fda
+def _sync(dev:torch.device):
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+
+def time_passes(model:EMIModel, batches:list, # (input_values, attention_mask) pairs on the device
+                amp:str, mode:str, # fwd | fwd+bwd
+                reps:int=2, warmup:int=1) -> dict:
+    "Seconds per pass over `batches` (after `warmup` untimed passes) and peak CUDA memory in GB (None on CPU)."
+    dev = batches[0][0].device
+    model.train(mode == 'fwd+bwd')
+    def one():
+        for x, am in batches:
+            with torch.set_grad_enabled(mode == 'fwd+bwd'), autocast(dev, amp): y = model(x, am)
+            if mode == 'fwd+bwd': y.float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+        _sync(dev)
+    for _ in range(warmup): one()
+    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
+    secs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        one()
+        secs.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else None
+    return dict(seconds=stats(secs), peak_gb=peak)
+
+# %% ../nbs/12_gpu.ipynb #0eb42093
+PATHS = {'per-clip': dict(batched=False, ckpt=False), 'batched+bucketed': dict(batched=True, ckpt=False),
+         'batched+ckpt': dict(batched=True, ckpt=True)}
+
+def set_path(model:EMIModel, batched:bool, ckpt:bool) -> EMIModel:
+    "Switch `model` between the per-clip and batched backbone and gradient checkpointing on or off."
+    model.batched = batched
+    bb = model.backbone
+    on = getattr(bb, 'activation_checkpointing_enable', None) or bb.gradient_checkpointing_enable  # newer name first
+    off = getattr(bb, 'activation_checkpointing_disable', None) or bb.gradient_checkpointing_disable
+    if ckpt: on(dict(use_reentrant=False))
+    else: off()
+    return model
+
+# %% ../nbs/12_gpu.ipynb #47789f38
+def throughput(model:EMIModel, lengths:list, # batches of clip lengths (samples)
+               device, amps=('bf16', 'fp16'), reps:int=2, coef=None, # flop_fit of the geometry
+               peak:float|None=None, warmup:int=1) -> list:
+    "Rows (path, amp, mode, audio s per s, seconds, peak GB, TFLOP/s, MFU) for every path x amp x mode."
+    batches, rows = [], []
+    for i, L in enumerate(lengths):
+        b = collate([dict(fid=j, wav=w) for j, w in enumerate(noise_clips(L / SR, i))])
+        batches.append((b['input_values'].to(device), b['attention_mask'].to(device)))
+    audio = sum(float(L.sum()) for L in lengths) / SR
+    flops = sum(float(np.polyval(coef, L / SR).sum()) for L in lengths) if coef is not None else None
+    for amp in amps:
+        for path, kw in PATHS.items():
+            set_path(model, **kw)
+            for mode, mult in (('fwd', 1), ('fwd+bwd', 3)):
+                row = dict(path=path, amp=amp, mode=mode, clips=sum(map(len, lengths)), audio_s=audio)
+                try: t = time_passes(model, batches, amp, mode, reps, warmup)
+                except torch.OutOfMemoryError as e:
+                    rows.append(dict(row, error=f'out of memory: {str(e)[:200]}'))
+                    torch.cuda.empty_cache()
+                    continue
+                tf = mult * flops / t['seconds']['median'] / 1e12 if flops else None
+                rows.append(dict(row, audio_s_per_s=audio / t['seconds']['median'], seconds=t['seconds'],
+                                 peak_gb=t['peak_gb'], tflops=tf, mfu=tf / peak if tf and peak else None))
+    set_path(model, **PATHS['batched+bucketed'])
+    return rows
+
+# %% ../nbs/12_gpu.ipynb #d45feb6c
+@contextlib.contextmanager
+def time_cap(seconds:float|None):
+    "Raise StageTimeout in the main thread after `seconds` (SIGALRM); no cap off the main thread or when None."
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def _fire(signum, frame): raise StageTimeout(f"past its cap of {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, _fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try: yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+# %% ../nbs/12_gpu.ipynb #2a7ed11a
+class GPUCheck:
+    "One run of the GPU check (or its CPU dry run): sizes, the results dict, a method per stage."
+    def __init__(self, run_dir, # the run folder: gpu.json, gpu.md, logs/, and the stages' work
+                 dry_run:bool=False, peak:float|None=None, # dense bf16 TFLOP/s override
+                 caps:dict|None=None, keep:bool=False): # keep the corpus and checkpoints
+        self.run_dir, self.dry, self.keep = Path(run_dir), dry_run, keep
+        self.g = SIZES['dry' if dry_run else 'real']
+        self.dev = torch.device(self.g['device'])
+        self.caps = {s: c * self.g['cap_scale'] for s, (c, _) in STAGES.items()} | (caps or {})
+        self.peak_override, self.model_ = peak, None
+        self.res = dict(kind='emi-gpu-check', version=1, dry_run=dry_run, status='running',
+                        started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), sizes=self.g, tolerances=TOL,
+                        provenance=dict(versions=package_versions(), commit=git_commit(), argv=sys.argv),
+                        device={}, stages={}, checks={}, throughput={}, projection=None, train={}, predict={}, study={})
+
+    def save(self):
+        "Write gpu.json and gpu.md into the run folder."
+        save_json(self.run_dir/'gpu.json', self.res)
+        (self.run_dir/'gpu.md').write_text(gpu_markdown(self.res))
+
+# %% ../nbs/12_gpu.ipynb #4fcc86a6
+@patch
+def run_stage(self:GPUCheck, name:str, fn) -> bool:
+    "Run stage `name` (fn(record, deadline)) under its cap; record status, seconds and error; save; True if ok."
+    cap, rec = self.caps[name], self.res[RECORDS.get(name, name)]
+    st = self.res['stages'][name] = dict(status='running', cap_s=cap)
+    self.save()
+    print(f"[emi_gpu_check] {name} (cap {cap:.0f} s) ...", flush=True)
+    t0 = time.monotonic()
+    try:
+        with time_cap(cap): fn(rec, t0 + cap)
+        st['status'] = 'ok'
+    except StageTimeout as e: st.update(status='timeout', error=str(e))
+    except Exception as e:
+        st.update(status='failed', error=f'{type(e).__name__}: {e}'[:3000], trace=traceback.format_exc()[-3000:])
+    finally:
+        st['seconds'] = round(time.monotonic() - t0, 1)
+        gc.collect()
+        if self.dev.type == 'cuda': torch.cuda.empty_cache()
+        self.save()
+    why = f": {st['error'][:300]}" if 'error' in st else ''
+    print(f"[emi_gpu_check] {name} {st['status']} in {st['seconds']} s{why}", flush=True)
+    return st['status'] == 'ok'
+
+RECORDS = {'env': 'device'}  # the key of a stage's record in the results, where it is not the stage's name
+
+def _left(deadline:float) -> float:
+    "Seconds left to `deadline` (time.monotonic), at least 1."
+    return max(1.0, deadline - time.monotonic())
+
+# %% ../nbs/12_gpu.ipynb #a385e773
+@patch
+def stage_env(self:GPUCheck, rec:dict, deadline:float):
+    "The device's facts and its bf16 peak."
+    rec.update(device_facts(self.dev))
+    rec['peak_tflops'], rec['peak_source'] = peak_tflops(rec['name'], self.peak_override)
+    if self.dev.type == 'cpu': rec['peak_tflops'], rec['peak_source'] = None, 'dry run: no peak, no MFU'
+
+@patch
+def model(self:GPUCheck) -> EMIModel:
+    "The random-weight EMIModel of the run's geometry on the device, built once (LayerDrop off)."
+    if self.model_ is None:
+        torch.manual_seed(0)
+        self.model_ = EMIModel(load_backbone(f"preset:{self.g['preset']}", layerdrop=0.0)).to(self.dev)
+    return self.model_
+
+# %% ../nbs/12_gpu.ipynb #09be7ab8
+@patch
+def stage_checks(self:GPUCheck, rec:dict, deadline:float):
+    "LSTM paths, batched vs per-clip, AMP steps, collectives, resume; raises naming the checks that failed."
+    g, m, amps, secs = self.g, self.model(), amps_for(self.dev), {}
+    rec['seconds'] = secs
+    def timed(name, fn):
+        t0 = time.time()
+        rec[name] = fn()
+        secs[name] = round(time.time() - t0, 2)
+    timed('lstm', lambda: [lstm_paths(m, self.dev, a, T=int(g['cut'] * 50 - 1)) for a in ['fp32', *amps]])
+    timed('batched_vs_per_clip', lambda: path_equality(m, equality_clips(g['eq_clips'], g['cut']), self.dev, amps))
+    clips = noise_clips(np.minimum(simulate_real_durations(0)[:g['amp_batch']], g['cut']), 0)
+    timed('amp_steps', lambda: {a: amp_steps(m, clips, self.dev, a, g['amp_steps']) for a in amps})
+    timed('collectives', lambda: collective_check(self.dev))
+    timed('resume', lambda: resume_check(self.run_dir/'resume', self.dev.type, _left(deadline), g['resume_steps']))
+    bad = [f'lstm {r["amp"]}' for r in rec['lstm'] if not r['ok']]
+    bad += [f'batched_vs_per_clip {k}' for k, r in rec['batched_vs_per_clip'].items() if r['ok'] is False]
+    bad += [f'amp_steps {k}' for k, r in rec['amp_steps'].items() if not r['ok']]
+    bad += [k for k in ('collectives', 'resume') if not rec[k]['ok']]
+    if bad: raise AssertionError(f"checks failed: {', '.join(bad)}")
+
+# %% ../nbs/12_gpu.ipynb #d0338d47
+@patch
+def stage_throughput(self:GPUCheck, rec:dict, deadline:float):
+    "Throughput rows at the run's geometry; the projection of the paper recipe from them."
+    g, dev = self.g, self.res['device']
+    coef = flop_fit(g['preset'])
+    lengths = throughput_batches(g['batch'], g['n_batches'], g['cut'])
+    fps = sum(float(np.polyval(coef, L / SR).sum()) for L in lengths) / (sum(float(L.sum()) for L in lengths) / SR)
+    rec.update(preset=g['preset'], batch=g['batch'], batches=g['n_batches'], cut=g['cut'], reps=g['reps'],
+               flops_per_audio_second=fps, peak_tflops=dev.get('peak_tflops'),
+               layerdrop=0.0, note='dry run: CPU, tiny geometry; timings are no claims' if self.dry else '', rows=[])
+    rec['rows'] = throughput(self.model(), lengths, self.dev, amps_for(self.dev), g['reps'], coef,
+                             dev.get('peak_tflops'), g['warmup'])
+    self.res['projection'] = None if self.dry else gpu_projection(self.res)
+    bad = [f"{r['path']} {r['amp']} {r['mode']}: {r['error']}" for r in rec['rows'] if 'error' in r]
+    if bad: raise RuntimeError('; '.join(bad))
+
+# %% ../nbs/12_gpu.ipynb #714f9327
+@patch
+def stage_train(self:GPUCheck, rec:dict, deadline:float):
+    "gpu_corpus, then emi_train under torchrun (one process): steps, skipped steps, time, validation rho."
+    g, work = self.g, self.run_dir/'paper-recipe'
+    self.model_ = None
+    gc.collect()
+    if self.dev.type == 'cuda': torch.cuda.empty_cache()
+    t0 = time.time()
+    corpus = gpu_corpus(self.run_dir/'corpus', g['batch'] * g['steps'], g['n_valid'], g['n_test'], cut=g['cut'])
+    rec['corpus'] = dict(path=str(corpus), train=g['batch'] * g['steps'], valid=g['n_valid'], test=g['n_test'],
+                         seconds=round(time.time() - t0, 1))
+    cmd = train_command(work, 'gpucheck', 'paper', corpus, f"preset:{g['preset']}", self.dev.type, 1,
+                        max_steps=g['steps'], batch_size=g['batch'], max_seconds=g['cut'], amp=g['amp'])
+    rec.update(run_cmd(cmd, self.run_dir/'logs'/'train.log', _left(deadline)))
+    r = json.loads((work/'results'/'gpucheck.json').read_text())
+    m, c = r['metrics'], r['metrics']['curves'][0]
+    rec.update(steps=c['steps'], skipped_steps=m['skipped_steps'], train_loss=c['train_loss'],
+               valid_rho=m['valid']['rho'], timing=r.get('timing'), checkpoint=str(work/'checkpoints'/'gpucheck'),
+               data_kind=r['provenance'].get('data_kind'))
+    ok = c['steps'] == g['steps'] and m['skipped_steps'] == 0
+    assert ok, f"{c['steps']} steps of {g['steps']}, {m['skipped_steps']} skipped"
+
+# %% ../nbs/12_gpu.ipynb #681e380e
+@patch
+def stage_predict(self:GPUCheck, rec:dict, deadline:float):
+    "emi_predict on CUDA on a few files with the trained checkpoint: one row per file, values in [0, 1]."
+    if self.res['stages'].get('train', {}).get('status') != 'ok':
+        raise RuntimeError("no checkpoint: the train stage did not succeed")
+    files = sorted((self.run_dir/'corpus'/'audio').glob('*.wav'))[:self.g['predict_files']]
+    out = self.run_dir/'paper-recipe'/'preds.csv'
+    rec.update(run_cmd(predict_command(self.res['train']['checkpoint'], out, self.dev.type, files),
+                       self.run_dir/'logs'/'predict.log', _left(deadline)))
+    df = pd.read_csv(out)
+    rec.update(files=len(files), rows=len(df))
+    assert len(df) == len(files) and df[EMOTIONS].min().min() >= 0 and df[EMOTIONS].max().max() <= 1, df
+
+@patch
+def stage_study(self:GPUCheck, rec:dict, deadline:float):
+    "emi_study --profile smoke on the device; the manifest's per-notebook status and seconds."
+    run = self.run_dir/'smoke-study'
+    cmd = study_command('smoke', self.dev.type, run, *self.g['study'])
+    try: rec.update(run_cmd(cmd, self.run_dir/'logs'/'study.log', _left(deadline)))
+    finally:
+        man = json.loads((run/'manifest.json').read_text()) if (run/'manifest.json').exists() else {}
+        nbs = [{k: n.get(k) for k in ('notebook', 'status', 'seconds')} for n in man.get('notebooks', [])]
+        rec.update(status=man.get('status'), notebooks=nbs)
+    assert rec['status'] == 'ok', f"study status {rec['status']}"
+
+# %% ../nbs/12_gpu.ipynb #0a8c9f8c
+@patch
+def run(self:GPUCheck, only:list|None=None) -> dict:
+    "Run the stages (all, or `only`, plus env), write gpu.json and gpu.md; returns the results dict."
+    t0 = time.time()
+    for name in STAGES:
+        if name == 'env' or not only or name in only: self.run_stage(name, getattr(self, f'stage_{name}'))
+    if not self.keep:
+        for p in (self.run_dir/'corpus', self.run_dir/'paper-recipe'/'checkpoints', self.run_dir/'resume'):
+            shutil.rmtree(p, ignore_errors=True)
+    ok = all(s['status'] == 'ok' for s in self.res['stages'].values())
+    self.res.update(status='ok' if ok else 'failed', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                    seconds=round(time.time() - t0, 1))
+    self.save()
+    return self.res
+
+# %% ../nbs/12_gpu.ipynb #1bdb42a4
+def _f(v, fmt:str='.3g') -> str:
+    return '–' if v is None else format(v, fmt)
+
+def _check_lines(c:dict) -> list:
+    "Markdown lines of the checks section of a result."
+    row = lambda *cells: '| ' + ' | '.join(map(str, cells)) + ' |'
+    out = [row(f"LSTM packed vs padded, {r['amp']}", _f(r['rel_diff']), f"≤ {r['tol']:g}", r['ok'])
+           for r in c.get('lstm', [])]
+    for k, r in c.get('batched_vs_per_clip', {}).items():
+        tol = f"≤ {r['tol']:g}" if r['tol'] else 'a padding leak, for scale'
+        out.append(row(f'batched vs per clip, {k}', _f(r['rel_diff']), tol, '–' if r['ok'] is None else r['ok']))
+    for k, r in c.get('amp_steps', {}).items():
+        skips = f"{r['skipped']} of {r['steps']} skipped, scale {r['scales'][0]:g}"
+        out.append(row(f'AMP steps, {k}', skips, '0 skipped', r['ok']))
+    cc = c.get('collectives')
+    if cc: out.append(row(f"collectives ({cc['backend']})", '', '', cc['ok']))
+    r = c.get('resume')
+    if r: out.append(row(f"killed + resumed = straight ({r.get('amp')})", f"metrics {_f(r.get('metrics_max_diff'))}, "
+                         f"weights {_f(r.get('weights_rel_l2'))}", '≤ 1e-4, ≤ 1e-3', r['ok']))
+    return ['| check | measured | tolerance | ok |', '|---|---|---|---|', *out] if out else []
+
+# %% ../nbs/12_gpu.ipynb #625c1bb6
+def _throughput_lines(t:dict) -> list:
+    "Markdown lines of the throughput table of a result."
+    rows = [r for r in t.get('rows', []) if r.get('audio_s_per_s')]
+    if not rows: return []
+    out = ['| path | amp | mode | audio s / s | peak GB | TFLOP/s | MFU |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        out.append(f"| {r['path']} | {r['amp']} | {r['mode']} | {r['audio_s_per_s']:.0f} | {_f(r['peak_gb'], '.1f')} | "
+                   f"{_f(r['tflops'], '.0f')} | {_f(r['mfu'], '.0%')} |")
+    return out
+
+def gpu_markdown(res:dict) -> str:
+    "The short text summary of a GPU-check result."
+    d, dry = res.get('device') or {}, res.get('dry_run')
+    what = ' (DRY RUN on CPU: tiny geometry, timings are no claims)' if dry else ''
+    commit = (res.get('provenance') or {}).get('commit', '')[:12]
+    head = (f"# GPU check{what}: {res['status']}\n\n{d.get('name') or d.get('device', '?')}, "
+            f"{_f(d.get('memory_gb'))} GB, driver {d.get('driver')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}, "
+            f"NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, commit `{commit}`.")
+    stages = [(k, res['stages'][k]) for k in STAGES if k in res['stages']]  # run order (the JSON sorts its keys)
+    st = ['| stage | status | seconds | cap |', '|---|---|---|---|'] + [
+          f"| {k} | {s['status']} | {_f(s.get('seconds'))} | {s['cap_s']:g} |" for k, s in stages]
+    errs = [f"- {k}: {s['error'][:400]}" for k, s in stages if s.get('error')]
+    parts = [head, '\n'.join(st), '\n'.join(errs), '\n'.join(_check_lines(res.get('checks') or {}))]
+    if not dry: parts.append('\n'.join(_throughput_lines(res.get('throughput') or {})))
+    pj, tr = res.get('projection'), res.get('train') or {}
+    if pj and not dry:
+        per = f" (per-clip path: {pj['per_clip_run_hours']:.1f} h)" if pj.get('per_clip_run_hours') else ''
+        parts.append(f"Paper recipe projected from this throughput ({pj['amp']}, {pj['path']}; {pj['note']}): "
+                     f"{pj['epoch_minutes']:.1f} min per epoch, {pj['run_hours']:.1f} h for {pj['epochs']} "
+                     f"epochs{per}.")
+    if 'steps' in tr:
+        rho = _f(tr.get('valid_rho'), '.3f')
+        parts.append(f"Training: {tr['steps']} steps, {tr['skipped_steps']} skipped, {tr.get('seconds')} s for the "
+                     f"whole command (synthetic data: validation rho {rho} means nothing).")
+    pr, sd = res.get('predict') or {}, res.get('study') or {}
+    if 'rows' in pr: parts.append(f"Prediction: {pr['rows']} of {pr['files']} files, {pr.get('seconds')} s.")
+    if sd.get('notebooks'):
+        ok, n = sum(x['status'] == 'ok' for x in sd['notebooks']), len(sd['notebooks'])
+        parts.append(f"Smoke study: {sd.get('status')}, {ok} of {n} notebooks ok, {sd.get('seconds')} s.")
+    return '\n\n'.join(p for p in parts if p) + '\n'
+
+# %% ../nbs/12_gpu.ipynb #894f60df
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='emi_gpu_check', description='The prepared CUDA check of emi-study: exactness '
+                                 'of the CUDA paths, throughput at the paper geometry, the paper recipe end to end.')
+    ap.add_argument('--dry-run', action='store_true', help='every stage on CPU, tiny sizes, no timing claims')
+    ap.add_argument('--run-dir', help='run folder (default runs/gpu-check-<time>, or runs/gpu-dry-<time>)')
+    ap.add_argument('--publish', action='store_true', help='also write benchmarks/gpu-latest.json and .md')
+    ap.add_argument('--peak-tflops', type=float, help="the GPU's dense bf16 peak, for MFU on a GPU not in the table")
+    ap.add_argument('--cap', action='append', default=[], metavar='STAGE=SECONDS', help='change a stage time cap')
+    ap.add_argument('--only', nargs='+', choices=list(STAGES), help='run only these stages (env always runs)')
+    ap.add_argument('--keep', action='store_true', help='keep the corpus and checkpoints the check writes')
+    return ap
+
+# %% ../nbs/12_gpu.ipynb #fcf6b700
+def _caps(pairs:list) -> dict:
+    "STAGE=SECONDS pairs as a dict; raises ValueError naming a bad one."
+    caps = {}
+    for kv in pairs:
+        k, _, v = kv.partition('=')
+        if k not in STAGES or not v.replace('.', '', 1).isdigit():
+            raise ValueError(f"--cap {kv!r}: expected STAGE=SECONDS with STAGE in {list(STAGES)}")
+        caps[k] = float(v)
+    return caps
+
+def publish_gpu(res:dict, run_dir, root=None) -> list:
+    "Copy a (non-dry) result's gpu.json and gpu.md to benchmarks/gpu-latest.{json,md}."
+    if res.get('dry_run'): raise ValueError("a dry run is never published")
+    dst = Path(root or project_root())/'benchmarks'
+    dst.mkdir(parents=True, exist_ok=True)
+    return [shutil.copyfile(Path(run_dir)/f'gpu.{e}', dst/f'gpu-latest.{e}') for e in ('json', 'md')]
+
+# %% ../nbs/12_gpu.ipynb #ea75b8d9
+def _exit(msg:str, code:int=2):
+    "Print one line to stderr and exit."
+    print(f"emi_gpu_check: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+def emi_gpu_check_cli(argv=None):
+    "emi_gpu_check: the prepared CUDA check (or its CPU dry run); gpu.json and gpu.md in a run folder."
+    a = _parser().parse_args(argv)
+    try: caps = _caps(a.cap)
+    except ValueError as e: _exit(str(e))
+    if a.dry_run and a.publish: _exit("--publish is for a real GPU run, not a dry run")
+    if not a.dry_run and not torch.cuda.is_available():
+        _exit(f"no CUDA GPU visible to torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}); "
+              "install a CUDA build (make env TORCH_INDEX=...) or run --dry-run")
+    name = f"gpu-{'dry' if a.dry_run else 'check'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(a.run_dir or project_root()/'runs'/name)
+    res = GPUCheck(run_dir, a.dry_run, a.peak_tflops, caps, a.keep).run(a.only)
+    print(f"[emi_gpu_check] {res['status']}: {run_dir/'gpu.json'}, {run_dir/'gpu.md'}")
+    if a.publish:
+        print(*publish_gpu(res, run_dir), sep='\n')
+    sys.exit(0 if res['status'] == 'ok' else 1)
+
+# %% ../nbs/12_gpu.ipynb #66968d7e
+if __name__ == '__main__' and '__file__' in globals(): emi_gpu_check_cli()

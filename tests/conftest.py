@@ -29,3 +29,14 @@ def smoke_run(tmp_path_factory, worker_id):
         m = json.loads(man.read_text())
         if m['status'] != 'ok': pytest.fail(f"smoke study failed: {m.get('error')}\n" + (base/'smoke-run.out').read_text()[-4000:])
     return run_dir
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU; skipped without one')
+
+def pytest_collection_modifyitems(config, items):
+    "Skip the tests marked cuda when torch sees no CUDA GPU."
+    import torch
+    if torch.cuda.is_available(): return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU (torch sees none)')
+    for item in items:
+        if 'cuda' in item.keywords: item.add_marker(skip)
