@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from .config import SR, EMOTIONS, project_root, save_json, package_versions, git_commit
 from .data import collate
 from .model import EMIModel, load_backbone
-from .train import resolve_checkpoint
+from .loop import resolve_checkpoint
 from .bench import (count_flops, noise_clips, simulate_real_durations, sampler_batches, stats, max_abs_diff,
                           gpu_projection)
 
@@ -255,8 +255,8 @@ def _bin(name:str) -> str:
     return str(p) if p.exists() else (shutil.which(name) or name)
 
 def field_flags(**fields) -> list:
-    "StudyConfig fields as emi_train arguments."
-    return [a for k, v in fields.items() for a in ('-p', f'{k}={v}')]
+    "StudyConfig fields as emi_train flags (the field name with - for _)."
+    return [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 def train_command(run_dir, name:str, profile:str, data_root, backbone:str, device:str, epochs:int,
                   resume:bool=False, ckpt_steps:int=0, torchrun:bool=True, **fields) -> list:
@@ -270,12 +270,12 @@ def train_command(run_dir, name:str, profile:str, data_root, backbone:str, devic
 # %% ../nbs/12_gpu.ipynb #2d6b9156
 def predict_command(checkpoint, output, device:str, files:list) -> list:
     "The emi_predict command line: a run's checkpoint folder, the CSV to write, the audio files."
-    return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--out', str(output), '--device', device,
+    return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--output', str(output), '--device', device,
             *map(str, files)]
 
 def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
     "The emi_study command line into `run_dir`; `extra` e.g. ('--only', '00', '--no-site')."
-    return [_bin('emi_study'), '--profile', profile, '--device', device, '--out', str(run_dir), *extra]
+    return [_bin('emi_study'), '--profile', profile, '--device', device, '--run-dir', str(run_dir), *extra]
 
 # %% ../nbs/12_gpu.ipynb #46f7bc88
 class StageTimeout(Exception):

@@ -146,8 +146,6 @@ def test_quarantine_run_reports_which(clean, tmp_path):
     assert sorted(rep.split) == ['test', 'train', 'train', 'valid'] and res['metrics']['test']['n'] == 15
     assert 'quarantine: 4 row(s)/clip(s) left out' in out
 
-@pytest.mark.xfail(strict=True, reason="data_fingerprint (00_config) stats every media file and raises FileNotFoundError "
-                                       "on a broken symlink after training; the data side skips and reports it")
 def test_broken_symlink_does_not_lose_the_run(clean, tmp_path):
     r = _copy(clean, tmp_path); where, why = _broken_link(r)
     code, out = _train(r, tmp_path/'run', '-p', 'quarantine=true', '-p', 'epochs=1', '-p', 'max_steps=1')
