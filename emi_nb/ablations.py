@@ -22,12 +22,14 @@ from .pretrain import resolve_backbone
 from .train import fit
 
 # %% auto #0
-__all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'Row', 'untrained_backbone', 'table2_backbones', 'plan_for',
-           'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds', 'weights_checksum',
-           'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore', 'extract_store', 'load_frozen',
-           'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores', 'LiveFrames', 'ConcatFrames',
-           'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow', 'adopt_fit', 'run_row', 'result_path',
-           'run_job', 'plan_jobs', 'run_grid', 'grid_stats', 'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap']
+__all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'AUDIO_CLAIMS', 'Row', 'untrained_backbone', 'table2_backbones',
+           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds',
+           'weights_checksum', 'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
+           'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores',
+           'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
+           'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid', 'row_convergence', 'grid_stats',
+           'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap', 'Claim', 'verdict', 'pair_stats', 'audio_claims',
+           'collect_claims']
 
 # %% ../nbs/09_ablations.ipynb #d904b4dd
 @dataclass
@@ -571,6 +573,14 @@ def _preds(recs:list, split:str, fids) -> tuple:
     return seeds, (np.stack(P) if P else np.zeros((0, len(fids), len(EMOTIONS))))
 
 # %% ../nbs/09_ablations.ipynb #49c2f1ba
+def row_convergence(recs:list) -> dict:
+    "How many seeds of a row converged, their best epochs and epochs run, and why the others did not."
+    cs = [(r.get('metrics') or {}).get('convergence') for r in recs if r['status'] == 'ok']
+    cs = [c for c in cs if c]
+    return dict(seeds=len(cs), converged=sum(bool(c['converged']) for c in cs), best_epochs=[c['best_epoch'] for c in cs],
+                epochs_run=[c['epochs_run'] for c in cs], reasons=sorted({c['reason'] for c in cs if not c['converged']}))
+
+# %% ../nbs/09_ablations.ipynb #c56efcdb
 def _labels_of(root, split:str) -> tuple:
     "(fids, labels) of a split; (None, None) when it has no labels here (real test data)."
     if split == 'test' and not (Path(root)/'test_labels.csv').exists(): return None, None
@@ -588,7 +598,8 @@ def grid_stats(records:dict, rows:dict, root, n_boot:int=1000, seed:int=0) -> di
                   epochs=row.overrides.get('epochs'), status={k: sum(r['status'] == k for r in recs) for k in ('ok', 'failed', 'skipped')},
                   errors=sorted({r.get('error') or r.get('reason') for r in recs if r['status'] != 'ok'}),
                   warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={},
-                  adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}))
+                  adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}), convergence=row_convergence(recs))
+        st['converged'] = bool(st['convergence']['seeds']) and st['convergence']['converged'] == st['convergence']['seeds']
         for split, (fids, y) in Ys.items():
             seeds, P = _preds(recs, split, fids) if y is not None else ([], None)
             if seeds: st['splits'][split] = dict(seeds=seeds, **seed_stats(P, y, n_boot, seed))
@@ -603,6 +614,13 @@ def grid_stats(records:dict, rows:dict, root, n_boot:int=1000, seed:int=0) -> di
 # %% ../nbs/09_ablations.ipynb #fd8ad403
 def _f(x, d=3) -> str: return '–' if x is None or (isinstance(x, float) and not np.isfinite(x)) else f'{x:.{d}f}'
 
+def _conv_text(s:dict) -> str:
+    "'yes', or 'NO (k of n seeds)' with the epochs run, for a row's convergence."
+    c = s.get('convergence') or {}
+    if not c.get('seeds'): return '–'
+    if s.get('converged'): return f"yes (best epochs {', '.join(map(str, c['best_epochs']))})"
+    return f"NO ({c['converged']} of {c['seeds']} seeds; ran {', '.join(map(str, c['epochs_run']))} epochs)"
+
 def stats_table(stats:dict, table:str) -> pd.DataFrame:
     "The rows of one table: ours (mean ± sd, 95% CI, Δ vs ref, p) beside the paper's (quoted)."
     rows = []
@@ -616,7 +634,8 @@ def stats_table(stats:dict, table:str) -> pd.DataFrame:
                      f"Δρ vs ref [95% CI]": f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v and np.isfinite(v['delta']) else '',
                      'p': _f(v['p'], 3) if v else '', 'ref': s['ref'] if v else '',
                      'ρ ours, other split': '; '.join(f"{k}: {_f(x['mean'])} ± {_f(x['sd'])}" for k, x in s.get('splits', {}).items() if k != s['score']),
-                     'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–', 'shortened': s['note']})
+                     'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–',
+                     'converged': _conv_text(s), 'shortened': s['note']})
     return pd.DataFrame(rows).set_index('row') if rows else pd.DataFrame()
 
 # %% ../nbs/09_ablations.ipynb #95af3b3e
@@ -643,8 +662,11 @@ def _paper_deltas(stats:dict, S:list) -> list:
 def agreement(stats:dict, table:str) -> str:
     "Sentences, computed from the numbers, on what agrees with the paper (quoted) in one table and what does not."
     from scipy.stats import spearmanr
-    S = [s for s in stats.values() if s['table'] == table and 'mean' in s and np.isfinite(s['mean'])]
-    if not S: return f"{table}: no finished rows with a defined ρ."
+    done = [s for s in stats.values() if s['table'] == table and 'mean' in s and np.isfinite(s['mean'])]
+    ok = lambda s: s.get('converged') and (stats.get(s['ref']) or {}).get('converged', True)
+    S, unconv = [s for s in done if ok(s)], [s['name'] for s in done if not ok(s)]
+    tail = [f"Not converged, so not compared (its ρ or its reference's reflects the budget): {', '.join(unconv)}."] if unconv else []
+    if not S: return f"{table}: no finished, converged rows with a defined ρ." + (' ' + tail[0] if tail else '')
     out, pairs = [], [(s, _quoted_one(s)) for s in S if _quoted_one(s) is not None]
     if len(pairs) >= 3 and len({q for _, q in pairs}) > 1:
         rs = spearmanr([s['mean'] for s, _ in pairs], [q for _, q in pairs]).statistic
@@ -680,7 +702,7 @@ def agreement(stats:dict, table:str) -> str:
         f"not distinguishable: {', '.join(same)}" if same else ''] if x) + '.')
     undefined = [s['name'] for s in stats.values() if s['table'] == table and 'mean' in s and not np.isfinite(s['mean'])]
     if undefined: out.append(f"Undefined ρ (constant predictions, reported as NaN): {', '.join(undefined)}.")
-    return ' '.join(out)
+    return ' '.join(out + tail)
 
 # %% ../nbs/09_ablations.ipynb #c3cffa6b
 def bar_chart(stats:dict, tables:tuple=('table2', 'table1'), title:str=''):
@@ -697,7 +719,9 @@ def bar_chart(stats:dict, tables:tuple=('table2', 'table1'), title:str=''):
             edgecolor='tab:gray', label='paper (quoted, real data, single run)')
     for yy, v in zip(y, q):
         if v is not None: ax.text(max(v, 0) + 0.005, yy - 0.2, f'{v:.3f} quoted', va='center', fontsize=7, color='0.35')
-    ax.set_yticks(y, [f"{s['name']} ({s['score']}, {s.get('n_seeds', 0)} seed{'s' if s.get('n_seeds', 0) != 1 else ''})" for s in S], fontsize=8)
+    lab = lambda s: f"{s['name']} ({s['score']}, {s.get('n_seeds', 0)} seed{'s' if s.get('n_seeds', 0) != 1 else ''})"
+    ax.set_yticks(y, [lab(s) + ('' if s.get('converged') else ' NOT CONVERGED') for s in S], fontsize=8)
+    for t, s in zip(ax.get_yticklabels(), S): t.set_color('k' if s.get('converged') else 'tab:red')
     ax.axvline(0, color='k', lw=0.6); ax.set_xlabel('mean Pearson ρ'); ax.set_title(title or 'Ablations: ours vs paper (quoted)', fontsize=10)
     ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.55 / (0.42 * len(S) + 1.4) - 0.08), ncol=2, frameon=False)
     fig.tight_layout(); return fig
@@ -712,3 +736,73 @@ def emotion_heatmap(stats:dict, tables:tuple=('table2', 'table1', 'padding', 'lo
     ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=30, ha='right', fontsize=8); ax.set_yticks(range(len(S)), [s['name'] for s in S], fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8, label='ρ'); ax.set_title('Per-emotion ρ (mean over seeds; split as scored)', fontsize=10)
     fig.tight_layout(); return fig
+
+# %% ../nbs/09_ablations.ipynb #8d60bc8a
+@dataclass
+class Claim:
+    "A claim of the paper and the two rows whose paired difference (a - b > 0) tests it here."
+    key: str                   # stable id
+    text: str                  # the claim
+    source: str                # where the paper makes it
+    a: str                     # the row the claim says is better ('{e}': the emotion backbone, '{u}': the ASR stand-in)
+    b: str                     # the row it beats
+    split: str = 'valid'       # the split they are compared on
+
+def verdict(ci, converged:bool=True) -> str:
+    "agrees | contradicts | not resolved | not converged | not run, from the 95% CI of (claimed better - other)."
+    if ci is None or not np.all(np.isfinite(ci)): return 'not run'
+    if not converged: return 'not converged'
+    return 'agrees' if ci[0] > 0 else 'contradicts' if ci[1] < 0 else 'not resolved'
+
+# %% ../nbs/09_ablations.ipynb #f655f5b1
+AUDIO_CLAIMS = [
+    Claim('pretraining', 'emotion pre-training beats an ASR (here: untrained) backbone', 'Table 2, section 5', 't2.{e}.global', 't2.{u}.global'),
+    Claim('head', 'the regression head adds to the global vector', 'Table 2', 't2.{e}.global+head', 't2.{e}.global'),
+    Claim('lstm', 'the LSTM adds to global vector + head', 'Table 2', 't2.{e}.global+head+lstm', 't2.{e}.global+head'),
+    Claim('vad', 'the VAD head adds to global vector + head + LSTM', 'Table 2', f't2.{{e}}.{FULL}', 't2.{e}.global+head+lstm'),
+    Claim('global+vad', 'global vector and VAD head together add to head + LSTM', 'Table 2', f't2.{{e}}.{FULL}', 't2.{e}.head+lstm'),
+    Claim('finetune', 'fine-tuning the backbone beats a frozen one', 'Table 1', 't1.train', 't1.frozen'),
+    Claim('train+val', 'training on train + valid beats train alone on test', 'Table 1', 't1.train+val', 't1.frozen', 'test'),
+    Claim('padding', 'zero-padding to a fixed length without a mask hurts', 'section 6.2', 'pad.masked-bucketed', 'pad.fixed-nomask'),
+    Claim('loss', 'MSE beats 1 - rho as the loss (1 - rho collapses)', 'section 6.2', 'loss.mse', 'loss.pearson'),
+]
+
+# %% ../nbs/09_ablations.ipynb #11ebb8ce
+def pair_stats(records:dict, a:str, b:str, split:str, root, n_boot:int=1000, seed:int=0) -> dict|None:
+    "Paired difference (a - b) of two rows on their common seeds and the split's clips; None when either is missing."
+    fids, y = _labels_of(root, split)
+    if y is None: return None
+    recs = lambda n: [r for (m, _), r in records.items() if m == n]
+    sa, PA = _preds(recs(a), split, fids)
+    sb, PB = _preds(recs(b), split, fids)
+    common = [k for k in sa if k in sb]
+    if not common: return None
+    return dict(paired_stats(PA[[sa.index(k) for k in common]], PB[[sb.index(k) for k in common]], y, n_boot, seed), seeds=common)
+
+# %% ../nbs/09_ablations.ipynb #43f75f10
+def audio_claims(records:dict, stats:dict, root, emo:str, asr:str, n_boot:int=1000, seed:int=0) -> list:
+    "Each audio claim of the paper: its rows, our paired difference with CI, both rows' convergence, the verdict."
+    out = []
+    for c in AUDIO_CLAIMS:
+        a, b = (x.format(e=emo, u=asr) for x in (c.a, c.b))
+        if c.key == 'train+val' and b not in stats: b = 't1.train'
+        p = pair_stats(records, a, b, c.split, root, n_boot, seed) if a in stats and b in stats else None
+        conv = bool(stats.get(a, {}).get('converged')) and bool(stats.get(b, {}).get('converged'))
+        out.append(dict(key=c.key, claim=c.text, source=c.source, a=a, b=b, split=c.split, converged=conv,
+                        delta=p['delta'] if p else None, ci=p['ci'] if p else None, seeds=p['seeds'] if p else [],
+                        verdict=verdict(p['ci'] if p else None, conv)))
+    return out
+
+# %% ../nbs/09_ablations.ipynb #b7659072
+def collect_claims(results_dir) -> pd.DataFrame:
+    "Every claim verdict of a run, read from its results JSONs (ablations, vision, train); absent ones are left out."
+    rd, rows = Path(results_dir), []
+    read = lambda n: json.loads((rd/f'{n}.json').read_text())['metrics'] if (rd/f'{n}.json').exists() else {}
+    eff = read('train').get('pretraining_effect')
+    if eff:
+        rows.append(dict(key='pretraining-e2e', claim='emotion pre-training beats an untrained backbone (full model, end to end)',
+                         source='Table 2, section 5', delta=eff['delta'], ci=eff['ci'], verdict=verdict(eff['ci'], eff.get('converged', False))))
+    rows += read('ablations').get('claims', []) + read('vision').get('claims', [])
+    cols = ['claim', 'source', 'ours', 'verdict']
+    fmt = lambda r: '–' if r.get('delta') is None else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
+    return pd.DataFrame([dict(r, ours=fmt(r)) for r in rows], columns=['key', *cols]).set_index('key')[cols] if rows else pd.DataFrame(columns=cols)

@@ -608,8 +608,10 @@ def parallel(fn, # called as fn(*job) for every job
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context('fork')) as ex:
             futs = {ex.submit(_job, i): i for i in range(len(jobs))}
             for f in as_completed(futs):
-                out[futs[f]] = f.result()
-                if on_result: on_result(futs[f], out[futs[f]])
+                i = futs[f]
+                try: out[i] = f.result()
+                except Exception as e: raise RuntimeError(f"job {i} ({getattr(fn, '__name__', fn)}) failed in a worker: {type(e).__name__}: {e}") from e
+                if on_result: on_result(i, out[i])
     finally: _JOBS = None
     return [out[i] for i in range(len(jobs))]
 

@@ -14,9 +14,10 @@ from .config import get_device, amp_dtype, atomic_path, save_json, progress
 from .metrics import pearson, mean_rho
 
 # %% auto #0
-__all__ = ['LOSSES', 'FLAT_STD', 'emi_loss', 'LengthBucketSampler', 'padding_fraction', 'dist_setup', 'barrier', 'rank0_first',
-           'global_rows', 'rng_state', 'set_rng_state', 'param_groups', 'make_scheduler', 'Recipe', 'recipe',
-           'convergence', 'Loop', 'publish_checkpoint', 'CheckpointError', 'resolve_checkpoint', 'latest_complete']
+__all__ = ['LOSSES', 'FLAT_STD', 'LOSS_DELTA', 'emi_loss', 'LengthBucketSampler', 'padding_fraction', 'dist_setup', 'barrier',
+           'rank0_first', 'global_rows', 'rng_state', 'set_rng_state', 'param_groups', 'make_scheduler', 'Recipe',
+           'recipe', 'convergence', 'Loop', 'publish_checkpoint', 'CheckpointError', 'resolve_checkpoint',
+           'latest_complete']
 
 # %% ../nbs/06_loop.ipynb #285336f6
 LOSSES = ('mse', 'ccc', 'pearson')
@@ -287,10 +288,12 @@ def _warn_collapse(self:Loop, row:dict):
                       f"{row['flat_pred_steps']} of {row['steps']} steps, {row['skipped_steps']} steps skipped "
                       "(correlation undefined); the model is collapsing to a constant")
 
+LOSS_DELTA = 0.02  # without held-out data: a fall of the training loss under 2% counts as flat
+
 @patch
 def _score(self:Loop, row:dict) -> float:
-    "The monitored score of a curve row (-inf when undefined; the negative training loss without selection)."
-    x = row[self.monitor] if self.rec.select else -row['train_loss']
+    "The monitored score of a curve row (-inf when undefined; -log of the training loss without selection)."
+    x = row[self.monitor] if self.rec.select else -np.log(max(row['train_loss'], 1e-12))
     return -np.inf if x is None or not np.isfinite(x) else float(x)
 
 # %% ../nbs/06_loop.ipynb #fb684618
@@ -311,7 +314,7 @@ def end_epoch(self:Loop, ev:dict, seconds:float) -> dict:
         if self.on_best: self.on_best(self, row)
         else: self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
     st.update(epoch=st['epoch'] + 1, step=0, acc=self._acc())
-    st['done'] = st['epoch'] >= rec.epochs or bool(rec.patience and st['bad_epochs'] >= rec.patience)
+    st['done'] = st['epoch'] >= rec.epochs or bool(rec.select and rec.patience and st['bad_epochs'] >= rec.patience)
     if self.log: self.log(self._line(row, better))
     if self.on_epoch_end: self.on_epoch_end(self)
     return row
@@ -354,8 +357,8 @@ def fit(self:Loop) -> dict:
 def record(self:Loop, seconds:float|None=None) -> dict:
     "Curves, best epoch, skipped steps and the convergence verdict of the training so far."
     st, rec = self.st, self.rec
-    conv = convergence([self._score(r) for r in st['curves']], rec.patience, rec.min_delta, rec.epochs,
-                       self.monitor if rec.select else '-train_loss')
+    conv = convergence([self._score(r) for r in st['curves']], rec.patience, rec.min_delta if rec.select else LOSS_DELTA,
+                       rec.epochs, self.monitor if rec.select else '-log train_loss')
     return dict(curves=st['curves'], best_epoch=st['best_epoch'], epochs_run=st['epoch'], max_epochs=rec.epochs,
                 stopped_early=st['epoch'] < rec.epochs, skipped_steps=sum(r['skipped_steps'] for r in st['curves']),
                 convergence=conv, train_seconds=None if seconds is None else round(seconds, 2),

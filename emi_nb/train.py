@@ -298,8 +298,9 @@ def _check_state(self:Trainer, d:Path):
     from safetensors import safe_open
     try:
         with safe_open(str(d/'model.safetensors'), 'pt') as f: list(f.keys())
-        torch.load(d/'state.pt', weights_only=True, map_location='cpu')
-    except Exception as e: raise CheckpointError(f"{d}: damaged ({type(e).__name__}: {e})") from None
+    except Exception as e: raise CheckpointError(f"{d/'model.safetensors'}: damaged ({type(e).__name__}: {e})") from None
+    try: torch.load(d/'state.pt', weights_only=True, map_location='cpu')
+    except Exception as e: raise CheckpointError(f"{d/'state.pt'}: damaged ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/08_train.ipynb #6a7723b5
 @patch

@@ -16,7 +16,7 @@ from .data import DataError, face_frames, video_info, media_path, load_pickled_f
 from .paper import SECTION_6_2, t1, paper_str
 from .metrics import pearson, mean_rho, seed_stats, paired_stats, split_stats
 from .loop import LengthBucketSampler, Loop, Recipe
-from .ablations import feature_store
+from .ablations import feature_store, verdict as claim_verdict
 
 # %% auto #0
 __all__ = ['AUDIO_HOP', 'ROW_QUOTES', 'CONTEXT_QUOTES', 'sample_frames', 'write_index_video', 'read_index', 'frame_timing',

@@ -16,7 +16,7 @@ ALSA = Path('/usr/share/sounds/alsa')                           # alsa-utils: sp
 
 @pytest.fixture(scope='module')
 def clean(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 0, 'smoke')
+    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 'smoke')
 
 def _copy(clean, tmp_path) -> Path:
     d = tmp_path/'root'; shutil.copytree(clean, d); return d
@@ -82,7 +82,7 @@ def test_missing_audio_folder(clean, tmp_path):
     _clean_exit(code, out, 1); assert _has(out, 'error', 'audio', 'missing folder: the audio of every clip lives here'), out
     assert 'missing file' not in out
     with pytest.raises(DataError, match='audio: missing folder'): EMIDataset(r, 'train', quarantine=True)
-    code, out = _train(r, tmp_path/'run', '-p', 'quarantine=true')
+    code, out = _train(r, tmp_path/'run', '--quarantine', 'true')
     _clean_exit(code, out, 2); assert _has(out, 'emi_train: ', '/audio: missing folder'), out
 
 def test_every_clip_quarantined_is_an_error(clean, tmp_path):
@@ -134,7 +134,7 @@ def test_quarantine_run_reports_which(clean, tmp_path):
     expected = [_superscript_id(r), _clip_10ms(r), ('test_labels.csv', _nan_label(r))]
     fv = _fid(r, 'valid', 2); y, _ = load_audio(r/f'audio/{fv:05d}.mp3', None); sf.write(r/f'audio/{fv:05d}.wav', y, SR)
     expected.append((f'{fv:05d}.mp3', f'2 audio files for id {fv}'))
-    code, out = _train(r, tmp_path/'run', '-p', 'quarantine=true', '-p', 'epochs=1', '-p', 'max_steps=1')
+    code, out = _train(r, tmp_path/'run', '--quarantine', 'true', '--epochs', '1', '--max-steps', '1')
     _clean_exit(code, out, 0)
     res = json.loads((tmp_path/'run/results/emi.json').read_text())
     q = res['quarantine']; rep = pd.read_csv(q['path'])
@@ -148,7 +148,7 @@ def test_quarantine_run_reports_which(clean, tmp_path):
 
 def test_broken_symlink_does_not_lose_the_run(clean, tmp_path):
     r = _copy(clean, tmp_path); where, why = _broken_link(r)
-    code, out = _train(r, tmp_path/'run', '-p', 'quarantine=true', '-p', 'epochs=1', '-p', 'max_steps=1')
+    code, out = _train(r, tmp_path/'run', '--quarantine', 'true', '--epochs', '1', '--max-steps', '1')
     rep = pd.read_csv(tmp_path/'run/results/emi_quarantine.csv')
     assert rep.file.str.endswith(where).any() and (rep.problem == why).any(), rep
     _clean_exit(code, out, 0)
@@ -164,9 +164,9 @@ def checkpoint(tmp_path_factory):
 def test_truncated_checkpoint_named(checkpoint, tmp_path):
     d = tmp_path/'ck'; shutil.copytree(checkpoint, d); w = d/'model.safetensors'; w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
     sf.write(tmp_path/'a.wav', 0.1 * np.sin(np.arange(SR) / 5), SR)
-    r = run_cli('emi_predict', '--checkpoint', d, tmp_path/'a.wav', '--out', tmp_path/'p.csv', check=False, env=ENV)
+    r = run_cli('emi_predict', '--checkpoint', d, tmp_path/'a.wav', '--output', tmp_path/'p.csv', check=False, env=ENV)
     _clean_exit(r.returncode, r.stdout + r.stderr, 2)
-    assert r.stderr.startswith(f'emi_predict: {w}: cannot read the weights (truncated or corrupt?)') and r.stderr.count('\n') == 1, r.stderr
+    assert r.stderr.startswith(f'emi_predict: {w}: damaged') and r.stderr.count('\n') == 1, r.stderr
 
 def _need_sounds():
     if not (LIBRIVOX.is_dir() and (ALSA/'Noise.wav').exists()):
@@ -190,7 +190,7 @@ def test_predict_flags_noise_not_speech(checkpoint, tmp_path):
     shutil.copy(ALSA/'Noise.wav', d/'alsa_Noise.wav')
     sf.write(d/'white_noise.wav', _noise('white'), SR); sf.write(d/'pink_noise.flac', _noise('pink'), SR)
     out = tmp_path/'preds.csv'
-    r = run_cli('emi_predict', '--checkpoint', checkpoint, d, '--out', out, check=False, env=ENV)
+    r = run_cli('emi_predict', '--checkpoint', checkpoint, d, '--output', out, check=False, env=ENV)
     _clean_exit(r.returncode, r.stdout + r.stderr, 0)
     df = pd.read_csv(out).set_index('Filename')
     print(df[['seconds', 'speech_share', 'little_speech']].to_string())

@@ -13,7 +13,7 @@ def test_override_lands_in_executed_notebook(tmp_path):
     run_cli('emi_study', '--profile', 'smoke', '--only', '00', '--no-site', '--run-dir', tmp_path/'run', '-p', 'epochs=7', '-p', 'lr=3e-4')
     nb = nbformat.read(tmp_path/'run/notebooks/00_config.ipynb', as_version=4)
     injected = [c for c in nb.cells if 'injected-parameters' in c.metadata.get('tags', [])]
-    assert injected and "'epochs': 7" in injected[0].source and "'lr': 0.0003" in injected[0].source
+    assert injected and '"epochs": 7' in injected[0].source and '"lr": 0.0003' in injected[0].source
     man = json.loads((tmp_path/'run/manifest.json').read_text())
     assert man['status'] == 'ok' and man['parameters']['overrides']['epochs'] == 7 and man['profile'] == 'smoke'
     assert man['notebooks'][0]['seconds'] > 0 and man['versions']['torch'] and man['assets']['seconds'] >= 0

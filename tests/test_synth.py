@@ -40,7 +40,7 @@ def smoke(tmp_path_factory):
 def test_layout(smoke):
     root, vad = smoke
     meta = json.loads((root/'SYNTHETIC.json').read_text())
-    assert meta['version'] == GENERATOR_VERSION and meta['seed'] == 0 and meta['size'] == 'smoke' and data_kind(root) == 'synthetic'
+    assert meta['version'] == GENERATOR_VERSION and meta['corpus']['seed'] == 0 and meta['counts']['train'] == 32 and data_kind(root) == 'synthetic'
     S = make_config('smoke').corpus; ids = {}
     for s in ('train', 'valid', 'test'):
         df = pd.read_csv(root/f'{s}_split.csv'); ids[s] = set(df.Filename)
