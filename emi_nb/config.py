@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #bbe74e1e
 from __future__ import annotations
-import dataclasses, hashlib, json, os, platform, random, subprocess, sys, time, warnings
+import dataclasses, hashlib, json, os, platform, random, shutil, subprocess, sys, time, warnings
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, asdict, fields
@@ -23,7 +23,7 @@ __all__ = ['EMOTIONS', 'VAD_NAMES', 'SR', 'TABLE2_COMPONENTS', 'TABLE1_ROWS', 'E
            'progress', 'add_progress_flag', 'set_progress']
 
 # %% ../nbs/00_config.ipynb #424f274d
-EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excitement', 'Joy']  # fixed column order of the task
+EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excitement', 'Joy']  # the task's order
 VAD_NAMES = ['arousal', 'dominance', 'valence']  # output order of the audeering head
 SR = 16_000  # every backbone here expects 16 kHz mono
 
@@ -66,6 +66,7 @@ TABLE2_COMPONENTS = ('global', 'global+head', 'head+lstm', 'global+head+lstm', '
 TABLE1_ROWS = ('train', 'dropout', 'train+val', 'train+val-long')
 EXPLORE_ROWS = ('fixed-nomask', 'masked-random', 'ccc', 'pearson', 'collapsed')
 
+# %% ../nbs/00_config.ipynb #40533f80
 @dataclass
 class AblationsConfig:
     "The ablation grid: which rows run, how long and with how many seeds."
@@ -126,7 +127,7 @@ class StudyConfig:
     # -- where things are
     profile: str = 'paper'          # smoke | synthetic | paper: sizes the fields below (see PROFILES)
     data_root: str = ''             # ABAW-layout root; '' = the synthetic corpus of `corpus`
-    backbone: str = ''              # local save_pretrained dir; '' = the study's offline backbone; 'preset:NAME' = random init
+    backbone: str = ''              # save_pretrained dir; '' = the study's offline backbone; preset:NAME = random init
     run_dir: str = ''               # results, figures, checkpoints; '' = runs/<profile>-latest
     device: str = 'auto'            # auto | cpu | cuda | cuda:N
     seed: int = 1                   # training seed (the reference code's)
@@ -147,7 +148,7 @@ class StudyConfig:
     freeze_feature_encoder: bool = False  # the CNN feature encoder; the paper trains it too
     batched: bool = True            # batched + attention-masked backbone; False = per clip, as the reference code
     grad_checkpointing: bool = False  # trade compute for memory on long clips (GPU)
-    lstm_packed: bool|None = None   # packed LSTM input; None = packed on CUDA, gather on CPU (same values, ~10x faster there)
+    lstm_packed: bool|None = None   # packed LSTM; None = packed on CUDA, gather on CPU (same values, ~10x faster there)
     # -- training recipe
     loss: str = 'mse'               # mse | ccc | pearson (1-rho); MSE won in the paper
     lr: float = 1e-4                # AdamW learning rate of the reference code
@@ -178,7 +179,8 @@ class StudyConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)  # the vision rows
     bench: BenchConfig = field(default_factory=BenchConfig)  # the benchmarks
 
-    def replace(self, **kw) -> StudyConfig:
+    def replace(self, **kw # field names, dotted for sub-configs: lr=3e-4, **{'pretrain.epochs': 4}
+               ) -> StudyConfig:
         "A copy with `kw` changed (dotted keys reach sub-configs); unknown keys and wrong types raise."
         return _apply(self, kw)
 
@@ -187,7 +189,8 @@ class ConfigError(ValueError):
     "A config key or value that cannot be used; the message names it."
 
 CHOICES = {'profile': ('smoke', 'synthetic', 'paper'), 'backbone_preset': ('tiny', 'small', 'paper'),
-           'loss': ('mse', 'ccc', 'pearson'), 'amp': ('auto', 'off', 'bf16', 'fp16'), 'train_on': ('train', 'train+valid'),
+           'loss': ('mse', 'ccc', 'pearson'), 'amp': ('auto', 'off', 'bf16', 'fp16'),
+           'train_on': ('train', 'train+valid'),
            'pretrain.loss': ('mse', 'ccc', 'pearson'), 'ablations.feature_dtype': ('float16', 'float32'),
            'vision.unfrozen': ('auto', 'on', 'off'), 'ablations.table2_rows': TABLE2_COMPONENTS,
            'ablations.t1_rows': TABLE1_ROWS, 'ablations.explore': EXPLORE_ROWS,
@@ -199,20 +202,32 @@ POSITIVE = ('epochs', 'batch_size', 'eval_batch_size', 'seeds', 'n_boot', 'bucke
 # %% ../nbs/00_config.ipynb #856e457b
 import functools
 
+def _field_docs(cls) -> dict:
+    "The reason comment beside each field of dataclass `cls`, {name: text}; {} when its source cannot be read."
+    from fastcore.docments import docments
+    try:
+        return docments(cls)
+    except (OSError, TypeError):
+        return {}
+
+# %% ../nbs/00_config.ipynb #ff2c8b26
 @functools.lru_cache(maxsize=None)
-def config_fields(cls=None, prefix:str='') -> dict:
+def config_fields(cls=None, # a config dataclass; None = StudyConfig
+                  prefix:str='' # prepended to every name (the sub-config's dotted path)
+                 ) -> dict:
     "Every leaf field of `cls` (default StudyConfig) by dotted name: {name: (type, default, help)}."
     import typing
-    from fastcore.docments import docments
     cls = cls or StudyConfig
     hints = typing.get_type_hints(cls)
-    try: docs = docments(cls)
-    except (OSError, TypeError): docs = {}
+    docs = _field_docs(cls)
     res = {}
     for f in fields(cls):
         t, name = hints[f.name], prefix + f.name
-        if dataclasses.is_dataclass(t): res.update(config_fields(t, name + '.'))
-        else: res[name] = (t, f.default if f.default is not dataclasses.MISSING else f.default_factory(), docs.get(f.name) or '')
+        if dataclasses.is_dataclass(t):
+            res.update(config_fields(t, name + '.'))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        res[name] = (t, default, docs.get(f.name) or '')
     return res
 
 # %% ../nbs/00_config.ipynb #bbf3e555
@@ -225,12 +240,15 @@ def _bool(v):
     if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
     return None
 
+# %% ../nbs/00_config.ipynb #8ef79f29
 def _number(v, tp):
     "An int or float from a number or its text; None when it does not fit `tp` exactly."
     if isinstance(v, bool): return None
     if isinstance(v, str):
-        try: v = float(v) if tp is float or any(c in v.lower() for c in '.e') else int(v)
-        except ValueError: return None
+        try:
+            v = float(v) if tp is float or any(c in v.lower() for c in '.e') else int(v)
+        except ValueError:
+            return None
     if tp is int: return int(v) if isinstance(v, (int, float)) and float(v).is_integer() else None
     return float(v) if isinstance(v, (int, float)) else None
 
@@ -243,57 +261,78 @@ def _none_ok(tp) -> tuple:
         return True, next(a for a in args if a is not type(None))
     return False, tp
 
-def coerce(key:str, # dotted field name, for the message
-           value, tp):
-    "`value` converted to type `tp`; ConfigError naming key, value and type when it does not fit."
+def _means_none(v) -> bool:
+    "Whether `v` spells None: None itself, or 'none', 'null' or '' in any case."
+    return v is None or (isinstance(v, str) and v.strip().lower() in ('none', 'null', ''))
+
+# %% ../nbs/00_config.ipynb #2be50c75
+def _convert(value, tp):
+    "`value` as `tp`: a tuple of names, bool, int, float, str or an instance of `tp`; None when it does not fit."
     import typing
-    nullable, tp = _none_ok(tp)
-    if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in ('none', 'null', ''))): return None
     if typing.get_origin(tp) is tuple:
         items = [x.strip() for x in value.split(',') if x.strip()] if isinstance(value, str) else value
-        if isinstance(items, (list, tuple)) and all(isinstance(x, str) for x in items): return tuple(items)
-        out = None
-    elif tp is bool: out = _bool(value)
-    elif tp in (int, float): out = _number(value, tp)
-    elif tp is str: out = value if isinstance(value, str) else None if isinstance(value, (bool, list, dict)) or value is None else str(value)
-    else: out = value if isinstance(value, tp) else None
+        ok = isinstance(items, (list, tuple)) and all(isinstance(x, str) for x in items)
+        return tuple(items) if ok else None
+    if tp is bool: return _bool(value)
+    if tp in (int, float): return _number(value, tp)
+    if tp is not str: return value if isinstance(value, tp) else None
+    if isinstance(value, (bool, list, dict)) or value is None: return None
+    return value if isinstance(value, str) else str(value)
+
+# %% ../nbs/00_config.ipynb #529effbe
+def coerce(key:str, # dotted field name, for the message
+           value, # a Python value or its text from a command line
+           tp # the field's type, e.g. float, bool|None, tuple[str, ...]
+          ):
+    "`value` converted to type `tp`; ConfigError naming key, value and type when it does not fit."
+    nullable, tp = _none_ok(tp)
+    if nullable and _means_none(value): return None
+    out = _convert(value, tp)
     if out is None: raise ConfigError(f"{key}={value!r}: expected {getattr(tp, '__name__', tp)}")
     return out
 
 # %% ../nbs/00_config.ipynb #151309d2
 def _get(cfg, key:str):
     "The value of dotted field `key` of `cfg`."
-    for k in key.split('.'): cfg = getattr(cfg, k)
+    for k in key.split('.'):
+        cfg = getattr(cfg, k)
     return cfg
 
-def check(cfg:StudyConfig) -> StudyConfig:
+# %% ../nbs/00_config.ipynb #69ffce07
+def check(cfg:StudyConfig # the config to check
+         ) -> StudyConfig:
     "`cfg` itself when every choice, device and count is valid; ConfigError naming the first field that is not."
     import re
     for key, allowed in CHOICES.items():
         v = _get(cfg, key)
         bad = [x for x in v if x not in allowed] if isinstance(v, tuple) else [] if v in allowed else [v]
         if bad: raise ConfigError(f"{key}={bad[0]!r}: choose one of {' | '.join(map(repr, allowed))}")
-    if not re.fullmatch(DEVICE_RE, cfg.device): raise ConfigError(f"device={cfg.device!r}: use auto | cpu | cuda | cuda:N")
+    if not re.fullmatch(DEVICE_RE, cfg.device):
+        raise ConfigError(f"device={cfg.device!r}: use auto | cpu | cuda | cuda:N")
     for key in POSITIVE:
         if _get(cfg, key) < 1: raise ConfigError(f"{key}={_get(cfg, key)!r}: must be at least 1")
     return cfg
 
-# %% ../nbs/00_config.ipynb #28f38c18
+# %% ../nbs/00_config.ipynb #59a09c15
 def _close(key:str, names) -> str:
     "The names closest to a misspelt `key`, as a hint."
     import difflib
     names = list(names)
     near = [n for n in names if key.startswith(n) or n.endswith('.' + key)]
-    near += difflib.get_close_matches(key, names, n=3, cutoff=0.5) or difflib.get_close_matches(key, names, n=3, cutoff=0.3)
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    near += close or difflib.get_close_matches(key, names, n=3, cutoff=0.3)
     near = list(dict.fromkeys(near))[:3]
     return f"; did you mean {', '.join(near)}?" if near else ''
 
+# %% ../nbs/00_config.ipynb #84237fd9
 def _flat(kw:dict, prefix:str='') -> dict:
     "Nested dicts of overrides as one dict of dotted keys."
     res = {}
     for k, v in kw.items():
-        if isinstance(v, dict) and not prefix + k in config_fields(): res.update(_flat(v, prefix + k + '.'))
-        else: res[prefix + k] = v
+        if isinstance(v, dict) and not prefix + k in config_fields():
+            res.update(_flat(v, prefix + k + '.'))
+        else:
+            res[prefix + k] = v
     return res
 
 # %% ../nbs/00_config.ipynb #357e5740
@@ -306,34 +345,35 @@ def _apply(cfg:StudyConfig, kw:dict) -> StudyConfig:
         if key not in known: raise ConfigError(f"unknown config field {key!r}{_close(key, known)}")
         *path, leaf = key.split('.')
         obj = new
-        for p in path: obj = getattr(obj, p)
+        for p in path:
+            obj = getattr(obj, p)
         setattr(obj, leaf, coerce(key, value, known[key][0]))
     return check(new)
 
 # %% ../nbs/00_config.ipynb #7e9c68ee
 _SMALL_PRETRAIN = {'pretrain.epochs': 6, 'pretrain.batch_size': 16, 'pretrain.lr': 3e-3, 'pretrain.warmup_epochs': 0.5,
                    'pretrain.threads': 1}
-PROFILES: dict[str, dict[str, Any]] = {
-    'smoke': {'backbone_preset': 'tiny', 'epochs': 2, 'batch_size': 8, 'eval_batch_size': 16, 'lr': 1e-3,
-              'warmup_epochs': 0.5, 'max_seconds': 6.0, 'seeds': 2, 'n_boot': 200, 'device': 'cpu',
-              **_SMALL_PRETRAIN, 'pretrain.max_seconds': 3.0,
-              'corpus.train': 32, 'corpus.valid': 16, 'corpus.test': 16, 'corpus.vad_train': 48, 'corpus.vad_valid': 16,
-              'corpus.speaker_clips': 4, 'corpus.scale': 0.32, 'corpus.long_clip': 7.5,
-              'corpus.vad_min_seconds': 1.0, 'corpus.vad_max_seconds': 2.5,
-              'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.fit_max_steps': 2,
-              'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.fit_threads': 1,
-              'ablations.table2_rows': ('global', 'global+head+lstm+vad'), 'ablations.t1_rows': ('train', 'train+val'),
-              'ablations.explore': ('fixed-nomask', 'pearson'), 'ablations.workers': 1, 'ablations.pad_cut': 6.0,
-              'vision.unfrozen': 'off'},
-    'synthetic': {'backbone_preset': 'small', 'epochs': 4, 'batch_size': 16, 'eval_batch_size': 32, 'lr': 2e-3,
-                  'warmup_epochs': 1.0, 'max_seconds': 4.0, 'seeds': 3, 'n_boot': 1000, 'bucket_pool': 8,
-                  **_SMALL_PRETRAIN, 'pretrain.max_seconds': 4.0,
-                  'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.long_factor': 1.5,
-                  'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.t1_seeds': 1,
-                  'ablations.pad_seeds': 1, 'ablations.explore': ('fixed-nomask', 'ccc', 'pearson', 'collapsed'),
-                  'ablations.workers': 2},
-    'paper': {'backbone_preset': 'paper'},
-}
+_SMOKE = {'backbone_preset': 'tiny', 'epochs': 2, 'batch_size': 8, 'eval_batch_size': 16, 'lr': 1e-3,
+          'warmup_epochs': 0.5, 'max_seconds': 6.0, 'seeds': 2, 'n_boot': 200, 'device': 'cpu',
+          **_SMALL_PRETRAIN, 'pretrain.max_seconds': 3.0,
+          'corpus.train': 32, 'corpus.valid': 16, 'corpus.test': 16, 'corpus.vad_train': 48, 'corpus.vad_valid': 16,
+          'corpus.speaker_clips': 4, 'corpus.scale': 0.32, 'corpus.long_clip': 7.5,
+          'corpus.vad_min_seconds': 1.0, 'corpus.vad_max_seconds': 2.5,
+          'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.fit_max_steps': 2,
+          'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.fit_threads': 1,
+          'ablations.table2_rows': ('global', 'global+head+lstm+vad'), 'ablations.t1_rows': ('train', 'train+val'),
+          'ablations.explore': ('fixed-nomask', 'pearson'), 'ablations.workers': 1, 'ablations.pad_cut': 6.0,
+          'vision.unfrozen': 'off'}
+
+# %% ../nbs/00_config.ipynb #940b1411
+_SYNTHETIC = {'backbone_preset': 'small', 'epochs': 4, 'batch_size': 16, 'eval_batch_size': 32, 'lr': 2e-3,
+              'warmup_epochs': 1.0, 'max_seconds': 4.0, 'seeds': 3, 'n_boot': 1000, 'bucket_pool': 8,
+              **_SMALL_PRETRAIN, 'pretrain.max_seconds': 4.0,
+              'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.long_factor': 1.5,
+              'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.t1_seeds': 1,
+              'ablations.pad_seeds': 1, 'ablations.explore': ('fixed-nomask', 'ccc', 'pearson', 'collapsed'),
+              'ablations.workers': 2}
+PROFILES: dict[str, dict[str, Any]] = {'smoke': _SMOKE, 'synthetic': _SYNTHETIC, 'paper': {'backbone_preset': 'paper'}}
 
 # %% ../nbs/00_config.ipynb #4c903164
 def make_config(profile:str='synthetic', # smoke | synthetic | paper
@@ -344,40 +384,55 @@ def make_config(profile:str='synthetic', # smoke | synthetic | paper
 
 # %% ../nbs/00_config.ipynb #714c231d
 def config_from_dict(d:dict, # asdict() of a StudyConfig, e.g. a checkpoint's saved config
-                     source:str='') -> StudyConfig:
+                     source:str='' # the file it came from, named in errors
+                    ) -> StudyConfig:
     "The StudyConfig of a saved dict; ConfigError naming `source` and the field when it does not fit."
-    try: return StudyConfig(profile=d.get('profile', 'paper')).replace(**d)
-    except ConfigError as e: raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    try:
+        return StudyConfig(profile=d.get('profile', 'paper')).replace(**d)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
 
 # %% ../nbs/00_config.ipynb #0005d3b6
 TRAINING_FREE = ('run_dir', 'device', 'num_workers', 'decode_workers', 'tag', 'seeds', 'n_boot', 'compare_untrained',
                  'ablations', 'vision', 'bench')
 
-def training_view(cfg:StudyConfig) -> dict:
+def training_view(cfg:StudyConfig # the config of a training
+                 ) -> dict:
     "The fields of `cfg` a training's result depends on, as a dict."
     return {k: v for k, v in asdict(cfg).items() if k not in TRAINING_FREE}
 
 # %% ../nbs/00_config.ipynb #29e5d456
 CLI_DEFAULTS = {'profile': 'synthetic'}  # a command line without --profile runs the default study
 
-def add_config_flags(ap, cls=None, only:tuple=()) -> None:
-    "Add a `--field-name` flag for every leaf field of `cls` (default StudyConfig), or those named/prefixed in `only`."
+def _flag_kw(name:str, tp, default, doc:str, cls) -> dict:
+    "argparse keywords of field `name`'s flag: help (reason and default), metavar, choices; unset flags stay unset."
     import argparse
-    for name, (tp, default, doc) in config_fields(cls).items():
-        if only and not any(name == o or (o.endswith('.') and name.startswith(o)) for o in only): continue
-        flag = '--' + name.replace('_', '-')
-        show = ', '.join(default) if isinstance(default, tuple) else CLI_DEFAULTS.get(name, default)
-        where = 'default' if cls not in (None, StudyConfig) or name in CLI_DEFAULTS else 'paper profile'
-        text = (f"{doc} ({where}: {show!r})" if doc else f"({where}: {show!r})").replace('%', '%%')
-        kw = dict(default=argparse.SUPPRESS, dest=name, help=text)
-        if _none_ok(tp)[1] is bool: kw.update(nargs='?', const='true', metavar='BOOL')
-        else: kw.update(metavar=getattr(tp, '__name__', 'LIST').upper() if tp in (int, float, str) else 'A,B')
-        if name in CHOICES and not isinstance(default, tuple): kw['choices'] = CHOICES[name]
-        ap.add_argument(flag, **kw)
+    show = ', '.join(default) if isinstance(default, tuple) else CLI_DEFAULTS.get(name, default)
+    where = 'default' if cls not in (None, StudyConfig) or name in CLI_DEFAULTS else 'paper profile'
+    text = (f"{doc} ({where}: {show!r})" if doc else f"({where}: {show!r})").replace('%', '%%')
+    kw = dict(default=argparse.SUPPRESS, dest=name, help=text)
+    if _none_ok(tp)[1] is bool:
+        kw.update(nargs='?', const='true', metavar='BOOL')
+    else:
+        kw.update(metavar=getattr(tp, '__name__', 'LIST').upper() if tp in (int, float, str) else 'A,B')
+    if name in CHOICES and not isinstance(default, tuple):
+        kw['choices'] = CHOICES[name]
+    return kw
 
 # %% ../nbs/00_config.ipynb #062ec608
+def add_config_flags(ap, # an argparse.ArgumentParser
+                     cls=None, # the config dataclass; None = StudyConfig
+                     only:tuple=() # field names, or prefixes ending in '.', to add; () = every field
+                    ) -> None:
+    "Add a `--field-name` flag for every leaf field of `cls` (default StudyConfig), or those named/prefixed in `only`."
+    for name, (tp, default, doc) in config_fields(cls).items():
+        if only and not any(name == o or (o.endswith('.') and name.startswith(o)) for o in only): continue
+        ap.add_argument('--' + name.replace('_', '-'), **_flag_kw(name, tp, default, doc, cls))
+
+# %% ../nbs/00_config.ipynb #e53be750
 def config_from_args(args, # an argparse Namespace from a parser with add_config_flags
-                     base:StudyConfig|None=None) -> StudyConfig:
+                     base:StudyConfig|None=None # the config to change; None = the profile's
+                    ) -> StudyConfig:
     "`base` (default: the profile's config) with every config flag given on the command line applied."
     given = {k: v for k, v in vars(args).items() if k in config_fields()}
     profile = given.pop('profile', None)
@@ -391,28 +446,39 @@ def project_root() -> Path:
         if (p/'settings.ini').exists() and (p/'nbs').is_dir(): return p
     return Path.cwd()
 
-def cache_dir(*parts:str) -> Path:
+# %% ../nbs/00_config.ipynb #a83356ed
+def cache_dir(*parts:str # folder names below the cache root
+             ) -> Path:
     "A folder in the study's cache (`$EMI_CACHE`, default `~/.cache/emi-study`), created on demand."
     base = Path(os.environ.get('EMI_CACHE') or Path.home()/'.cache'/'emi-study')
-    p = base.joinpath(*parts); p.mkdir(parents=True, exist_ok=True)
+    p = base.joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
     return p
 
-def run_path(cfg:StudyConfig, *parts:str) -> Path:
+def run_path(cfg:StudyConfig, # its run_dir, or else its profile, names the run directory
+             *parts:str # folder names below the run directory
+            ) -> Path:
     "A folder inside the run directory of `cfg`, created on demand."
     base = Path(cfg.run_dir) if cfg.run_dir else project_root()/'runs'/f'{cfg.profile}-latest'
-    p = base.joinpath(*parts); p.mkdir(parents=True, exist_ok=True)
+    p = base.joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
     return p
 
 # %% ../nbs/00_config.ipynb #cfbce3d4
-def get_device(device:str='auto') -> 'torch.device':
+def get_device(device:str='auto' # auto | cpu | cuda | cuda:N
+              ) -> 'torch.device':
     "Resolve `auto` to cuda when available; fail clearly when cuda is asked for and absent."
     import torch
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__})")
     return torch.device(device)
 
-def amp_dtype(device, amp:str='auto'):
+# %% ../nbs/00_config.ipynb #5d0ff635
+def amp_dtype(device, # a torch device or its name
+              amp:str='auto' # auto | off | bf16 | fp16
+             ):
     "The autocast dtype for `device` (None = fp32)."
     import torch
     if str(device).startswith('cpu') or amp == 'off': return None
@@ -420,11 +486,16 @@ def amp_dtype(device, amp:str='auto'):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
 
 # %% ../nbs/00_config.ipynb #586f608f
-def seed_everything(seed:int, deterministic:bool=True):
+def seed_everything(seed:int, # seeds python's, numpy's and torch's generators
+                    deterministic:bool=True # also ask torch for deterministic algorithms
+                   ):
     "Seed python, numpy and torch; on CPU the same seed then gives identical results."
     import torch
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-    if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -432,16 +503,21 @@ def seed_everything(seed:int, deterministic:bool=True):
 # %% ../nbs/00_config.ipynb #51ad0c0e
 PACKAGES = ['emi_nb', 'torch', 'transformers', 'numpy', 'pandas', 'scipy', 'librosa', 'soundfile', 'av', 'sklearn']
 
-def package_versions(names=PACKAGES) -> dict:
+def package_versions(names=PACKAGES # distribution names (sklearn for scikit-learn)
+                    ) -> dict:
     "Installed versions of the packages results depend on."
     from importlib.metadata import version, PackageNotFoundError
     res = {'python': platform.python_version()}
     for n in names:
-        try: res[n] = version({'sklearn': 'scikit-learn'}.get(n, n))
-        except PackageNotFoundError: res[n] = None
+        try:
+            res[n] = version({'sklearn': 'scikit-learn'}.get(n, n))
+        except PackageNotFoundError:
+            res[n] = None
     return res
 
-def git_commit(path=None) -> str:
+# %% ../nbs/00_config.ipynb #e9504821
+def git_commit(path=None # a folder of the checkout; None = the project root
+              ) -> str:
     "HEAD commit of the checkout at `path`, suffixed '+dirty' when tracked files changed; '' outside git."
     try:
         kw = dict(cwd=path or project_root(), capture_output=True, text=True, timeout=10)
@@ -451,10 +527,11 @@ def git_commit(path=None) -> str:
         return c + ('+dirty' if c and dirty else '')
     except (OSError, subprocess.SubprocessError): return ''
 
-# %% ../nbs/00_config.ipynb #e9504821
+# %% ../nbs/00_config.ipynb #fe14655b
 MEDIA_DIRS = ('audio', 'raw', 'face_images')
 
-def data_fingerprint(root) -> str:
+def data_fingerprint(root # a data folder in the ABAW layout
+                    ) -> str:
     "sha256 over the split CSVs' bytes and the relative path + size of every media entry (links not followed)."
     root = Path(root)
     h = hashlib.sha256()
@@ -470,44 +547,62 @@ def data_fingerprint(root) -> str:
                 h.update(f'{p.relative_to(root)}:{p.lstat().st_size};'.encode())
     return h.hexdigest()[:16]
 
-def data_kind(root) -> str:
+# %% ../nbs/00_config.ipynb #7dab0c65
+def data_kind(root # a data folder
+             ) -> str:
     "'synthetic' when `root` holds the generator's SYNTHETIC.json marker, else 'real'."
     return 'synthetic' if (Path(root)/'SYNTHETIC.json').exists() else 'real'
 
 # %% ../nbs/00_config.ipynb #7faf32af
-def fsync_path(p):
+def fsync_path(p # a file or folder
+              ):
     "Flush file or folder `p` to disk."
     fd = os.open(p, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-def replace_durably(tmp, dst):
+# %% ../nbs/00_config.ipynb #24fd7a8e
+def replace_durably(tmp, # the finished file or folder, under its temporary name
+                    dst # its final name
+                   ):
     "Rename `tmp` (a file, or a folder whose files are flushed first) to `dst`, then flush the parent folder."
     tmp, dst = Path(tmp), Path(dst)
     for f in ([*tmp.rglob('*'), tmp] if tmp.is_dir() else [tmp]):
-        if f.is_file() or f.is_dir(): fsync_path(f)
+        if f.is_file() or f.is_dir():
+            fsync_path(f)
     os.replace(tmp, dst)
     fsync_path(dst.parent)
 
 # %% ../nbs/00_config.ipynb #afd272eb
 from contextlib import contextmanager
 
+def _remove(p:Path):
+    "Delete file or folder `p`, if it is there."
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+# %% ../nbs/00_config.ipynb #5811a96e
 @contextmanager
 def atomic_path(path, # final file or folder
                 folder:bool=False): # yield a fresh temporary folder instead of a file path
     "Yield a temporary sibling of `path` to write; on success it replaces `path` durably, on error it is removed."
-    import shutil
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    if folder: tmp.mkdir()
+    _remove(tmp)
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
-        if folder and path.is_dir(): shutil.rmtree(path)
+        if folder and path.is_dir():
+            shutil.rmtree(path)
         replace_durably(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
 
 # %% ../nbs/00_config.ipynb #0ea27a68
@@ -523,43 +618,72 @@ def _jsonable(o):
     if isinstance(o, (list, tuple)): return [_jsonable(x) for x in o]
     return o
 
-def save_json(path, obj) -> Path:
+# %% ../nbs/00_config.ipynb #e41babaf
+def save_json(path, # the JSON file to write
+              obj # dicts, lists, numbers, numpy values, paths, dataclasses
+             ) -> Path:
     "Write `obj` as JSON durably (NaN becomes null, numpy and dataclasses converted)."
-    with atomic_path(path) as tmp: tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=True, allow_nan=False))
+    text = json.dumps(_jsonable(obj), indent=1, sort_keys=True, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return Path(path)
 
 # %% ../nbs/00_config.ipynb #6cdee226
-def provenance(cfg:StudyConfig|None=None, data_root=None) -> dict:
+def provenance(cfg:StudyConfig|None=None, # the run's config
+               data_root=None # the data folder the result read, if any
+              ) -> dict:
     "What made a result: versions, commit, machine, time, and the data's kind and fingerprint."
     res = dict(versions=package_versions(), commit=git_commit(), platform=platform.platform(),
                time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), argv=sys.argv[:1])
-    if data_root: res.update(data_root=str(data_root), data_kind=data_kind(data_root), data_fingerprint=data_fingerprint(data_root))
+    if data_root:
+        res.update(data_root=str(data_root), data_kind=data_kind(data_root),
+                   data_fingerprint=data_fingerprint(data_root))
     return res
 
-def save_results(cfg:StudyConfig, name:str, metrics:dict, data_root=None, **extra) -> Path:
+# %% ../nbs/00_config.ipynb #ae8d21b9
+def save_results(cfg:StudyConfig, # the run's config, saved whole
+                 name:str, # file name without .json
+                 metrics:dict, # the numbers
+                 data_root=None, # the data folder, fingerprinted into the provenance
+                 **extra # further top-level entries
+                ) -> Path:
     "Write `run_dir/results/{name}.json` with config, seed, provenance and metrics."
-    obj = dict(name=name, config=asdict(cfg), seed=cfg.seed, metrics=metrics, provenance=provenance(cfg, data_root), **extra)
+    obj = dict(name=name, config=asdict(cfg), seed=cfg.seed, metrics=metrics, provenance=provenance(cfg, data_root),
+               **extra)
     return save_json(run_path(cfg, 'results')/f'{name}.json', obj)
 
-def load_results(cfg:StudyConfig, name:str) -> dict:
+# %% ../nbs/00_config.ipynb #9fa841a1
+def load_results(cfg:StudyConfig, # the run's config
+                 name:str # file name without .json
+                ) -> dict:
     "Read `run_dir/results/{name}.json`."
     p = run_path(cfg, 'results')/f'{name}.json'
     if not p.exists(): raise FileNotFoundError(f"{p}: no results named {name!r} in this run (run its notebook first)")
     return json.loads(p.read_text())
 
 # %% ../nbs/00_config.ipynb #7e7e3ee2
-def data_label(cfg:StudyConfig, data_root=None) -> str:
+def data_label(cfg:StudyConfig, # the run's config
+               data_root=None # the data folder behind the figure; None = name the profile only
+              ) -> str:
     "One line naming the data and profile behind a figure."
     if data_root is None: return f'profile {cfg.profile}'
     kind = data_kind(data_root)
     return f"{kind.upper()} data ({data_fingerprint(data_root)}) · profile {cfg.profile} · seed {cfg.seed}"
 
-def stamp(fig, cfg:StudyConfig, data_root=None):
+def stamp(fig, # a matplotlib figure
+          cfg:StudyConfig, # the run's config
+          data_root=None # the data folder behind the figure
+         ):
     "Write `data_label` into the bottom-right corner of a matplotlib figure; returns the figure."
     fig.text(0.995, 0.005, data_label(cfg, data_root), ha='right', va='bottom', fontsize=7, color='0.35')
     return fig
 
-def save_figure(fig, cfg:StudyConfig, name:str, data_root=None):
+# %% ../nbs/00_config.ipynb #793f7a72
+def save_figure(fig, # a matplotlib figure
+                cfg:StudyConfig, # the run's config
+                name:str, # file name without .png
+                data_root=None # the data folder behind the figure
+               ):
     "Stamp `fig` and save it as `run_dir/figures/{name}.png`; returns the figure for display."
     stamp(fig, cfg, data_root)
     fig.savefig(run_path(cfg, 'figures')/f'{name}.png', dpi=110, bbox_inches='tight')
@@ -568,13 +692,21 @@ def save_figure(fig, cfg:StudyConfig, name:str, data_root=None):
 # %% ../nbs/00_config.ipynb #847b8288
 class threads:
     "Context manager: torch uses `n` CPU threads inside the block (0 = leave as is)."
-    def __init__(self, n:int): self.n = n
+    def __init__(self, n:int # torch threads inside the block; 0 = leave as is
+                ):
+        "Remember `n`; nothing changes before the block starts."
+        self.n = n
+
     def __enter__(self):
+        "Set torch's thread count, remembering the old one."
         import torch
         self.old = torch.get_num_threads()
-        if self.n: torch.set_num_threads(self.n)
+        if self.n:
+            torch.set_num_threads(self.n)
         return self
+
     def __exit__(self, *a):
+        "Restore the old thread count."
         import torch
         torch.set_num_threads(self.old)
 
@@ -583,12 +715,21 @@ _JOBS = None  # (fn, jobs, n_threads) of the running `parallel`, inherited by it
 
 def _pinned(fn, n:int, *args):
     "`fn(*args)` with torch pinned to `n` threads."
-    with threads(n): return fn(*args)
+    with threads(n):
+        return fn(*args)
 
 def _job(i:int):
     "Job `i` of the running `parallel` (inside a forked worker)."
     fn, jobs, n = _JOBS
     return _pinned(fn, n, *jobs[i])
+
+def _in_process(fn, jobs:list, n_threads:int, on_result) -> list:
+    "The jobs one after the other in this process, then `on_result` for each."
+    res = [_pinned(fn, n_threads, *j) for j in jobs]
+    for i, r in enumerate(res):
+        if on_result:
+            on_result(i, r)
+    return res
 
 # %% ../nbs/00_config.ipynb #90928383
 def parallel(fn, # called as fn(*job) for every job
@@ -599,43 +740,51 @@ def parallel(fn, # called as fn(*job) for every job
     "[fn(*job) for job in jobs], in forked worker processes when workers > 1; results in the order of `jobs`."
     global _JOBS
     if workers <= 1 or len(jobs) <= 1 or 'fork' not in mp.get_all_start_methods():
-        res = [_pinned(fn, n_threads, *j) for j in jobs]
-        for i, r in enumerate(res):
-            if on_result: on_result(i, r)
-        return res
+        return _in_process(fn, jobs, n_threads, on_result)
     out, _JOBS = {}, (fn, jobs, n_threads)
     try:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context('fork')) as ex:
             futs = {ex.submit(_job, i): i for i in range(len(jobs))}
             for f in as_completed(futs):
                 i = futs[f]
-                try: out[i] = f.result()
-                except Exception as e: raise RuntimeError(f"job {i} ({getattr(fn, '__name__', fn)}) failed in a worker: {type(e).__name__}: {e}") from e
-                if on_result: on_result(i, out[i])
-    finally: _JOBS = None
+                try:
+                    out[i] = f.result()
+                except Exception as e:
+                    what = f"job {i} ({getattr(fn, '__name__', fn)}) failed in a worker"
+                    raise RuntimeError(f"{what}: {type(e).__name__}: {e}") from e
+                if on_result:
+                    on_result(i, out[i])
+    finally:
+        _JOBS = None
     return [out[i] for i in range(len(jobs))]
 
 # %% ../nbs/00_config.ipynb #df81afc1
 warnings.filterwarnings('ignore', message='IProgress not found')
 os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
 
-def progress(it=None, **kw):
+def progress(it=None, # the iterable to wrap
+             **kw # tqdm's keywords: total, desc, leave, disable, ...
+            ):
     "tqdm that redraws in a terminal, and logs sparse plain lines under papermill (`EMI_PROGRESS=log`)."
     from tqdm import tqdm as tqdm_plain
     mode = os.environ.get('EMI_PROGRESS', '')
-    if mode == 'off': kw['disable'] = True
+    if mode == 'off':
+        kw['disable'] = True
     if mode == 'log': return tqdm_plain(it, mininterval=30, ascii=True, ncols=100, file=sys.stdout, **kw)
     if mode == 'off': return tqdm_plain(it, **kw)
     from tqdm.auto import tqdm as tqdm_auto
     return tqdm_auto(it, **kw)
 
 # %% ../nbs/00_config.ipynb #4a88a6d0
-def add_progress_flag(ap):
+def add_progress_flag(ap # an argparse.ArgumentParser
+                     ):
     "Add `--progress bar|log|off` to argparse parser `ap`."
     ap.add_argument('--progress', choices=('bar', 'log', 'off'), default=None,
-                    help="progress display: bar (redrawn; terminals), log (a plain line at most every 30 s; log files), "
-                         "off; default $EMI_PROGRESS, else bar")
+                    help="progress display: bar (redrawn; terminals), log (a plain line at most every 30 s; "
+                         "log files), off; default $EMI_PROGRESS, else bar")
 
-def set_progress(mode:str|None):
+def set_progress(mode:str|None # bar | log | off; None = leave $EMI_PROGRESS as it is
+                ):
     "Make `progress` draw bars, log plain lines or stay silent (None: leave $EMI_PROGRESS as it is)."
-    if mode: os.environ['EMI_PROGRESS'] = '' if mode == 'bar' else mode
+    if mode:
+        os.environ['EMI_PROGRESS'] = '' if mode == 'bar' else mode
