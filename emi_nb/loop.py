@@ -298,6 +298,7 @@ class Loop:
         self.name, self.log, self.rank, self.world = name, log if rank == 0 else None, rank, world
         self.on_best, self.on_epoch_end, self.best_state = on_best, on_epoch_end, None
         self._optimiser()
+        torch.set_flush_denormal(True)
         self.st = dict(epoch=0, step=0, curves=[], best=None, ref=None, best_epoch=None, bad_epochs=0, done=False,
                        epoch_seconds=[], acc=self._acc())
 
@@ -317,6 +318,8 @@ def _optimiser(self:Loop):
 def _acc(self:Loop) -> dict:
     "Fresh per-epoch accumulators (part of the resumable state)."
     return dict(loss_sum=0.0, n=0, steps=0, skipped=0, flat_pred=0, flat_target=0, preds=[], targets=[])
+
+
 
 # %% ../nbs/06_loop.ipynb #ff0efc52
 @patch
