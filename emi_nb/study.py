@@ -73,7 +73,11 @@ HEADLESS_ENV = {'EMI_PROGRESS': 'log', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFL
 # %% ../nbs/14_study.ipynb #ec1c6530
 class NotebookFailed(RuntimeError):
     "A study notebook raised: names the notebook, the cell and the error."
-    def __init__(self, nb:Path, cell:int|None, error:str, source:str=''):
+    def __init__(self, nb:Path, # the notebook that failed
+                 cell:int|None, # index of the failing cell; None: outside any cell
+                 error:str, # the error, `Type: message`
+                 source:str='', # the failing cell's source
+                ):
         "Keep where and what failed; the message quotes the failing cell's first line."
         self.nb, self.cell, self.error, self.source = nb, cell, error, source
         where = f"cell {cell}" if cell is not None else "outside any cell"
@@ -92,7 +96,8 @@ def source_cell_index(nb:Path, # the notebook the reader edits
 
 # %% ../nbs/14_study.ipynb #23407512
 @contextlib.contextmanager
-def stderr_to(f):
+def stderr_to(f, # an open file
+             ):
     "Send this process's file descriptor 2 (and so the kernel's, which inherits it) to open file `f`."
     sys.stderr.flush()
     saved = os.dup(2)
@@ -143,7 +148,8 @@ def _manifest(run_dir, **kw):
     "Write `kw` as the run's manifest.json."
     return save_json(Path(run_dir)/'manifest.json', kw)
 
-def default_run_dir(profile:str) -> Path:
+def default_run_dir(profile:str, # smoke | synthetic | paper
+                   ) -> Path:
     "runs/<profile>-<timestamp> in the project."
     return project_root()/'runs'/f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -158,7 +164,8 @@ def link_latest(run_dir:Path, # a finished run directory under runs/
     link.symlink_to(run_dir.name)
 
 # %% ../nbs/14_study.ipynb #63b43068
-def ensure_assets(cfg) -> dict:
+def ensure_assets(cfg, # the run's config
+                 ) -> dict:
     "Build what the run needs once (synthetic corpora, the offline backbone) before any notebook; what and how long."
     t0 = time.time()
     res = dict(data_root=str(resolve_data_root(cfg)))
@@ -166,6 +173,7 @@ def ensure_assets(cfg) -> dict:
     res['backbone'] = resolve_backbone(cfg, log=None)
     return dict(res, seconds=round(time.time() - t0, 1))
 
+# %% ../nbs/14_study.ipynb #32b6bf5d
 def _assets(man:dict, profile:str, overrides:dict):
     "Build the run's assets with progress bars off, one line before and after; what and how long go into `man`."
     print("[emi_study] assets (corpora, offline backbone) ...", flush=True)
@@ -234,7 +242,9 @@ def _is_quotes(c) -> bool:
     "Whether cell `c` is the front page's code cell tagged `paper-quotes`."
     return c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
 
-def readme_text(root=None) -> str:
+# %% ../nbs/14_study.ipynb #dcfd458f
+def readme_text(root=None, # project folder (default: this project)
+               ) -> str:
     "README.md's text: nbs/index.ipynb's markdown cells and `paper-quotes` cell's Markdown, then benchmarks/latest.md."
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
@@ -246,7 +256,8 @@ def readme_text(root=None) -> str:
     return '\n\n'.join([*parts, head]) + '\n'
 
 # %% ../nbs/14_study.ipynb #22e0ff29
-def write_readme(root=None) -> Path:
+def write_readme(root=None, # project folder (default: this project)
+                ) -> Path:
     "Write README.md from the front page notebook."
     p = Path(root or project_root())/'README.md'
     p.write_text(readme_text(root))
@@ -285,7 +296,8 @@ def _cli_params(a:argparse.Namespace) -> dict:
     return params
 
 # %% ../nbs/14_study.ipynb #e3eb6a05
-def emi_study_cli(argv=None):
+def emi_study_cli(argv=None, # arguments (default: the command line)
+                 ):
     "emi_study: run the study notebooks headless with a profile."
     a = _study_parser().parse_args(argv)
     try: run_dir = run_study(a.profile, _cli_params(a), a.run_dir, a.only, a.nbs, not a.no_site)
