@@ -24,12 +24,14 @@ __all__ = ['HIDE_TAGS', 'SHOWN_PACKAGES', 'FULL', 'PAPER_ROWS', 'VAL_KEYS', 'TES
            'quarto_page', 'render_quarto', 'render_site']
 
 # %% ../nbs/13_site.ipynb #0a7ef28c
-def find_quarto_yml(root=None) -> Path|None:
+def find_quarto_yml(root=None, # folder to look in first
+                   ) -> Path|None:
     "The study's `_quarto.yml`: in `root`, else the project root, else beside the package; None when absent."
     cands = [Path(root)] if root else [project_root(), Path(emi_nb.__file__).resolve().parents[1]]
     return next((p/'_quarto.yml' for p in cands if (p/'_quarto.yml').exists()), None)
 
-def read_quarto(path=None) -> dict:
+def read_quarto(path=None, # the file (default: find_quarto_yml())
+               ) -> dict:
     "The parsed `_quarto.yml` (`{}` when there is none)."
     path = path or find_quarto_yml()
     return (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
@@ -60,7 +62,8 @@ def _sections(contents:list) -> list[dict]:
     return sections
 
 # %% ../nbs/13_site.ipynb #b67ad3ac
-def site_nav(qy:dict) -> dict:
+def site_nav(qy:dict, # a parsed Quarto website config
+            ) -> dict:
     "Navbar (left, right) and sidebar sections [dict(title, pages)] of a Quarto website config, in order."
     web = qy.get('website') or {}
     side = web.get('sidebar') or {}
@@ -69,12 +72,16 @@ def site_nav(qy:dict) -> dict:
     return dict(title=web.get('title', 'emi-study'), repo=web.get('repo-url'), sections=_sections(side.get('contents')),
                 left=[_entry(x) for x in bar.get('left') or []], right=[_entry(x) for x in bar.get('right') or []])
 
-def nav_stems(nav:dict) -> list[str]:
+# %% ../nbs/13_site.ipynb #5d6d50f3
+def nav_stems(nav:dict, # navigation from `site_nav`
+             ) -> list[str]:
     "Every page of the sidebar, in reading order, once."
     return list(dict.fromkeys(p['stem'] for s in nav['sections'] for p in s['pages'] if p['stem']))
 
 # %% ../nbs/13_site.ipynb #1e8fe8e2
-def nbdev_sidebar(qy:dict, nbs:str='nbs') -> dict:
+def nbdev_sidebar(qy:dict, # a parsed Quarto website config
+                  nbs:str='nbs', # the notebook folder, relative to the project
+                 ) -> dict:
     "The sidebar of `qy` with paths relative to the `nbs` folder, as nbdev's sidebar.yml."
     def rel(x):
         "`x` (a path, or a list or entry holding paths) with the paths relative to `nbs`."
@@ -87,7 +94,8 @@ def nbdev_sidebar(qy:dict, nbs:str='nbs') -> dict:
 # %% ../nbs/13_site.ipynb #e151a08d
 _DIRECTIVE = re.compile(r'^\s*#\s*\|\s?(.*)$')
 
-def directives(src:str) -> dict:
+def directives(src:str, # a cell's source
+              ) -> dict:
     "The leading `#| key: value` or `#| flag [args]` lines of a cell as a dict (a bare flag maps to True)."
     res = {}
     for line in src.splitlines():
@@ -103,7 +111,8 @@ def directives(src:str) -> dict:
     return res
 
 # %% ../nbs/13_site.ipynb #0c806877
-def strip_directives(src:str) -> str:
+def strip_directives(src:str, # a cell's source
+                    ) -> str:
     "The cell source without its leading directive lines."
     lines = src.splitlines()
     while lines and _DIRECTIVE.match(lines[0]): lines.pop(0)
@@ -121,7 +130,8 @@ def _page_links(md:str) -> str:
     return re.sub(r'\]\(((?![a-z]+:)[^)\s]+?)\.ipynb(#[^)]*)?\)', r'](\1.html\2)', md)
 
 # %% ../nbs/13_site.ipynb #3b666fc3
-def prepare_notebook(nb) -> nbformat.NotebookNode:
+def prepare_notebook(nb, # an executed notebook
+                    ) -> nbformat.NotebookNode:
     "A copy of executed notebook `nb` as a page shows it (see above)."
     nb = copy.deepcopy(nb)
     cells = []
@@ -140,7 +150,9 @@ def prepare_notebook(nb) -> nbformat.NotebookNode:
     return nb
 
 # %% ../nbs/13_site.ipynb #1cbc1231
-def nb_title(nb, default:str='') -> tuple[str, str]:
+def nb_title(nb, # a notebook
+             default:str='', # title when it has no heading
+            ) -> tuple[str, str]:
     "(title, description) from the first markdown cell's `# heading` and `> quote`."
     for c in nb.cells:
         if c.cell_type != 'markdown': continue
@@ -151,7 +163,8 @@ def nb_title(nb, default:str='') -> tuple[str, str]:
     return default, ''
 
 # %% ../nbs/13_site.ipynb #ee83c786
-def load_run(run_dir) -> dict:
+def load_run(run_dir, # a run directory of `emi_study`
+            ) -> dict:
     "The run's manifest ({} if absent), results {name: dict} and executed notebooks {stem: Path}."
     run_dir = Path(run_dir)
     man = run_dir/'manifest.json'
@@ -176,7 +189,9 @@ def _epoch(s, naive_utc:bool=True) -> float|None:
     return t.timestamp()
 
 # %% ../nbs/13_site.ipynb #a6d9b395
-def page_results(run:dict, nb) -> dict:
+def page_results(run:dict, # the run (`load_run`)
+                 nb, # one of its executed notebooks
+                ) -> dict:
     "The run's results saved while notebook `nb` executed, {name: dict}."
     pm = nb.metadata.get('papermill', {})
     t0, t1 = _epoch(pm.get('start_time')), _epoch(pm.get('end_time'))
@@ -257,7 +272,10 @@ def _ran(man:dict, stem:str) -> str:
 SHOWN_PACKAGES = ['python', 'emi_nb', 'torch', 'transformers', 'numpy', 'pandas', 'scipy', 'sklearn', 'librosa',
                   'soundfile', 'av']
 
-def provenance_rows(run:dict, nb, stem:str) -> list[tuple[str, str]]:
+def provenance_rows(run:dict, # the run (`load_run`)
+                    nb, # the executed notebook of the page
+                    stem:str, # the page's notebook stem
+                   ) -> list[tuple[str, str]]:
     "(label, HTML) rows of the provenance box of page `stem` built from executed notebook `nb`."
     man, params = run['manifest'], _page_params(run, nb)
     prof = params.get('profile') or man.get('profile') or '?'
@@ -273,7 +291,8 @@ def provenance_rows(run:dict, nb, stem:str) -> list[tuple[str, str]]:
     return rows
 
 # %% ../nbs/13_site.ipynb #ba3aea61
-def provenance_html(rows) -> str:
+def provenance_html(rows, # (label, HTML) pairs
+                   ) -> str:
     "The provenance box (one HTML block, valid inside a markdown cell for nbconvert and Quarto alike)."
     body = ''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in rows)
     return f'<div class="emi-provenance"><table>{body}</table></div>'
@@ -310,7 +329,10 @@ PAPER_ROWS = [
 ]
 
 # %% ../nbs/13_site.ipynb #c8188a9b
-def grid_row(run:dict, where:list, split:str) -> tuple[dict, str]|None:
+def grid_row(run:dict, # the run (`load_run`)
+             where:list, # [(results name, row pattern)] in order of preference
+             split:str, # valid | test
+            ) -> tuple[dict, str]|None:
     "(stats, 'results.json: row') of the first row of `where` [(results name, pattern)] that has `split` statistics."
     for res, pat in where:
         rows = ((run['results'].get(res) or {}).get('metrics') or {}).get('rows') or {}
@@ -341,6 +363,7 @@ def _get(d:dict, path:str):
     for k in path.split('.'): d = d.get(k) if isinstance(d, dict) else None
     return d
 
+# %% ../nbs/13_site.ipynb #b7a1a4b1
 def _metric(r:dict, keys) -> tuple[float, list|None]|None:
     "(ρ, CI or None) of results `r` under the first of `keys` that holds a number."
     m = r.get('metrics') or {}
@@ -352,7 +375,9 @@ def _metric(r:dict, keys) -> tuple[float, list|None]|None:
     return None
 
 # %% ../nbs/13_site.ipynb #cab227e1
-def run_matches(run:dict, config:dict|None) -> dict:
+def run_matches(run:dict, # the run (`load_run`)
+                config:dict|None, # StudyConfig values to match; None: none match
+               ) -> dict:
     "Single-run results whose config has `config`'s values, one per seed {name: results}."
     if not config: return {}
     hits, seeds = {}, set()
@@ -403,7 +428,9 @@ def _pvh_row(run:dict, row:str, key:str, where:list, config:dict|None) -> dict:
             'here ρ_VAL': here.get('valid', '–'), 'here ρ_TEST': here.get('test', '–'),
             'data': _kinds(run, names) if names else '–', 'source': '; '.join(dict.fromkeys(src)) or '–'}
 
-def paper_vs_here(run_dir) -> pd.DataFrame:
+# %% ../nbs/13_site.ipynb #84980f83
+def paper_vs_here(run_dir, # a run directory of `emi_study`
+                 ) -> pd.DataFrame:
     "The paper's rows (quoted) beside this run's: ρ mean ± sd [95% CI] (n seeds), or 'not run'."
     run = load_run(run_dir)
     rows = [_pvh_row(run, *r) for r in PAPER_ROWS]
@@ -426,7 +453,8 @@ def _mj_skip(rel:str, name:str) -> bool:
     return any(f'{path}/'.lstrip('./').startswith(s) for s in _MJ_SKIP) and not path.endswith('localization/en')
 
 # %% ../nbs/13_site.ipynb #36e25ea0
-def copy_mathjax(site:Path) -> str:
+def copy_mathjax(site:Path, # the site folder
+                ) -> str:
     "Copy the MathJax files pages need into `site/mathjax`; returns the relative URL of MathJax.js with its config."
     src, dst = mathjax_source(), Path(site)/'mathjax'
     if not (dst/'MathJax.js').exists():
@@ -439,7 +467,8 @@ def copy_mathjax(site:Path) -> str:
 # %% ../nbs/13_site.ipynb #239cb0cf
 TEMPLATES = Path(emi_nb.__file__).parent/'templates'
 
-def page_exporter(mathjax_url:str):
+def page_exporter(mathjax_url:str, # URL of MathJax.js with its config, relative to a page
+                 ):
     "An nbconvert HTMLExporter with the site's template and the tag-based hiding of `prepare_notebook`."
     from nbconvert import HTMLExporter
     from traitlets.config import Config
@@ -460,7 +489,12 @@ def _nav_item(e:dict, pages:dict, current:str, known:dict) -> dict:
     text = e['text'] or pages.get(s) or known.get(s) or s
     return dict(href=f'{s}.html' if s in pages else None, text=text, current=s == current)
 
-def page_nav(nav:dict, pages:dict, current:str, known:dict|None=None) -> dict:
+# %% ../nbs/13_site.ipynb #a67529ce
+def page_nav(nav:dict, # navigation from `site_nav`
+             pages:dict, # stem -> title of the rendered pages
+             current:str, # the page's stem
+             known:dict|None=None, # titles of the project's notebooks, for pages not rendered
+            ) -> dict:
     "Template resources for the navigation of page `current`; `pages` maps stem -> title of the rendered pages."
     item = lambda e: _nav_item(e, pages, current, known or {})
     sections = [dict(title=s['title'], pages=[item(e) for e in s['pages']]) for s in nav['sections']]
@@ -475,7 +509,9 @@ def _is_title(c) -> bool:
     "Whether cell `c` is markdown holding a level-1 heading."
     return c.cell_type == 'markdown' and bool(re.search(r'^#\s', c.source, re.M))
 
-def with_provenance(nb, box_html:str) -> nbformat.NotebookNode:
+def with_provenance(nb, # a prepared notebook
+                    box_html:str, # the provenance box
+                   ) -> nbformat.NotebookNode:
     "`nb` with a markdown cell holding `box_html` after its title cell (first cell if it has no title)."
     nb = copy.deepcopy(nb)
     i = next((i+1 for i, c in enumerate(nb.cells) if _is_title(c)), 0)
@@ -483,7 +519,11 @@ def with_provenance(nb, box_html:str) -> nbformat.NotebookNode:
     return nb
 
 # %% ../nbs/13_site.ipynb #e5298ffe
-def render_page(exporter, nb, out:Path, resources:dict) -> Path:
+def render_page(exporter, # from `page_exporter`
+                nb, # the page notebook
+                out:Path, # the HTML file to write
+                resources:dict, # template resources: `emi` (navigation, titles, footer)
+               ) -> Path:
     "Write one page of the site."
     title = resources['emi']['page_title']
     nb.metadata['title'] = title
@@ -492,7 +532,8 @@ def render_page(exporter, nb, out:Path, resources:dict) -> Path:
     return out
 
 # %% ../nbs/13_site.ipynb #28945baf
-def fallback_index(run:dict) -> nbformat.NotebookNode:
+def fallback_index(run:dict, # the run (`load_run`)
+                  ) -> nbformat.NotebookNode:
     "A front-page notebook for a run that did not execute index.ipynb."
     v4 = nbformat.v4
     df = paper_vs_here(run['dir'])
@@ -508,7 +549,9 @@ def fallback_index(run:dict) -> nbformat.NotebookNode:
     return nb
 
 # %% ../nbs/13_site.ipynb #6f039fc7
-def source_titles(nav:dict, root) -> dict:
+def source_titles(nav:dict, # navigation from `site_nav`
+                  root, # folder of `_quarto.yml`; None: no titles
+                 ) -> dict:
     "Titles of the project's notebooks the sidebar lists, {stem: title} (names pages a run did not execute)."
     res = {}
     for s in nav['sections']:
@@ -518,6 +561,7 @@ def source_titles(nav:dict, root) -> dict:
                 res[e['stem']] = nb_title(nbformat.read(p, as_version=4), e['stem'])[0]
     return res
 
+# %% ../nbs/13_site.ipynb #1be47a36
 def _page_notebooks(run:dict) -> dict:
     "The run's executed notebooks {stem: notebook}, with a generated front page when it has none."
     nbs = {s: nbformat.read(p, as_version=4) for s, p in run['notebooks'].items()}
@@ -525,7 +569,11 @@ def _page_notebooks(run:dict) -> dict:
     return nbs
 
 # %% ../nbs/13_site.ipynb #99629604
-def render_offline(run:dict, nav:dict, site:Path, root=None) -> Path:
+def render_offline(run:dict, # the run (`load_run`)
+                   nav:dict, # navigation from `site_nav`
+                   site:Path, # the site folder to write
+                   root=None, # folder of `_quarto.yml`
+                  ) -> Path:
     "Render the run's notebooks with nbconvert into `site`; returns site/index.html. `root`: folder of `_quarto.yml`."
     import nbconvert
     site.mkdir(parents=True, exist_ok=True)
@@ -559,7 +607,10 @@ def _quarto_items(items:list, stems:list) -> list:
     return res
 
 # %% ../nbs/13_site.ipynb #19cdf9ae
-def quarto_project(qy:dict, stems:list, out:str) -> dict:
+def quarto_project(qy:dict, # the project's parsed `_quarto.yml`
+                   stems:list, # notebook stems of the run
+                   out:str, # output folder, relative to the generated project
+                  ) -> dict:
     "The project's Quarto config for a generated project holding the run's notebooks `stems` side by side."
     q = copy.deepcopy(qy)
     web = q.setdefault('website', {})
@@ -572,7 +623,10 @@ def quarto_project(qy:dict, stems:list, out:str) -> dict:
     return q
 
 # %% ../nbs/13_site.ipynb #d9d73487
-def quarto_page(run:dict, nb, stem:str) -> nbformat.NotebookNode:
+def quarto_page(run:dict, # the run (`load_run`)
+                nb, # the executed notebook
+                stem:str, # the page's notebook stem
+               ) -> nbformat.NotebookNode:
     "Page `stem` for Quarto: prepared, the provenance box under the title, the title cell replaced by front matter."
     title, desc = nb_title(nb, stem)
     page = with_provenance(prepare_notebook(nb), provenance_html(provenance_rows(run, nb, stem)))
@@ -584,7 +638,12 @@ def quarto_page(run:dict, nb, stem:str) -> nbformat.NotebookNode:
     return page
 
 # %% ../nbs/13_site.ipynb #5178af4f
-def render_quarto(run:dict, qy:dict, site:Path, root=None, exe:str='quarto') -> Path:
+def render_quarto(run:dict, # the run (`load_run`)
+                  qy:dict, # the project's parsed `_quarto.yml`
+                  site:Path, # the site folder to write
+                  root=None, # folder of `_quarto.yml`
+                  exe:str='quarto', # the quarto executable
+                 ) -> Path:
     "Render the run's notebooks with Quarto into `site`; returns site/index.html. `root`: folder of `_quarto.yml`."
     src = run['dir']/'quarto'
     shutil.rmtree(src, ignore_errors=True)
