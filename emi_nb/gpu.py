@@ -38,7 +38,8 @@ def _driver_version() -> str|None:
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
 
 # %% ../nbs/12_gpu.ipynb #63ad991e
-def device_facts(device='cuda') -> dict:
+def device_facts(device='cuda', # cpu | cuda | cuda:N
+                ) -> dict:
     "Name, memory, capability, bf16 support, driver and CUDA/cuDNN/NCCL/torch versions of `device`."
     dev = torch.device(device)
     res = dict(device=str(dev), name=None, capability=None, memory_gb=None, count=torch.cuda.device_count(),
@@ -59,7 +60,8 @@ GPU_PEAKS = (  # (name in torch's device name, dense bf16 TFLOP/s, vendor datash
 )
 
 def peak_tflops(name:str|None, # torch's device name, e.g. 'NVIDIA H100 80GB HBM3'
-                override:float|None=None) -> tuple:
+                override:float|None=None, # the peak given on the command line, if any
+               ) -> tuple:
     "(dense bf16 peak in TFLOP/s or None, where it came from) for a device name; `override` wins."
     if override: return float(override), '--peak-tflops'
     for frag, tf in GPU_PEAKS:
@@ -106,7 +108,8 @@ def _stage_flops(g:dict, fwd:float) -> dict:
 # %% ../nbs/12_gpu.ipynb #266a8f29
 def stage_estimates(peak:float=989.0, # dense bf16 TFLOP/s of the GPU
                     mfu:float=0.35, # assumed share of the peak the batched work reaches
-                    clip_s:float|None=None) -> pd.DataFrame:
+                    clip_s:float|None=None, # seconds of the mean clip (default: from the real durations, cut)
+                   ) -> pd.DataFrame:
     "Estimated seconds per stage of the real check: counted FLOPs at `mfu` of `peak` plus the assumed fixed costs."
     g = SIZES['real']
     clip_s = clip_s or float(np.minimum(simulate_real_durations(0), g['cut']).mean())
@@ -120,7 +123,9 @@ def stage_estimates(peak:float=989.0, # dense bf16 TFLOP/s of the GPU
 TOL = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 5e-2}  # relative; see above
 AMP_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
-def rel_diff(a:torch.Tensor, b:torch.Tensor) -> float:
+def rel_diff(a:torch.Tensor, # the output compared
+             b:torch.Tensor, # the reference
+            ) -> float:
     "max |a - b| / max |b| (b the reference), in float64."
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -136,12 +141,15 @@ def fp32_exact():
     finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 # %% ../nbs/12_gpu.ipynb #f611f9fa
-def autocast(device, amp:str):
+def autocast(device, # device or tensor device
+             amp:str, # fp32 | fp16 | bf16
+            ):
     "torch.autocast for `amp` (fp32 | fp16 | bf16) on `device`; fp32 = disabled."
     dt = AMP_DTYPES[amp]
     return torch.autocast(torch.device(device).type, dtype=dt or torch.float32, enabled=dt is not None)
 
-def amps_for(device) -> list:
+def amps_for(device, # the device checked
+            ) -> list:
     "The autocast precisions to check on `device`: fp16 always, bf16 where the GPU supports it (always on CPU)."
     dev = torch.device(device)
     return ['bf16', 'fp16'] if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else ['fp16']
@@ -158,8 +166,11 @@ def _lstm_inputs(hidden:int, T:int, seed:int, device) -> tuple:
 
 # %% ../nbs/12_gpu.ipynb #05163ddd
 def lstm_paths(model:EMIModel, # any EMIModel with use_lstm
-               device, amp:str='fp32', T:int=599, # frames of the longest clip (599 = 12 s)
-               seed:int=0) -> dict:
+               device, # where it runs
+               amp:str='fp32', # fp32 | fp16 | bf16
+               T:int=599, # frames of the longest clip (599 = 12 s)
+               seed:int=0, # seed of the random frames
+              ) -> dict:
     "Packed vs padded+gather LSTM of `model.fuse` on random frames: relative difference of the last-frame state."
     h, v, mask, lengths = _lstm_inputs(model.hidden_size, T, seed, device)
     out, old = {}, model.lstm_packed
@@ -174,9 +185,12 @@ def lstm_paths(model:EMIModel, # any EMIModel with use_lstm
 
 # %% ../nbs/12_gpu.ipynb #d8d217c8
 @torch.no_grad()
-def path_outputs(model:EMIModel, x:torch.Tensor, # (B, T) padded audio
+def path_outputs(model:EMIModel, # the model (set to eval)
+                 x:torch.Tensor, # (B, T) padded audio
                  am:torch.Tensor|None, # (B, T) attention mask; None = no mask (padding leaks in)
-                 amp:str, batched:bool) -> torch.Tensor:
+                 amp:str, # fp32 | fp16 | bf16
+                 batched:bool, # batched backbone, else per clip
+                ) -> torch.Tensor:
     "(B, 6 + 2d): the six outputs, the global vector and the LSTM's last state of one eval forward, as fp32."
     model.eval()
     old, model.batched = model.batched, batched
@@ -188,7 +202,10 @@ def path_outputs(model:EMIModel, x:torch.Tensor, # (B, T) padded audio
     return torch.cat([y.float(), f['global'].float(), f['last'].float()], -1)
 
 # %% ../nbs/12_gpu.ipynb #5bbf0f07
-def equality_clips(n:int, cut:float, seed:int=0) -> list:
+def equality_clips(n:int, # number of clips
+                   cut:float, # length of the longest, in seconds
+                   seed:int=0, # seed of the noise
+                  ) -> list:
     "`n` noise clips from 0.6 s to `cut` seconds, evenly spread: a batch that is mostly padding."
     return noise_clips(np.linspace(cut, 0.6, n), seed)
 
@@ -198,7 +215,11 @@ def _one_batch(clips:list, device) -> tuple:
     return b['input_values'].to(device), b['attention_mask'].to(device)
 
 # %% ../nbs/12_gpu.ipynb #b55197a8
-def path_equality(model:EMIModel, clips:list, device, amps=('bf16', 'fp16')) -> dict:
+def path_equality(model:EMIModel, # the model (set to eval)
+                  clips:list, # audio clips, (n,) tensors
+                  device, # where it runs
+                  amps=('bf16', 'fp16'), # autocast precisions besides fp32
+                 ) -> dict:
     "Batched+masked vs per-clip outputs in fp32 and each of `amps`; relative differences against TOL."
     x, am = _one_batch(clips, device)
     res = {}
@@ -231,10 +252,14 @@ def _scaled_step(model:EMIModel, batch:tuple, y:torch.Tensor, opt, scaler, devic
 # %% ../nbs/12_gpu.ipynb #aa7f5ee5
 def amp_steps(model:EMIModel, # the model to train (its weights change)
               clips:list, # one batch of audio clips
-              device, amp:str, # fp16 (with the scaler) | bf16 | fp32
-              steps:int=4, lr:float=1e-4, init_scale:float=2.**10, # the scaler's starting scale (fp16)
+              device, # where it runs
+              amp:str, # fp16 (with the scaler) | bf16 | fp32
+              steps:int=4, # optimiser steps
+              lr:float=1e-4, # AdamW learning rate
+              init_scale:float=2.**10, # the scaler's starting scale (fp16)
               clip:float=100.0, # gradient value clipping, as in the recipe
-              seed:int=0) -> dict:
+              seed:int=0, # seed of the targets
+             ) -> dict:
     "`steps` AdamW steps on one batch under `amp`: losses, scales, skipped steps, whether both ends of the net moved."
     batch = _one_batch(clips, device)
     y = torch.rand(len(clips), len(EMOTIONS), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -266,7 +291,8 @@ def _collectives(dev:torch.device) -> bool:
     return torch.equal(parts[0], x) and torch.equal(s, x) and objs == [dict(rank=0)]
 
 # %% ../nbs/12_gpu.ipynb #afd933a2
-def collective_check(device) -> dict:
+def collective_check(device, # cpu (gloo) or cuda (nccl)
+                    ) -> dict:
     "all_gather, all_reduce, all_gather_object and barrier in a one-process group: nccl on CUDA, gloo on CPU."
     dev = torch.device(device)
     if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
@@ -285,16 +311,24 @@ def _bin(name:str) -> str:
     p = Path(sys.executable).parent/name
     return str(p) if p.exists() else (shutil.which(name) or name)
 
-def field_flags(**fields) -> list:
+def field_flags(**fields, # StudyConfig field values by name
+               ) -> list:
     "StudyConfig fields as emi_train flags (the field name with - for _)."
     return [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 # %% ../nbs/12_gpu.ipynb #46c36a8a
-def train_command(run_dir, name:str, profile:str, data_root, backbone:str, device:str, epochs:int,
+def train_command(run_dir, # run folder of the training
+                  name:str, # the run name
+                  profile:str, # smoke | synthetic | paper
+                  data_root, # the corpus
+                  backbone:str, # backbone spec, e.g. preset:paper
+                  device:str, # cpu | cuda
+                  epochs:int, # epochs to train
                   resume:bool=False, # continue from the run's latest checkpoint
                   ckpt_steps:int=0, # a checkpoint every this many steps (0: per epoch)
                   torchrun:bool=True, # under torchrun with one process, else the plain emi_train
-                  **fields) -> list:
+                  **fields, # more StudyConfig fields, as flags
+                 ) -> list:
     "The emi_train command line (under torchrun with one process when `torchrun`); `fields` are StudyConfig fields."
     one_process = [_bin('torchrun'), '--standalone', '--nproc_per_node', '1', '-m', 'emi_nb.train']
     run = one_process if torchrun else [_bin('emi_train')]
@@ -303,12 +337,21 @@ def train_command(run_dir, name:str, profile:str, data_root, backbone:str, devic
     return cmd + (['--resume'] if resume else []) + (['--ckpt-steps', str(ckpt_steps)] if ckpt_steps else [])
 
 # %% ../nbs/12_gpu.ipynb #2d6b9156
-def predict_command(checkpoint, output, device:str, files:list) -> list:
+def predict_command(checkpoint, # a run's checkpoint folder
+                    output, # the CSV to write
+                    device:str, # cpu | cuda
+                    files:list, # audio files to predict
+                   ) -> list:
     "The emi_predict command line: a run's checkpoint folder, the CSV to write, the audio files."
     return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--output', str(output), '--device', device,
             *map(str, files)]
 
-def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
+# %% ../nbs/12_gpu.ipynb #464c7fd3
+def study_command(profile:str, # smoke | synthetic | paper
+                  device:str, # cpu | cuda
+                  run_dir, # the run folder
+                  *extra:str, # more emi_study arguments
+                 ) -> list:
     "The emi_study command line into `run_dir`; `extra` e.g. ('--only', '00', '--no-site')."
     return [_bin('emi_study'), '--profile', profile, '--device', device, '--run-dir', str(run_dir), *extra]
 
@@ -316,11 +359,14 @@ def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
 class StageTimeout(Exception):
     "A stage (or a command inside it) ran past its time cap."
 
-def child_env(**extra) -> dict:
+# %% ../nbs/12_gpu.ipynb #e0e2ecdb
+def child_env(**extra, # more variables
+             ) -> dict:
     "The environment of the commands: offline, no progress bars, deterministic cuBLAS."
     return {**os.environ, 'EMI_PROGRESS': 'off', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
             'CUBLAS_WORKSPACE_CONFIG': ':4096:8', 'PYTHONUNBUFFERED': '1', **extra}
 
+# %% ../nbs/12_gpu.ipynb #2d7a3671
 def _wait(p:subprocess.Popen, timeout:float, cmd:list, log:Path) -> int:
     "Return code of `p` running `cmd`; its process group killed past `timeout` s (StageTimeout) or when interrupted."
     try: return p.wait(timeout=max(1.0, timeout))
@@ -365,8 +411,12 @@ def _write_splits(out:Path, lab:np.ndarray, n_train:int, n_valid:int, n_test:int
 
 # %% ../nbs/12_gpu.ipynb #9e06833b
 def gpu_corpus(out, # folder to create (must be new or empty)
-               n_train:int=1600, n_valid:int=128, n_test:int=64, seed:int=0,
-               cut:float=12.0) -> Path:
+               n_train:int=1600, # training clips
+               n_valid:int=128, # validation clips
+               n_test:int=64, # test clips (no labels)
+               seed:int=0, # seed of durations, audio and labels
+               cut:float=12.0, # clip audio beyond this plus 0.5 s is not written
+              ) -> Path:
     "An ABAW-layout corpus of 16 kHz wav noise clips with the real durations and zero-heavy random labels."
     out = Path(out)
     (out/'audio').mkdir(parents=True, exist_ok=True)
@@ -419,9 +469,11 @@ def _resume_diff(work:Path) -> tuple:
 
 # %% ../nbs/12_gpu.ipynb #0b74019d
 def resume_check(work, # an empty folder for the corpus, both runs and their logs
-                 device:str, timeout:float=60, # seconds for all three trainings together
+                 device:str, # cpu | cuda
+                 timeout:float=60, # seconds for all three trainings together
                  steps:int=4, # optimiser steps per epoch
-                 backbone:str='preset:tiny') -> dict:
+                 backbone:str='preset:tiny', # backbone spec of the tiny trainings
+                ) -> dict:
     "Train straight through and killed mid-epoch + resumed (tiny geometry, 2 epochs): do results and weights agree?"
     work, t0 = Path(work), time.time()
     corpus = gpu_corpus(work/'corpus', n_train=2 * steps, n_valid=4, n_test=0, cut=2.0)
@@ -441,13 +493,20 @@ def resume_check(work, # an empty folder for the corpus, both runs and their log
                 seconds=round(time.time() - t0, 1))
 
 # %% ../nbs/12_gpu.ipynb #01ce6100
-def throughput_batches(batch:int=32, n_batches:int=4, cut:float=12.0, seed:int=0) -> list:
+def throughput_batches(batch:int=32, # clips per batch
+                       n_batches:int=4, # number of batches
+                       cut:float=12.0, # the training cut in seconds
+                       seed:int=0, # seed of the draw and the sampler
+                      ) -> list:
     "Clip lengths in samples, dealt into bucketed batches by the training sampler: draws of the real durations, cut."
     d = np.random.default_rng(seed).choice(simulate_real_durations(seed), batch * n_batches, replace=False)
     L = np.round(np.minimum(d, cut) * SR).astype(int)
     return [L[b] for b in sampler_batches(L, batch, bucket=True, epoch=0, seed=seed, pool=n_batches)]
 
-def flop_fit(preset:str='paper', lengths=(1.0, 6.0, 12.0)) -> np.ndarray:
+# %% ../nbs/12_gpu.ipynb #da9eb528
+def flop_fit(preset:str='paper', # model geometry
+             lengths=(1.0, 6.0, 12.0), # clip lengths (s) to count at
+            ) -> np.ndarray:
     "Coefficients (c2, c1, c0) of forward FLOPs per clip as a quadratic in its seconds (counted at `lengths`)."
     return np.polyfit(lengths, [count_flops(preset, L)['total'] for L in lengths], 2)
 
@@ -466,9 +525,13 @@ def _one_pass(model:EMIModel, batches:list, amp:str, mode:str):
     _sync(dev)
 
 # %% ../nbs/12_gpu.ipynb #1386b5ec
-def time_passes(model:EMIModel, batches:list, # (input_values, attention_mask) pairs on the device
-                amp:str, mode:str, # fwd | fwd+bwd
-                reps:int=2, warmup:int=1) -> dict:
+def time_passes(model:EMIModel, # the model (mode set here)
+                batches:list, # (input_values, attention_mask) pairs on the device
+                amp:str, # fp32 | fp16 | bf16
+                mode:str, # fwd | fwd+bwd
+                reps:int=2, # timed passes
+                warmup:int=1, # untimed passes first
+               ) -> dict:
     "Seconds per pass over `batches` (after `warmup` untimed passes) and peak CUDA memory in GB (None on CPU)."
     dev = batches[0][0].device
     model.train(mode == 'fwd+bwd')
@@ -486,7 +549,10 @@ def time_passes(model:EMIModel, batches:list, # (input_values, attention_mask) p
 PATHS = {'per-clip': dict(batched=False, ckpt=False), 'batched+bucketed': dict(batched=True, ckpt=False),
          'batched+ckpt': dict(batched=True, ckpt=True)}
 
-def set_path(model:EMIModel, batched:bool, ckpt:bool) -> EMIModel:
+def set_path(model:EMIModel, # the model to switch
+             batched:bool, # batched backbone, else per clip
+             ckpt:bool, # gradient checkpointing
+            ) -> EMIModel:
     "Switch `model` between the per-clip and batched backbone and gradient checkpointing on or off."
     model.batched = batched
     bb = model.backbone
@@ -510,9 +576,15 @@ def _timed_row(model:EMIModel, batches:list, row:dict, mult:int, reps:int, warmu
                 peak_gb=t['peak_gb'], tflops=tf, mfu=tf / peak if tf and peak else None)
 
 # %% ../nbs/12_gpu.ipynb #bd835dcb
-def throughput(model:EMIModel, lengths:list, # batches of clip lengths (samples)
-               device, amps=('bf16', 'fp16'), reps:int=2, coef=None, # flop_fit of the geometry
-               peak:float|None=None, warmup:int=1) -> list:
+def throughput(model:EMIModel, # the model (its path switched, batched+bucketed at the end)
+               lengths:list, # batches of clip lengths (samples)
+               device, # where it runs
+               amps=('bf16', 'fp16'), # autocast precisions
+               reps:int=2, # timed passes per variant
+               coef=None, # flop_fit of the geometry
+               peak:float|None=None, # dense bf16 TFLOP/s, for MFU
+               warmup:int=1, # untimed passes per variant
+              ) -> list:
     "Rows (path, amp, mode, audio s per s, seconds, peak GB, TFLOP/s, MFU) for every path x amp x mode."
     batches = [_one_batch(noise_clips(L / SR, i), device) for i, L in enumerate(lengths)]
     audio = sum(float(L.sum()) for L in lengths) / SR
@@ -529,7 +601,8 @@ def throughput(model:EMIModel, lengths:list, # batches of clip lengths (samples)
 
 # %% ../nbs/12_gpu.ipynb #d45feb6c
 @contextlib.contextmanager
-def time_cap(seconds:float|None):
+def time_cap(seconds:float|None, # the cap; None or 0: none
+            ):
     "Raise StageTimeout in the main thread after `seconds` (SIGALRM); no cap off the main thread or when None."
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
@@ -571,12 +644,14 @@ def save(self:GPUCheck):
     save_json(self.run_dir/'gpu.json', self.res)
     (self.run_dir/'gpu.md').write_text(gpu_markdown(self.res))
 
+# %% ../nbs/12_gpu.ipynb #98589a86
 @patch
 def _free(self:GPUCheck):
     "Collect garbage and, on a GPU, return the memory torch caches to the driver."
     gc.collect()
     if self.dev.type == 'cuda': torch.cuda.empty_cache()
 
+# %% ../nbs/12_gpu.ipynb #11e4ecc9
 RECORDS = {'env': 'device'}  # the key of a stage's record in the results, where it is not the stage's name
 
 def _left(deadline:float) -> float:
@@ -614,6 +689,7 @@ def stage_env(self:GPUCheck, rec:dict, deadline:float):
     rec['peak_tflops'], rec['peak_source'] = peak_tflops(rec['name'], self.peak_override)
     if self.dev.type == 'cpu': rec['peak_tflops'], rec['peak_source'] = None, 'dry run: no peak, no MFU'
 
+# %% ../nbs/12_gpu.ipynb #1c478e5d
 @patch
 def model(self:GPUCheck) -> EMIModel:
     "The random-weight EMIModel of the run's geometry on the device, built once (LayerDrop off)."
@@ -781,6 +857,7 @@ def _head_md(res:dict) -> str:
             f"{_f(d.get('memory_gb'))} GB, driver {d.get('driver')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}, "
             f"NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, commit `{commit}`.")
 
+# %% ../nbs/12_gpu.ipynb #f56848ad
 def _stage_md(res:dict) -> list:
     "The stage table (status, seconds, cap), in run order, and the list of the stages' errors."
     stages = [(k, res['stages'][k]) for k in STAGES if k in res['stages']]  # run order (the JSON sorts its keys)
@@ -810,7 +887,8 @@ def _outcome_md(res:dict) -> list:
     return parts
 
 # %% ../nbs/12_gpu.ipynb #b37032ff
-def gpu_markdown(res:dict) -> str:
+def gpu_markdown(res:dict, # a GPU-check result (gpu.json)
+                ) -> str:
     "The short text summary of a GPU-check result."
     parts = [_head_md(res), *_stage_md(res), '\n'.join(_check_lines(res.get('checks') or {}))]
     if not res.get('dry_run'): parts.append('\n'.join(_throughput_lines(res.get('throughput') or {})))
@@ -842,7 +920,10 @@ def _caps(pairs:list) -> dict:
     return caps
 
 # %% ../nbs/12_gpu.ipynb #c475a44a
-def publish_gpu(res:dict, run_dir, root=None) -> list:
+def publish_gpu(res:dict, # a GPU-check result (gpu.json)
+                run_dir, # its run folder
+                root=None, # project folder (default: this project)
+               ) -> list:
     "Copy a (non-dry) result's gpu.json and gpu.md to benchmarks/gpu-latest.{json,md}."
     if res.get('dry_run'): raise ValueError("a dry run is never published")
     dst = Path(root or project_root())/'benchmarks'
@@ -856,7 +937,8 @@ def _exit(msg:str, code:int=2):
     sys.exit(code)
 
 # %% ../nbs/12_gpu.ipynb #fa393f1f
-def emi_gpu_check_cli(argv=None):
+def emi_gpu_check_cli(argv=None, # arguments (default: the command line)
+                     ):
     "emi_gpu_check: the prepared CUDA check (or its CPU dry run); gpu.json and gpu.md in a run folder."
     a = _parser().parse_args(argv)
     try: caps = _caps(a.cap)
