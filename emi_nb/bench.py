@@ -32,20 +32,26 @@ __all__ = ['FIGURE_KEYS', 'PATHS', 'REAL_DURATIONS', 'P3_ROWS', 'TRAIN_CHILD', '
            'bench_markdown', 'publish_bench']
 
 # %% ../nbs/11_benchmarks.ipynb #8cb7296e
-def pick_threads(cores:int|None=None, load:float|None=None) -> int:
+def pick_threads(cores:int|None=None, # cores to use (default: all of this machine)
+                 load:float|None=None, # 1-minute load average (default: now)
+                ) -> int:
     "Torch threads for measurements: one per core, or 1 when the 1-minute load average exceeds the core count."
     cores = cores or os.cpu_count() or 1
     load = os.getloadavg()[0] if load is None else load
     return 1 if load > cores else cores
 
 # %% ../nbs/11_benchmarks.ipynb #e926633b
-def stats(xs) -> dict:
+def stats(xs, # one value per repetition
+         ) -> dict:
     "Median, min, max and number of repetitions of `xs`."
     xs = np.asarray(list(xs), float)
     assert len(xs) and np.isfinite(xs).all(), f"stats needs finite values, got {xs}"
     return dict(median=float(np.median(xs)), min=float(xs.min()), max=float(xs.max()), reps=int(len(xs)))
 
-def ratio(num, den) -> dict:
+# %% ../nbs/11_benchmarks.ipynb #c3825dd1
+def ratio(num, # numerator per repetition
+          den, # denominator per repetition, same order
+         ) -> dict:
     "Per-repetition ratios num[i] / den[i], summarised (paired: same repetition, same machine state)."
     num, den = np.asarray(num, float), np.asarray(den, float)
     assert num.shape == den.shape and (den > 0).all(), "ratio needs paired, positive repetitions"
@@ -75,7 +81,9 @@ def figure(what:str, # one line: what is compared
            op:str='<=', # '<=' or '>=': value op goal must hold
            unit:str='', # ratio | share | x | s | GB
            st:dict|None=None, # median/min/max/reps of the repetitions (value alone when None)
-           note:str='', **extra) -> dict:
+           note:str='', # why it is not measured or judged, or what to know
+           **extra, # details kept beside the figure
+          ) -> dict:
     "One P-figure of the bench JSON: value against goal, whether it is met, and its repetitions."
     assert op in ('<=', '>='), op
     met = None if value is None or goal is None else bool(value <= goal if op == '<=' else value >= goal)
@@ -84,7 +92,8 @@ def figure(what:str, # one line: what is compared
                 **{k: st[k] for k in ('reps', 'median', 'min', 'max')}, note=note, **extra)
 
 # %% ../nbs/11_benchmarks.ipynb #2618bc5f
-def check_bench(obj:dict) -> dict:
+def check_bench(obj:dict, # a bench results dict (`metrics`: {name: figure})
+               ) -> dict:
     "Validate a bench results dict (every figure has FIGURE_KEYS, met is bool or None); returns it."
     figs = obj.get('metrics')
     if not isinstance(figs, dict) or not figs: raise ValueError("bench JSON: no 'metrics' figures")
@@ -98,24 +107,31 @@ def check_bench(obj:dict) -> dict:
 
 # %% ../nbs/11_benchmarks.ipynb #437c8f78
 def noise_clips(seconds, # durations in seconds
-                seed:int=0) -> list:
+                seed:int=0, # seed of the noise
+               ) -> list:
     "Random clips of the given durations, zero mean and unit variance like normalised audio: list of (n,) float32."
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(int(round(s * SR)), generator=g) for s in seconds]
 
+# %% ../nbs/11_benchmarks.ipynb #9dc3cbc1
 def _sync(x:torch.Tensor) -> torch.Tensor:
     "`x`, once the work queued on its CUDA device is done (timings must include it)."
     if x.is_cuda: torch.cuda.synchronize(x.device)
     return x
 
+# %% ../nbs/11_benchmarks.ipynb #ecc38b0a
 @torch.no_grad()
-def bare_backbone(w2v, clips) -> list:
+def bare_backbone(w2v, # a transformers Wav2Vec2Model
+                  clips, # audio clips, (n,) tensors on its device
+                 ) -> list:
     "A bare transformers Wav2Vec2Model forward per clip: last hidden states [(1, T', H)]."
     return [_sync(w2v(x[None]).last_hidden_state) for x in clips]
 
 # %% ../nbs/11_benchmarks.ipynb #7b85808c
 @torch.no_grad()
-def bare_network(m:EMIModel, clips) -> np.ndarray:
+def bare_network(m:EMIModel, # the full paper network in eval mode
+                 clips, # audio clips, (n,) tensors on its device
+                ) -> np.ndarray:
     "The paper's network written out with plain calls, one clip at a time: (N, 6) predictions."
     full = m.use_global and m.use_head and m.use_lstm and m.use_vad
     assert full and not m.training, "the full paper network in eval mode"
@@ -131,11 +147,17 @@ def bare_network(m:EMIModel, clips) -> np.ndarray:
 # path: (clips per batch, 0 = all; backbone batched)
 PATHS = {'per_clip': (1, False), 'hybrid': (0, False), 'batched': (0, True)}
 
-def predict_path(device) -> str:
+def predict_path(device, # where `emi_predict` runs
+                ) -> str:
     "The path `emi_predict` takes by default on `device`: its own batch-size choice, read from the training module."
     return 'per_clip' if default_batch_size(torch.device(device), StudyConfig()) == 1 else 'batched'
 
-def our_predictor(m:EMIModel, clips, path:str, device='cpu'):
+# %% ../nbs/11_benchmarks.ipynb #543126de
+def our_predictor(m:EMIModel, # the full paper network
+                  clips, # audio clips, (n,) tensors
+                  path:str, # per_clip | hybrid | batched
+                  device='cpu', # where the predictor runs
+                 ):
     "A callable running `emi_predict`'s predictor over in-memory `clips` by `path`: (N, 6) predictions in clip order."
     bs, batched = PATHS[path]
     def run():
@@ -154,6 +176,7 @@ def _checked_paths(m:EMIModel, clips:list, dev) -> dict:
         assert err < 1e-3, f"P1: our {k} path differs from the bare network by {err:.2e}"
     return ours
 
+# %% ../nbs/11_benchmarks.ipynb #f79a8bcc
 def _p1_summary(t:dict, pick:str, audio:float, dev) -> dict:
     "P1's inputs from timings `t`: overhead of path `pick` over the bare network, speeds of the paths, throughput."
     speed = {k: ratio(t[pick], t[k]) for k in PATHS}  # > 1: path k is faster than the picked one
@@ -168,7 +191,9 @@ def _p1_summary(t:dict, pick:str, audio:float, dev) -> dict:
 # %% ../nbs/11_benchmarks.ipynb #85d374ec
 def p1_inference(m:EMIModel, # the full paper network (any geometry)
                  clips, # audio clips, (n,) tensors
-                 reps:int=5, warmup:int=0) -> dict:
+                 reps:int=5, # timed repetitions of each variant
+                 warmup:int=0, # untimed rounds first
+                ) -> dict:
     "Time bare backbone, bare network and our three predictor paths on the same clips; figures' inputs."
     m.eval()
     dev = next(m.parameters()).device
@@ -180,18 +205,31 @@ def p1_inference(m:EMIModel, # the full paper network (any geometry)
 
 # %% ../nbs/11_benchmarks.ipynb #d0b6facd
 def padding_share(lengths, # samples per clip
-                  batches) -> float:
+                  batches, # index lists into `lengths`
+                 ) -> float:
     "Share of the padded batch tensors that is padding, over `batches` (lists of indices)."
     lengths = np.asarray(lengths, float)
     total = sum(len(b) * lengths[b].max() for b in batches)
     return float(1 - sum(lengths[b].sum() for b in batches) / total)
 
-def sampler_batches(lengths, batch_size:int, bucket:bool, epoch:int, seed:int=1, **kw) -> list:
+# %% ../nbs/11_benchmarks.ipynb #ebbfd3b6
+def sampler_batches(lengths, # samples per clip
+                    batch_size:int, # clips per global batch
+                    bucket:bool, # sort pools by length
+                    epoch:int, # the epoch (each reshuffles)
+                    seed:int=1, # seed of the sampler
+                    **kw, # more LengthBucketSampler options
+                   ) -> list:
     "One epoch's global batches of the training sampler (`emi_nb.train.LengthBucketSampler`)."
     return LengthBucketSampler(lengths, batch_size, bucket=bucket, seed=seed, **kw).global_batches(epoch)
 
 # %% ../nbs/11_benchmarks.ipynb #9dbdeaa0
-def p2_padding(lengths, batch_size:int, reps:int=5, batches=sampler_batches, **kw) -> dict:
+def p2_padding(lengths, # samples per clip
+               batch_size:int, # clips per batch
+               reps:int=5, # epochs, one repetition each
+               batches=sampler_batches, # batch maker: (lengths, batch_size, bucket, epoch, **kw) -> index lists
+               **kw, # passed to `batches`, e.g. pool=
+              ) -> dict:
     "Padding share of random vs length-bucketed batches over `reps` epochs: {'random': stats, 'bucketed': stats}."
     return {name: stats(padding_share(lengths, batches(lengths, batch_size, bucket, e, **kw)) for e in range(reps))
             for name, bucket in (('random', False), ('bucketed', True))}
@@ -210,9 +248,10 @@ def _long_clips(r:dict, rng:np.random.Generator, total:float) -> np.ndarray:
     return np.r_[r['max'], r['cut'] + 1e-3 + e * (excess - 1e-3 * len(e)) / e.sum()]
 
 # %% ../nbs/11_benchmarks.ipynb #d421a50d
-def simulate_real_durations(seed:int=0,
+def simulate_real_durations(seed:int=0, # seed of the draw
                             concentration:float=4.0, # a + b of the Beta of the clips from 1 s to the cut: the spread
-                            ref:dict=REAL_DURATIONS) -> np.ndarray:
+                            ref:dict=REAL_DURATIONS, # the statistics to match
+                           ) -> np.ndarray:
     "Durations (s) with the real corpus' count, extremes, shares below 1 s / above the cut, mean and cut loss."
     r, rng = ref, np.random.default_rng(seed)
     n_mid = r['n'] - r['n_short'] - r['n_long']
@@ -227,7 +266,9 @@ def simulate_real_durations(seed:int=0,
     return rng.permutation(np.r_[short, mid, long])
 
 # %% ../nbs/11_benchmarks.ipynb #98a8e65b
-def duration_summary(d, cut:float=12.0) -> dict:
+def duration_summary(d, # clip durations in seconds
+                     cut:float=12.0, # the training cut in seconds
+                    ) -> dict:
     "The statistics REFERENCE gives for the real corpus, computed on durations `d` (s)."
     d = np.asarray(d, float)
     return dict(n=len(d), n_short=int((d < 1).sum()), n_long=int((d > cut).sum()), min=float(d.min()),
@@ -237,7 +278,9 @@ def duration_summary(d, cut:float=12.0) -> dict:
 # %% ../nbs/11_benchmarks.ipynb #cb1bfbb7
 class SubsetFrames:
     "Some clips of a frame source (FrameStore, LiveFrames) as a source of their own: fids, samples, batch(idx)."
-    def __init__(self, src, idx):
+    def __init__(self, src, # a frame source: fids, samples, batch(idx)
+                 idx, # positions of the clips to keep
+                ):
         "The clips at positions `idx` of `src`."
         self.src, self.idx = src, np.asarray(idx)
         self.fids, self.samples = np.asarray(src.fids)[self.idx], np.asarray(src.samples)[self.idx]
@@ -251,7 +294,9 @@ class SubsetFrames:
         return self.src.batch(self.idx[np.asarray(idx)])
 
 # %% ../nbs/11_benchmarks.ipynb #48800bcb
-def max_abs_diff(a, b) -> float:
+def max_abs_diff(a, # a nested result
+                 b, # another, of the same shape
+                ) -> float:
     "Largest absolute difference between two nested results (dicts, lists, arrays, numbers); NaN equals NaN."
     if isinstance(a, dict):
         if set(a) != set(b): return float('inf')
@@ -278,6 +323,7 @@ def _p3_pick(store:dict, n_train:int, seed:int) -> dict:
     n, rng = dict(train=n_train, valid=max(2, n_train // 2)), np.random.default_rng(seed)
     return {s: np.sort(rng.choice(len(store[s]), min(n[s], len(store[s])), replace=False)) for s in store}
 
+# %% ../nbs/11_benchmarks.ipynb #8bd4e0a9
 def _p3_sources(cfg:StudyConfig, src:str, root, n_train:int) -> tuple:
     "(backbone, cached and live subsets of train/valid, their labels, extraction seconds) for P3."
     bb = load_backbone(src).eval()
@@ -305,8 +351,12 @@ def _p3_grid(t:dict) -> dict:
     return {kind: sum(n * np.asarray(t[f'{kind}:{k}']) for k, n in mix.items()) for kind in ('cache', 'live')}
 
 # %% ../nbs/11_benchmarks.ipynb #be9f77b8
-def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained dir)
-             root, n_train:int=16, reps:int=5) -> dict:
+def p3_cache(cfg:StudyConfig, # the study's config (geometry, cut, seed)
+             src:str, # the frozen backbone (a save_pretrained dir)
+             root, # the data root
+             n_train:int=16, # training clips per epoch
+             reps:int=5, # timed repetitions
+            ) -> dict:
     "One epoch of each kind of frozen-backbone row from the feature cache and from the live backbone: times, identity."
     bb, sub, y, t_store = _p3_sources(cfg, src, root, n_train)
     rc = {k: cfg.replace(**TABLE2_ROWS[r], freeze_backbone=True, epochs=1, n_boot=1, device='cpu')
@@ -326,7 +376,10 @@ def p3_cache(cfg:StudyConfig, src:str, # the frozen backbone (a save_pretrained 
 # %% ../nbs/11_benchmarks.ipynb #09b6b810
 def p3_paper_components(seconds:float=4.0, # clip length (the profile's cut)
                         batch:int=4, # clips per batch
-                        reps:int=5, preset:str='paper', device='cpu') -> dict:
+                        reps:int=5, # timed repetitions
+                        preset:str='paper', # model geometry
+                        device='cpu', # where it runs
+                       ) -> dict:
     "Per batch: frozen backbone forward vs a training step of the full fusion head on its frames (random weights)."
     torch.manual_seed(0)
     m = EMIModel(load_backbone(f'preset:{preset}'), freeze_backbone=True).to(device).train()
@@ -348,7 +401,8 @@ def p3_paper_components(seconds:float=4.0, # clip length (the profile's cut)
 
 # %% ../nbs/11_benchmarks.ipynb #d65941da
 def find_study(study_run:str='', # a run directory; '' = the latest synthetic run
-               root=None) -> Path|None:
+               root=None, # project folder holding runs/ (default: this project)
+              ) -> Path|None:
     "The run to time: `study_run`, else runs/synthetic-latest, else the newest complete runs/synthetic-*; or None."
     if study_run:
         p = Path(study_run)
@@ -366,7 +420,9 @@ def _epoch(s:str) -> float:
     "Seconds since the epoch of a manifest time (`%Y-%m-%dT%H:%M:%S%z`); NaN when there is none."
     return datetime.strptime(s, '%Y-%m-%dT%H:%M:%S%z').timestamp() if s else float('nan')
 
-def stage_table(man:dict) -> pd.DataFrame:
+# %% ../nbs/11_benchmarks.ipynb #607de7e4
+def stage_table(man:dict, # a study run's manifest.json, parsed
+               ) -> pd.DataFrame:
     "Seconds per notebook of a study manifest, then site + runner (the rest of the wall time), with shares."
     rows = [dict(stage=n['notebook'], seconds=n.get('seconds'), status=n['status']) for n in man['notebooks']]
     wall = _epoch(man.get('ended', '')) - _epoch(man.get('started', ''))
@@ -378,7 +434,8 @@ def stage_table(man:dict) -> pd.DataFrame:
     return df
 
 # %% ../nbs/11_benchmarks.ipynb #09e65213
-def p4_study(study_dir:Path|None) -> tuple:
+def p4_study(study_dir:Path|None, # the study run to time; None when there is none
+            ) -> tuple:
     "(figure, stage table or None) for the study run at `study_dir`."
     what = 'wall time of the synthetic study (make study after install and corpus build), 2 cores'
     if study_dir is None:
@@ -395,7 +452,8 @@ def p4_study(study_dir:Path|None) -> tuple:
 # %% ../nbs/11_benchmarks.ipynb #4eab4f9f
 class RSSPeak:
     "Context manager: peak resident memory (bytes) of this process while inside, by polling; `.delta` above the start."
-    def __init__(self, every:float=0.002):
+    def __init__(self, every:float=0.002, # seconds between polls
+                ):
         "Poll every `every` seconds."
         self.every = every
 
@@ -427,7 +485,8 @@ class RSSPeak:
 
 # %% ../nbs/11_benchmarks.ipynb #e9d74724
 def run_children(jobs:list, # (python source, args dict) pairs
-                 timeout:float=900) -> list:
+                 timeout:float=900, # seconds each child may take
+                ) -> list:
     "Run each job's script in its own child process (args as JSON in argv[1]); the JSON of each last stdout line."
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'EMI_PROGRESS': 'off'}
     ps = [subprocess.Popen([sys.executable, '-c', src, json.dumps(a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -446,7 +505,10 @@ def run_children(jobs:list, # (python source, args dict) pairs
                 p.wait()
 
 # %% ../nbs/11_benchmarks.ipynb #9884a20e
-def run_child(script:str, args:dict, timeout:float=900) -> dict:
+def run_child(script:str, # python source of the child
+              args:dict, # its arguments, passed as JSON
+              timeout:float=900, # seconds it may take
+             ) -> dict:
     "One child: the JSON of its last stdout line."
     return run_children([(script, args)], timeout)[0]
 
@@ -484,7 +546,12 @@ print(json.dumps(dict(peaks=peaks, maxrss=maxrss, batch=[cfg.batch_size, cfg.max
 '''
 
 # %% ../nbs/11_benchmarks.ipynb #81c25ce9
-def train_job(profile:str, steps:int=2, fit:bool=False, threads:int=0, **overrides) -> tuple:
+def train_job(profile:str, # the profile to train
+              steps:int=2, # optimiser steps to measure
+              fit:bool=False, # one epoch of `train.fit` instead
+              threads:int=0, # torch threads in the child (0: its default)
+              **overrides, # StudyConfig fields to change
+             ) -> tuple:
     "The child job measuring peak RSS (bytes) of training steps (or a one-epoch fit) of `profile`."
     return TRAIN_CHILD, dict(profile=profile, steps=steps, fit=fit, threads=threads, overrides=overrides)
 
@@ -511,12 +578,18 @@ print(json.dumps(dict(deltas=deltas, params=params, maxrss=maxrss)))
 '''
 
 # %% ../nbs/11_benchmarks.ipynb #09acefb7
-def forward_job(preset:str='paper', seconds:float=12.0, reps:int=2, threads:int=0) -> tuple:
+def forward_job(preset:str='paper', # model geometry
+                seconds:float=12.0, # clip length
+                reps:int=2, # forwards, the first the one that counts
+                threads:int=0, # torch threads in the child (0: its default)
+               ) -> tuple:
     "The child job measuring the resident memory a no-grad forward of one clip adds above the loaded model."
     return FORWARD_CHILD, dict(preset=preset, seconds=seconds, reps=reps, threads=threads)
 
 # %% ../nbs/11_benchmarks.ipynb #0950f453
-def lstm_flops(lstm:torch.nn.LSTM, frames:int) -> int:
+def lstm_flops(lstm:torch.nn.LSTM, # a unidirectional LSTM
+               frames:int, # sequence length in frames
+              ) -> int:
     "Matmul FLOPs of a forward of `lstm` (unidirectional, batch 1) over `frames` steps."
     d, n = lstm.hidden_size, 0
     for layer in range(lstm.num_layers):
@@ -524,7 +597,9 @@ def lstm_flops(lstm:torch.nn.LSTM, frames:int) -> int:
     return n
 
 # %% ../nbs/11_benchmarks.ipynb #f4787f16
-def count_flops(preset:str='paper', seconds:float=12.0) -> dict:
+def count_flops(preset:str='paper', # model geometry
+                seconds:float=12.0, # clip length
+               ) -> dict:
     "Forward FLOPs of the full paper network of `preset` on one clip: backbone (+ VAD head), LSTM, head, total."
     with torch.device('meta'): m = EMIModel(EmotionModel(backbone_config(preset))).eval()
     x, res = torch.zeros(1, int(round(seconds * SR)), device='meta'), {}
@@ -538,7 +613,9 @@ def count_flops(preset:str='paper', seconds:float=12.0) -> dict:
     return dict(res, total=sum(res.values()), frames=int(h.shape[1]), seconds=seconds)
 
 # %% ../nbs/11_benchmarks.ipynb #ab4667f5
-def p3_flop_estimate(preset:str='paper', seconds:float=7.0) -> dict:
+def p3_flop_estimate(preset:str='paper', # model geometry
+                     seconds:float=7.0, # clip length (about the mean clip after the cut)
+                    ) -> dict:
     "FLOP ratio recompute/cached per kind of row and for the Table 2 mix (head training ~3x the head's forward)."
     c = count_flops(preset, seconds)
     head = {'no LSTM': 3 * c['head'], 'LSTM': 3 * (c['lstm'] + c['head'])}
@@ -548,7 +625,10 @@ def p3_flop_estimate(preset:str='paper', seconds:float=7.0) -> dict:
     return dict(per_kind=per, grid=recompute / sum(n * head[k] for k, n in mix.items()))
 
 # %% ../nbs/11_benchmarks.ipynb #0a13f8c1
-def flops_per_audio_second(preset:str='paper', durations=None, lengths=(1.0, 6.0, 12.0)) -> dict:
+def flops_per_audio_second(preset:str='paper', # model geometry
+                           durations=None, # clip durations (s) to average over, or None
+                           lengths=(1.0, 6.0, 12.0), # clip lengths (s) to count at
+                          ) -> dict:
     "Forward FLOPs per audio second, at each of `lengths` and averaged over `durations` (s) by a quadratic fit."
     c = {L: count_flops(preset, L)['total'] for L in lengths}
     coef = np.polyfit(list(c), list(c.values()), 2)
@@ -565,7 +645,10 @@ PAPER_RECIPE = dict(  # the paper's hours, cut loss and epochs (quoted, emi_nb.p
 GPU_PEAK = {'A100 (bf16 dense)': 312e12, 'H100 SXM (bf16 dense)': 989e12}  # vendor datasheet peaks, FLOP/s
 
 def epoch_estimate(flops_per_s:float, # forward FLOPs per audio second
-                   peak:float=312e12, mfu:float=0.4, recipe:dict=PAPER_RECIPE) -> dict:
+                   peak:float=312e12, # dense bf16 FLOP/s of the GPU
+                   mfu:float=0.4, # assumed model FLOPs utilisation
+                   recipe:dict=PAPER_RECIPE, # the paper's hours, cut loss and epochs
+                  ) -> dict:
     "PFLOP of a training epoch (+ its validation pass) of the paper's recipe and the time at `mfu` of `peak`."
     keep = 1 - recipe['dropped']
     train = flops_per_s * recipe['train_hours'] * 3600 * keep * recipe['fwd_bwd']
@@ -578,7 +661,8 @@ def epoch_estimate(flops_per_s:float, # forward FLOPs per audio second
 # %% ../nbs/11_benchmarks.ipynb #ec9f729d
 TRAIN_CLIPS = 8_072  # REFERENCE (quoted): clips of the real train split
 
-def find_gpu_results(root=None) -> dict|None:
+def find_gpu_results(root=None, # project folder (default: this project)
+                    ) -> dict|None:
     "The newest GPU-check result (not a dry run) in benchmarks/gpu-latest.json or runs/*/gpu.json; None if none."
     root, found = Path(root or project_root()), []
     for p in [root/'benchmarks'/'gpu-latest.json', *sorted((root/'runs').glob('*/gpu.json'))]:
@@ -597,11 +681,13 @@ def _throughput(res:dict, path:str, amp:str, mode:str) -> dict|None:
     hits = [r for r in rows if (r['path'], r['amp'], r['mode']) == (path, amp, mode) and r.get('audio_s_per_s')]
     return hits[0] if hits else None
 
+# %% ../nbs/11_benchmarks.ipynb #65a808d8
 def _recipe_audio(recipe:dict) -> tuple:
     "Seconds of training and of validation audio an epoch of `recipe` processes (after the cut)."
     keep = 1 - recipe['dropped']
     return recipe['train_hours'] * 3600 * keep, recipe['valid_hours'] * 3600 * keep
 
+# %% ../nbs/11_benchmarks.ipynb #4779d8d7
 def _recipe_hours(res:dict, path:str, amp:str, recipe:dict) -> float|None:
     "Hours of the recipe's model compute at the throughput of `path` in `amp`; None unless both modes were measured."
     fb, f = _throughput(res, path, amp, 'fwd+bwd'), _throughput(res, path, amp, 'fwd')
@@ -611,7 +697,8 @@ def _recipe_hours(res:dict, path:str, amp:str, recipe:dict) -> float|None:
 
 # %% ../nbs/11_benchmarks.ipynb #57dce296
 def gpu_projection(res:dict, # a GPU-check result (`find_gpu_results`)
-                   recipe:dict=PAPER_RECIPE) -> dict|None:
+                   recipe:dict=PAPER_RECIPE, # the paper's hours, cut loss and epochs
+                  ) -> dict|None:
     "Hours of the paper recipe's model compute at the measured throughput (batched+bucketed, faster precision)."
     both = lambda a: all(_throughput(res, 'batched+bucketed', a, m) for m in ('fwd', 'fwd+bwd'))
     ok = [a for a in ('bf16', 'fp16') if both(a)]
@@ -628,7 +715,8 @@ def gpu_projection(res:dict, # a GPU-check result (`find_gpu_results`)
 
 # %% ../nbs/11_benchmarks.ipynb #1b54d379
 def gpu_vs_estimate(res:dict|None, # a GPU-check result, or None when there is none
-                    est:dict) -> pd.DataFrame:
+                    est:dict, # the FLOP estimate: gpu, mfu, epoch_minutes, run_hours
+                   ) -> pd.DataFrame:
     "The paper recipe's epoch and run time: the FLOP estimate (`est`, the GPU dict above) beside the GPU measurement."
     run = f"{PAPER_RECIPE['epochs']} epochs (h)"
     rows = [{'source': f"estimate: {est['gpu']} at {est['mfu']:.0%} MFU (FLOPs counted)",
@@ -642,7 +730,9 @@ def gpu_vs_estimate(res:dict|None, # a GPU-check result, or None when there is n
     return pd.DataFrame(rows).set_index('source')
 
 # %% ../nbs/11_benchmarks.ipynb #1d29cf00
-def code_mentions(fn, *names) -> bool:
+def code_mentions(fn, # a function (decorated or not) or a code object
+                  *names, # names its code must use
+                 ) -> bool:
     "Whether the compiled code of `fn` (nested code included) uses every one of `names` (attribute, global or keyword)."
     seen, todo = set(), [getattr(inspect.unwrap(fn), '__code__', fn)]
     while todo:
@@ -702,7 +792,12 @@ def _profile_tables(ka, top:int) -> tuple:
     ops['share'] = ops.self_cpu_s / sum(e.self_cpu_time_total for e in ka) * 1e6
     return phases.to_frame().assign(share=lambda d: d.seconds / d.seconds.sum()), ops
 
-def profile_step(cfg:StudyConfig, seconds:float=6.0, batch:int|None=None, top:int=10) -> tuple:
+# %% ../nbs/11_benchmarks.ipynb #b7b891f1
+def profile_step(cfg:StudyConfig, # config of the geometry, batch size and learning rate
+                 seconds:float=6.0, # clip length
+                 batch:int|None=None, # clips per batch (default: the config's)
+                 top:int=10, # operators to list
+                ) -> tuple:
     "(phase table, top-operator table) of one profiled training step (forward, MSE, backward, AdamW) of cfg's preset."
     m = EMIModel.from_config(cfg, load_backbone(f'preset:{cfg.backbone_preset}'), device='cpu').train()
     opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
@@ -740,6 +835,7 @@ def _plot_goals(a, rows:list):
     a.set_xlabel('value / goal')
     a.set_title('P-figures against their goals (green: met)', fontsize=9)
 
+# %% ../nbs/11_benchmarks.ipynb #64d6f55e
 def _plot_stages(b, stages:pd.DataFrame):
     "P4's seconds per study stage on axes `b`, the first stage on top."
     st = stages.iloc[::-1]
@@ -771,6 +867,7 @@ def _fmt(v, unit:str) -> str:
     return {'share': f'{v:.1%}', 'ratio': f'{v:.2f}', 'x': f'{v:.1f}×', 's': f'{v:.0f} s', 'GB': f'{v:.2f} GB',
             'min': f'{v:.1f} min'}.get(unit, f'{v:.3g}')
 
+# %% ../nbs/11_benchmarks.ipynb #76f16de1
 def _figure_row(k:str, f:dict) -> str:
     "The README table row of figure `k`: what, value (min–max, n), goal, met."
     u = f['unit']
@@ -792,6 +889,7 @@ def _bench_intro(res:dict) -> str:
             "variants timed side by side in the same run. Regenerate with `make bench`; details on the Benchmarks page "
             "of the study site.")
 
+# %% ../nbs/11_benchmarks.ipynb #dd260483
 def _gpu_sentence(g:dict) -> str:
     "The README's sentence on the GPU estimate on paper."
     return (f"GPU, on paper (an estimate, not a measurement): the paper geometry costs "
@@ -801,7 +899,8 @@ def _gpu_sentence(g:dict) -> str:
             f"({g['run_hours']:.1f} h for 30 epochs).")
 
 # %% ../nbs/11_benchmarks.ipynb #0df7be0e
-def bench_markdown(res:dict) -> str:
+def bench_markdown(res:dict, # a bench results dict (check_bench)
+                  ) -> str:
     "The README section '## Latest benchmark ratios' of a bench results dict."
     lines = ['## Latest benchmark ratios', '', _bench_intro(res), '',
              '| figure | what | value (min–max) | goal | met |', '|---|---|---|---|---|']
@@ -811,7 +910,9 @@ def bench_markdown(res:dict) -> str:
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/11_benchmarks.ipynb #9d274a99
-def publish_bench(res:dict, root=None) -> tuple:
+def publish_bench(res:dict, # a bench results dict (check_bench)
+                  root=None, # project folder (default: this project)
+                 ) -> tuple:
     "Write benchmarks/latest.json and latest.md under `root` (the README takes them in); returns both paths."
     root = Path(root or project_root())
     check_bench(res)
