@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse, contextlib, logging, os, re, sys, time
 from pathlib import Path
 import nbformat, yaml
-from .config import (project_root, package_versions, git_commit, save_json, make_config, ConfigError, PROFILES,
-                           _flat, _get)
+from .config import project_root, package_versions, git_commit, save_json, make_config, ConfigError, PROFILES
+from .config import _flat, _get
 from .synth import ensure_vad_corpus
 from .data import resolve_data_root
 from .pretrain import resolve_backbone
