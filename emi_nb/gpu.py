@@ -17,8 +17,8 @@ from .config import SR, EMOTIONS, project_root, save_json, package_versions, git
 from .data import collate
 from .model import EMIModel, load_backbone
 from .loop import resolve_checkpoint
-from .bench import (count_flops, noise_clips, simulate_real_durations, sampler_batches, stats, max_abs_diff,
-                          gpu_projection)
+from .bench import count_flops, noise_clips, simulate_real_durations, sampler_batches, stats, max_abs_diff
+from .bench import gpu_projection
 
 # %% auto #0
 __all__ = ['GPU_PEAKS', 'SIZES', 'STAGES', 'INSTALL_SECONDS', 'OVERHEAD_SECONDS', 'TOL', 'AMP_DTYPES', 'PATHS', 'RECORDS',
