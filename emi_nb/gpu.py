@@ -17,8 +17,8 @@ from .config import SR, EMOTIONS, project_root, save_json, package_versions, git
 from .data import collate
 from .model import EMIModel, load_backbone
 from .loop import resolve_checkpoint
-from .bench import (count_flops, noise_clips, simulate_real_durations, sampler_batches, stats, max_abs_diff,
-                          gpu_projection)
+from .bench import count_flops, noise_clips, simulate_real_durations, sampler_batches, stats, max_abs_diff
+from .bench import gpu_projection
 
 # %% auto #0
 __all__ = ['GPU_PEAKS', 'SIZES', 'STAGES', 'INSTALL_SECONDS', 'OVERHEAD_SECONDS', 'TOL', 'AMP_DTYPES', 'PATHS', 'RECORDS',
@@ -37,7 +37,9 @@ def _driver_version() -> str|None:
     except (OSError, subprocess.SubprocessError): return None
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
 
-def device_facts(device='cuda') -> dict:
+# %% ../nbs/12_gpu.ipynb #63ad991e
+def device_facts(device='cuda', # cpu | cuda | cuda:N
+                ) -> dict:
     "Name, memory, capability, bf16 support, driver and CUDA/cuDNN/NCCL/torch versions of `device`."
     dev = torch.device(device)
     res = dict(device=str(dev), name=None, capability=None, memory_gb=None, count=torch.cuda.device_count(),
@@ -58,7 +60,8 @@ GPU_PEAKS = (  # (name in torch's device name, dense bf16 TFLOP/s, vendor datash
 )
 
 def peak_tflops(name:str|None, # torch's device name, e.g. 'NVIDIA H100 80GB HBM3'
-                override:float|None=None) -> tuple:
+                override:float|None=None, # the peak given on the command line, if any
+               ) -> tuple:
     "(dense bf16 peak in TFLOP/s or None, where it came from) for a device name; `override` wins."
     if override: return float(override), '--peak-tflops'
     for frag, tf in GPU_PEAKS:
@@ -94,18 +97,23 @@ OVERHEAD_SECONDS = {   # assumed fixed costs per stage that FLOPs do not capture
     'study': 90}       # ~15 notebooks with a kernel start each, the smoke corpora, pre-training the tiny backbone
 
 # %% ../nbs/12_gpu.ipynb #6dc225f8
+def _stage_flops(g:dict, fwd:float) -> dict:
+    "FLOPs of each stage of a check of sizes `g`, where one clip's forward costs `fwd` FLOPs (see above)."
+    eq, passes = g['eq_clips'] * fwd, 1 + g['reps']
+    return {'env': 0.0, 'predict': g['predict_files'] * fwd, 'study': 0.0,
+            'checks': 10 * 3 * eq + 2 * 2 * eq + 2 * g['amp_steps'] * g['amp_batch'] * 3 * fwd,
+            'throughput': 2 * 3 * passes * g['n_batches'] * g['batch'] * (fwd + 3 * fwd),  # 2 amps x 3 paths
+            'train': g['steps'] * g['batch'] * 3 * fwd + (g['n_valid'] + g['n_test']) * fwd}
+
+# %% ../nbs/12_gpu.ipynb #266a8f29
 def stage_estimates(peak:float=989.0, # dense bf16 TFLOP/s of the GPU
                     mfu:float=0.35, # assumed share of the peak the batched work reaches
-                    clip_s:float|None=None) -> pd.DataFrame:
+                    clip_s:float|None=None, # seconds of the mean clip (default: from the real durations, cut)
+                   ) -> pd.DataFrame:
     "Estimated seconds per stage of the real check: counted FLOPs at `mfu` of `peak` plus the assumed fixed costs."
     g = SIZES['real']
     clip_s = clip_s or float(np.minimum(simulate_real_durations(0), g['cut']).mean())
-    fwd = count_flops('paper', clip_s)['total']  # one clip of the mean length
-    eq, passes = g['eq_clips'] * fwd, 1 + g['reps']
-    flops = {'env': 0.0, 'predict': g['predict_files'] * fwd, 'study': 0.0,
-             'checks': 10 * 3 * eq + 2 * 2 * eq + 2 * g['amp_steps'] * g['amp_batch'] * 3 * fwd,
-             'throughput': 2 * 3 * passes * g['n_batches'] * g['batch'] * (fwd + 3 * fwd),  # 2 amps x 3 paths
-             'train': g['steps'] * g['batch'] * 3 * fwd + (g['n_valid'] + g['n_test']) * fwd}
+    flops = _stage_flops(g, count_flops('paper', clip_s)['total'])  # clips of the mean length
     rows = [dict(stage=s, pflop=flops[s] / 1e15, compute_s=flops[s] / (peak * 1e12 * mfu), fixed_s=OVERHEAD_SECONDS[s],
                  cap_s=STAGES[s][0]) for s in STAGES]
     df = pd.DataFrame(rows).set_index('stage')
@@ -115,11 +123,14 @@ def stage_estimates(peak:float=989.0, # dense bf16 TFLOP/s of the GPU
 TOL = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 5e-2}  # relative; see above
 AMP_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
-def rel_diff(a:torch.Tensor, b:torch.Tensor) -> float:
+def rel_diff(a:torch.Tensor, # the output compared
+             b:torch.Tensor, # the reference
+            ) -> float:
     "max |a - b| / max |b| (b the reference), in float64."
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
+# %% ../nbs/12_gpu.ipynb #7c63963d
 @contextlib.contextmanager
 def fp32_exact():
     "TF32 off for CUDA matrix products and cuDNN inside the block (fp32 stays fp32), restored after."
@@ -130,26 +141,38 @@ def fp32_exact():
     finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 # %% ../nbs/12_gpu.ipynb #f611f9fa
-def autocast(device, amp:str):
+def autocast(device, # device or tensor device
+             amp:str, # fp32 | fp16 | bf16
+            ):
     "torch.autocast for `amp` (fp32 | fp16 | bf16) on `device`; fp32 = disabled."
     dt = AMP_DTYPES[amp]
     return torch.autocast(torch.device(device).type, dtype=dt or torch.float32, enabled=dt is not None)
 
-def amps_for(device) -> list:
+def amps_for(device, # the device checked
+            ) -> list:
     "The autocast precisions to check on `device`: fp16 always, bf16 where the GPU supports it (always on CPU)."
     dev = torch.device(device)
     return ['bf16', 'fp16'] if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else ['fp16']
 
 # %% ../nbs/12_gpu.ipynb #844404af
-def lstm_paths(model:EMIModel, # any EMIModel with use_lstm
-               device, amp:str='fp32', T:int=599, # frames of the longest clip (599 = 12 s)
-               seed:int=0) -> dict:
-    "Packed vs padded+gather LSTM of `model.fuse` on random frames: relative difference of the last-frame state."
+def _lstm_inputs(hidden:int, T:int, seed:int, device) -> tuple:
+    "Random frames (B, T, H) and VAD outputs (B, T, 3), their mask (B, T) and lengths from T frames down to one."
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([T, T - 1, T // 2, T // 3, 7, 2, 1])
-    h = torch.randn(len(lengths), T, model.hidden_size, generator=g).to(device)  # (B, T, H)
+    h = torch.randn(len(lengths), T, hidden, generator=g).to(device)  # (B, T, H)
     v = torch.randn(len(lengths), T, 3, generator=g).to(device)  # (B, T, 3)
     mask = (torch.arange(T)[None] < lengths[:, None]).to(device)  # (B, T)
+    return h, v, mask, lengths
+
+# %% ../nbs/12_gpu.ipynb #05163ddd
+def lstm_paths(model:EMIModel, # any EMIModel with use_lstm
+               device, # where it runs
+               amp:str='fp32', # fp32 | fp16 | bf16
+               T:int=599, # frames of the longest clip (599 = 12 s)
+               seed:int=0, # seed of the random frames
+              ) -> dict:
+    "Packed vs padded+gather LSTM of `model.fuse` on random frames: relative difference of the last-frame state."
+    h, v, mask, lengths = _lstm_inputs(model.hidden_size, T, seed, device)
     out, old = {}, model.lstm_packed
     try:
         with torch.no_grad(), fp32_exact(), autocast(device, amp):
@@ -162,9 +185,12 @@ def lstm_paths(model:EMIModel, # any EMIModel with use_lstm
 
 # %% ../nbs/12_gpu.ipynb #d8d217c8
 @torch.no_grad()
-def path_outputs(model:EMIModel, x:torch.Tensor, # (B, T) padded audio
+def path_outputs(model:EMIModel, # the model (set to eval)
+                 x:torch.Tensor, # (B, T) padded audio
                  am:torch.Tensor|None, # (B, T) attention mask; None = no mask (padding leaks in)
-                 amp:str, batched:bool) -> torch.Tensor:
+                 amp:str, # fp32 | fp16 | bf16
+                 batched:bool, # batched backbone, else per clip
+                ) -> torch.Tensor:
     "(B, 6 + 2d): the six outputs, the global vector and the LSTM's last state of one eval forward, as fp32."
     model.eval()
     old, model.batched = model.batched, batched
@@ -176,14 +202,26 @@ def path_outputs(model:EMIModel, x:torch.Tensor, # (B, T) padded audio
     return torch.cat([y.float(), f['global'].float(), f['last'].float()], -1)
 
 # %% ../nbs/12_gpu.ipynb #5bbf0f07
-def equality_clips(n:int, cut:float, seed:int=0) -> list:
+def equality_clips(n:int, # number of clips
+                   cut:float, # length of the longest, in seconds
+                   seed:int=0, # seed of the noise
+                  ) -> list:
     "`n` noise clips from 0.6 s to `cut` seconds, evenly spread: a batch that is mostly padding."
     return noise_clips(np.linspace(cut, 0.6, n), seed)
 
-def path_equality(model:EMIModel, clips:list, device, amps=('bf16', 'fp16')) -> dict:
-    "Batched+masked vs per-clip outputs in fp32 and each of `amps`; relative differences against TOL."
+def _one_batch(clips:list, device) -> tuple:
+    "(input_values, attention_mask) of `clips` collated into one padded batch on `device`."
     b = collate([dict(fid=i, wav=w) for i, w in enumerate(clips)])
-    x, am = b['input_values'].to(device), b['attention_mask'].to(device)
+    return b['input_values'].to(device), b['attention_mask'].to(device)
+
+# %% ../nbs/12_gpu.ipynb #b55197a8
+def path_equality(model:EMIModel, # the model (set to eval)
+                  clips:list, # audio clips, (n,) tensors
+                  device, # where it runs
+                  amps=('bf16', 'fp16'), # autocast precisions besides fp32
+                 ) -> dict:
+    "Batched+masked vs per-clip outputs in fp32 and each of `amps`; relative differences against TOL."
+    x, am = _one_batch(clips, device)
     res = {}
     with fp32_exact():
         ref = path_outputs(model, x, am, 'fp32', batched=False)
@@ -196,39 +234,65 @@ def path_equality(model:EMIModel, clips:list, device, amps=('bf16', 'fp16')) -> 
     return res
 
 # %% ../nbs/12_gpu.ipynb #b7815089
-def amp_steps(model:EMIModel, clips:list, device, amp:str, # fp16 (with the scaler) | bf16 | fp32
-              steps:int=4, lr:float=1e-4, init_scale:float=2.**10, clip:float=100.0, seed:int=0) -> dict:
+def _scaled_step(model:EMIModel, batch:tuple, y:torch.Tensor, opt, scaler, device, amp:str, clip:float) -> tuple:
+    "One AdamW step on `batch` (x, mask) under `amp` with the scaler and value clipping: (loss, scale before, skipped)."
+    params = [p for g in opt.param_groups for p in g['params']]
+    with autocast(device, amp): pred = model(*batch)
+    loss = torch.nn.functional.mse_loss(pred.float(), y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_value_(params, clip)
+    s0 = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    skipped = scaler.get_scale() < s0
+    opt.zero_grad(set_to_none=True)
+    return loss.item(), s0, skipped
+
+# %% ../nbs/12_gpu.ipynb #aa7f5ee5
+def amp_steps(model:EMIModel, # the model to train (its weights change)
+              clips:list, # one batch of audio clips
+              device, # where it runs
+              amp:str, # fp16 (with the scaler) | bf16 | fp32
+              steps:int=4, # optimiser steps
+              lr:float=1e-4, # AdamW learning rate
+              init_scale:float=2.**10, # the scaler's starting scale (fp16)
+              clip:float=100.0, # gradient value clipping, as in the recipe
+              seed:int=0, # seed of the targets
+             ) -> dict:
     "`steps` AdamW steps on one batch under `amp`: losses, scales, skipped steps, whether both ends of the net moved."
-    b = collate([dict(fid=i, wav=w) for i, w in enumerate(clips)])
-    x, am = b['input_values'].to(device), b['attention_mask'].to(device)
+    batch = _one_batch(clips, device)
     y = torch.rand(len(clips), len(EMOTIONS), generator=torch.Generator().manual_seed(seed)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     ends = next(model.backbone.wav2vec2.feature_extractor.parameters()), list(model.head.parameters())[-1]
     before = [p.detach().clone() for p in ends]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=init_scale, enabled=amp == 'fp16')
     model.train()
     losses, scales, skipped = [], [], 0
     for _ in range(steps):
-        with autocast(device, amp): pred = model(x, am)
-        loss = torch.nn.functional.mse_loss(pred.float(), y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_value_(params, clip)
-        s0 = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        skipped += scaler.get_scale() < s0
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        loss, s0, skip = _scaled_step(model, batch, y, opt, scaler, device, amp, clip)
+        losses.append(loss)
         scales.append(s0)
+        skipped += skip
     moved = [float((p.detach() - p0).abs().max()) for p, p0 in zip(ends, before)]
     ok = skipped == 0 and bool(np.isfinite(losses).all()) and min(moved) > 0
     return dict(amp=amp, steps=steps, losses=losses, scales=scales, skipped=int(skipped), moved_first=moved[0],
                 moved_last=moved[1], ok=ok)
 
 # %% ../nbs/12_gpu.ipynb #0dbc7f15
-def collective_check(device) -> dict:
+def _collectives(dev:torch.device) -> bool:
+    "all_gather, all_reduce, all_gather_object and barrier in the current one-process group: each result as expected?"
+    x = torch.arange(6.0, device=dev).view(2, 3)
+    parts, s, objs = [torch.empty_like(x)], x.clone(), [None]
+    dist.all_gather(parts, x)
+    dist.all_reduce(s)
+    dist.all_gather_object(objs, dict(rank=0))
+    dist.barrier()
+    return torch.equal(parts[0], x) and torch.equal(s, x) and objs == [dict(rank=0)]
+
+# %% ../nbs/12_gpu.ipynb #afd933a2
+def collective_check(device, # cpu (gloo) or cuda (nccl)
+                    ) -> dict:
     "all_gather, all_reduce, all_gather_object and barrier in a one-process group: nccl on CUDA, gloo on CPU."
     dev = torch.device(device)
     if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
@@ -237,14 +301,7 @@ def collective_check(device) -> dict:
     t0 = time.time()
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             device_id=dev if dev.type == 'cuda' else None)
-    try:
-        x = torch.arange(6.0, device=dev).view(2, 3)
-        parts, s, objs = [torch.empty_like(x)], x.clone(), [None]
-        dist.all_gather(parts, x)
-        dist.all_reduce(s)
-        dist.all_gather_object(objs, dict(rank=0))
-        dist.barrier()
-        ok = torch.equal(parts[0], x) and torch.equal(s, x) and objs == [dict(rank=0)]
+    try: ok = _collectives(dev)
     finally: dist.destroy_process_group()
     return dict(backend=backend, ok=bool(ok), seconds=round(time.time() - t0, 2))
 
@@ -254,12 +311,24 @@ def _bin(name:str) -> str:
     p = Path(sys.executable).parent/name
     return str(p) if p.exists() else (shutil.which(name) or name)
 
-def field_flags(**fields) -> list:
+def field_flags(**fields, # StudyConfig field values by name
+               ) -> list:
     "StudyConfig fields as emi_train flags (the field name with - for _)."
     return [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
-def train_command(run_dir, name:str, profile:str, data_root, backbone:str, device:str, epochs:int,
-                  resume:bool=False, ckpt_steps:int=0, torchrun:bool=True, **fields) -> list:
+# %% ../nbs/12_gpu.ipynb #46c36a8a
+def train_command(run_dir, # run folder of the training
+                  name:str, # the run name
+                  profile:str, # smoke | synthetic | paper
+                  data_root, # the corpus
+                  backbone:str, # backbone spec, e.g. preset:paper
+                  device:str, # cpu | cuda
+                  epochs:int, # epochs to train
+                  resume:bool=False, # continue from the run's latest checkpoint
+                  ckpt_steps:int=0, # a checkpoint every this many steps (0: per epoch)
+                  torchrun:bool=True, # under torchrun with one process, else the plain emi_train
+                  **fields, # more StudyConfig fields, as flags
+                 ) -> list:
     "The emi_train command line (under torchrun with one process when `torchrun`); `fields` are StudyConfig fields."
     one_process = [_bin('torchrun'), '--standalone', '--nproc_per_node', '1', '-m', 'emi_nb.train']
     run = one_process if torchrun else [_bin('emi_train')]
@@ -268,12 +337,21 @@ def train_command(run_dir, name:str, profile:str, data_root, backbone:str, devic
     return cmd + (['--resume'] if resume else []) + (['--ckpt-steps', str(ckpt_steps)] if ckpt_steps else [])
 
 # %% ../nbs/12_gpu.ipynb #2d6b9156
-def predict_command(checkpoint, output, device:str, files:list) -> list:
+def predict_command(checkpoint, # a run's checkpoint folder
+                    output, # the CSV to write
+                    device:str, # cpu | cuda
+                    files:list, # audio files to predict
+                   ) -> list:
     "The emi_predict command line: a run's checkpoint folder, the CSV to write, the audio files."
     return [_bin('emi_predict'), '--checkpoint', str(checkpoint), '--output', str(output), '--device', device,
             *map(str, files)]
 
-def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
+# %% ../nbs/12_gpu.ipynb #464c7fd3
+def study_command(profile:str, # smoke | synthetic | paper
+                  device:str, # cpu | cuda
+                  run_dir, # the run folder
+                  *extra:str, # more emi_study arguments
+                 ) -> list:
     "The emi_study command line into `run_dir`; `extra` e.g. ('--only', '00', '--no-site')."
     return [_bin('emi_study'), '--profile', profile, '--device', device, '--run-dir', str(run_dir), *extra]
 
@@ -281,34 +359,64 @@ def study_command(profile:str, device:str, run_dir, *extra:str) -> list:
 class StageTimeout(Exception):
     "A stage (or a command inside it) ran past its time cap."
 
-def child_env(**extra) -> dict:
+# %% ../nbs/12_gpu.ipynb #e0e2ecdb
+def child_env(**extra, # more variables
+             ) -> dict:
     "The environment of the commands: offline, no progress bars, deterministic cuBLAS."
     return {**os.environ, 'EMI_PROGRESS': 'off', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
             'CUBLAS_WORKSPACE_CONFIG': ':4096:8', 'PYTHONUNBUFFERED': '1', **extra}
 
-def run_cmd(cmd:list, log, timeout:float, check:bool=True) -> dict:
+# %% ../nbs/12_gpu.ipynb #2d7a3671
+def _wait(p:subprocess.Popen, timeout:float, cmd:list, log:Path) -> int:
+    "Return code of `p` running `cmd`; its process group killed past `timeout` s (StageTimeout) or when interrupted."
+    try: return p.wait(timeout=max(1.0, timeout))
+    except BaseException as e:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise StageTimeout(f"{Path(cmd[0]).name} ran past {timeout:.0f} s (log {log})") from None
+        raise
+
+# %% ../nbs/12_gpu.ipynb #75e994f1
+def run_cmd(cmd:list, # the command line
+            log, # file for its output (stdout and stderr)
+            timeout:float, # seconds until its process group is killed
+            check:bool=True, # raise when it exits non-zero
+           ) -> dict:
     "Run `cmd` (output to `log`), killing its process group after `timeout` s: dict(cmd, rc, seconds)."
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, 'w') as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-        try: rc = p.wait(timeout=max(1.0, timeout))
-        except BaseException as e:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            if isinstance(e, subprocess.TimeoutExpired):
-                raise StageTimeout(f"{Path(cmd[0]).name} ran past {timeout:.0f} s (log {log})") from None
-            raise
+        rc = _wait(p, timeout, cmd, log)
     res = dict(cmd=' '.join(map(str, cmd)), rc=rc, seconds=round(time.time() - t0, 1), log=str(log))
     if check and rc != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} exited {rc}; end of {log}:\n{log.read_text()[-1500:]}")
     return res
 
 # %% ../nbs/12_gpu.ipynb #fe4ddfb4
+def _noise_like(seconds:float, rng:np.random.Generator) -> np.ndarray:
+    "A clip of `seconds` at SR: white noise under a slowly varying loudness, float32."
+    t = np.arange(int(round(seconds * SR))) / SR
+    env = 0.05 * (1.2 + np.sin(2 * np.pi * rng.uniform(0.2, 3) * t + rng.uniform(0, 6.3)))
+    return (env * rng.standard_normal(len(t))).astype(np.float32)
+
+def _write_splits(out:Path, lab:np.ndarray, n_train:int, n_valid:int, n_test:int):
+    "The split tables of labels `lab` (one row per clip, in file order): train, valid, and test without labels."
+    df = pd.DataFrame({'Filename': np.arange(1, len(lab) + 1), **{e: lab[:, j] for j, e in enumerate(EMOTIONS)}})
+    df[:n_train].to_csv(out/'train_split.csv', index=False)
+    df[n_train:n_train + n_valid].to_csv(out/'valid_split.csv', index=False)
+    if n_test: df[n_train + n_valid:][['Filename']].to_csv(out/'test_split.csv', index=False)
+
+# %% ../nbs/12_gpu.ipynb #9e06833b
 def gpu_corpus(out, # folder to create (must be new or empty)
-               n_train:int=1600, n_valid:int=128, n_test:int=64, seed:int=0,
-               cut:float=12.0) -> Path:
+               n_train:int=1600, # training clips
+               n_valid:int=128, # validation clips
+               n_test:int=64, # test clips (no labels)
+               seed:int=0, # seed of durations, audio and labels
+               cut:float=12.0, # clip audio beyond this plus 0.5 s is not written
+              ) -> Path:
     "An ABAW-layout corpus of 16 kHz wav noise clips with the real durations and zero-heavy random labels."
     out = Path(out)
     (out/'audio').mkdir(parents=True, exist_ok=True)
@@ -317,15 +425,8 @@ def gpu_corpus(out, # folder to create (must be new or empty)
     n = n_train + n_valid + n_test
     dur = np.minimum(rng.choice(simulate_real_durations(seed), n, replace=False), cut + 0.5)
     lab = np.clip(rng.normal(-0.25, 0.45, (n, len(EMOTIONS))), 0, 1).round(4)
-    for i, d in enumerate(dur):
-        t = np.arange(int(round(d * SR))) / SR
-        env = 0.05 * (1.2 + np.sin(2 * np.pi * rng.uniform(0.2, 3) * t + rng.uniform(0, 6.3)))
-        y = (env * rng.standard_normal(len(t))).astype(np.float32)
-        sf.write(out/'audio'/f'{i + 1:05d}.wav', y, SR, subtype='PCM_16')
-    df = pd.DataFrame({'Filename': np.arange(1, n + 1), **{e: lab[:, j] for j, e in enumerate(EMOTIONS)}})
-    df[:n_train].to_csv(out/'train_split.csv', index=False)
-    df[n_train:n_train + n_valid].to_csv(out/'valid_split.csv', index=False)
-    if n_test: df[n_train + n_valid:][['Filename']].to_csv(out/'test_split.csv', index=False)
+    for i, d in enumerate(dur): sf.write(out/'audio'/f'{i + 1:05d}.wav', _noise_like(d, rng), SR, subtype='PCM_16')
+    _write_splits(out, lab, n_train, n_valid, n_test)
     save_json(out/'SYNTHETIC.json', dict(generator='emi_nb.gpu.gpu_corpus', kind='emi', seed=seed, cut=cut,
                                          counts=dict(train=n_train, valid=n_valid, test=n_test)))
     return out
@@ -336,6 +437,7 @@ def _latest(ckpt:Path) -> dict:
     try: return json.loads((ckpt/'latest.json').read_text())
     except (OSError, json.JSONDecodeError): return {}
 
+# %% ../nbs/12_gpu.ipynb #15787e8d
 def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float) -> dict|None:
     "Start `cmd`, SIGKILL it at its first mid-epoch checkpoint; the pointer it was killed at (None: it ended first)."
     with open(log, 'w') as f:
@@ -353,12 +455,25 @@ def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float) -> 
             p.wait()
     return at
 
-# %% ../nbs/12_gpu.ipynb #48da7f6c
+# %% ../nbs/12_gpu.ipynb #da5e1db5
 def _weights(ckpt:Path) -> dict:
     "The latest weights of a run's checkpoint folder."
     return load_file(str(resolve_checkpoint(ckpt, 'latest')/'model.safetensors'))
 
-def resume_check(work, device:str, timeout:float=60, steps:int=4, backbone:str='preset:tiny') -> dict:
+def _resume_diff(work:Path) -> tuple:
+    "(largest difference of the metrics, relative L2 distance of the weights): straight run vs killed and resumed."
+    a, b = (json.loads((work/r/'results'/'resume.json').read_text())['metrics'] for r in ('straight', 'killed'))
+    wa, wb = _weights(work/'straight'/'checkpoints'/'resume'), _weights(work/'killed'/'checkpoints'/'resume')
+    sq = lambda t: float((t.double()**2).sum())
+    return max_abs_diff(a, b), (sum(sq(wa[k] - wb[k]) for k in wa) / sum(sq(wa[k]) for k in wa)) ** 0.5
+
+# %% ../nbs/12_gpu.ipynb #0b74019d
+def resume_check(work, # an empty folder for the corpus, both runs and their logs
+                 device:str, # cpu | cuda
+                 timeout:float=60, # seconds for all three trainings together
+                 steps:int=4, # optimiser steps per epoch
+                 backbone:str='preset:tiny', # backbone spec of the tiny trainings
+                ) -> dict:
     "Train straight through and killed mid-epoch + resumed (tiny geometry, 2 epochs): do results and weights agree?"
     work, t0 = Path(work), time.time()
     corpus = gpu_corpus(work/'corpus', n_train=2 * steps, n_valid=4, n_test=0, cut=2.0)
@@ -372,48 +487,60 @@ def resume_check(work, device:str, timeout:float=60, steps:int=4, backbone:str='
                          steps, left())
     if at is None: return dict(ok=False, interrupted=False, note='the run ended before a mid-epoch checkpoint')
     run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', left())
-    a, b = (json.loads((work/r/'results'/'resume.json').read_text())['metrics'] for r in ('straight', 'killed'))
-    wa, wb = _weights(work/'straight'/'checkpoints'/'resume'), _weights(work/'killed'/'checkpoints'/'resume')
-    sq = lambda t: float((t.double()**2).sum())
-    rel = (sum(sq(wa[k] - wb[k]) for k in wa) / sum(sq(wa[k]) for k in wa)) ** 0.5
-    dm = max_abs_diff(a, b)
+    dm, rel = _resume_diff(work)
     return dict(ok=dm <= 1e-4 and rel <= 1e-3, interrupted=True, killed_at={k: at.get(k) for k in ('epoch', 'step')},
                 metrics_max_diff=dm, weights_rel_l2=rel, exact=dm == 0 and rel == 0, amp=amp.get('amp', 'fp32'),
                 seconds=round(time.time() - t0, 1))
 
 # %% ../nbs/12_gpu.ipynb #01ce6100
-def throughput_batches(batch:int=32, n_batches:int=4, cut:float=12.0, seed:int=0) -> list:
+def throughput_batches(batch:int=32, # clips per batch
+                       n_batches:int=4, # number of batches
+                       cut:float=12.0, # the training cut in seconds
+                       seed:int=0, # seed of the draw and the sampler
+                      ) -> list:
     "Clip lengths in samples, dealt into bucketed batches by the training sampler: draws of the real durations, cut."
     d = np.random.default_rng(seed).choice(simulate_real_durations(seed), batch * n_batches, replace=False)
     L = np.round(np.minimum(d, cut) * SR).astype(int)
     return [L[b] for b in sampler_batches(L, batch, bucket=True, epoch=0, seed=seed, pool=n_batches)]
 
-def flop_fit(preset:str='paper', lengths=(1.0, 6.0, 12.0)) -> np.ndarray:
+# %% ../nbs/12_gpu.ipynb #da9eb528
+def flop_fit(preset:str='paper', # model geometry
+             lengths=(1.0, 6.0, 12.0), # clip lengths (s) to count at
+            ) -> np.ndarray:
     "Coefficients (c2, c1, c0) of forward FLOPs per clip as a quadratic in its seconds (counted at `lengths`)."
     return np.polyfit(lengths, [count_flops(preset, L)['total'] for L in lengths], 2)
 
 # %% ../nbs/12_gpu.ipynb #83cc7fda
 def _sync(dev:torch.device):
+    "Wait for the work queued on `dev` (a CUDA device; nothing to wait for on the CPU)."
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
-def time_passes(model:EMIModel, batches:list, # (input_values, attention_mask) pairs on the device
-                amp:str, mode:str, # fwd | fwd+bwd
-                reps:int=2, warmup:int=1) -> dict:
+def _one_pass(model:EMIModel, batches:list, amp:str, mode:str):
+    "One pass over `batches`: forward, or forward and backward of the mean square of the outputs; then sync."
+    dev = batches[0][0].device
+    for x, am in batches:
+        with torch.set_grad_enabled(mode == 'fwd+bwd'), autocast(dev, amp): y = model(x, am)
+        if mode == 'fwd+bwd': y.float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    _sync(dev)
+
+# %% ../nbs/12_gpu.ipynb #1386b5ec
+def time_passes(model:EMIModel, # the model (mode set here)
+                batches:list, # (input_values, attention_mask) pairs on the device
+                amp:str, # fp32 | fp16 | bf16
+                mode:str, # fwd | fwd+bwd
+                reps:int=2, # timed passes
+                warmup:int=1, # untimed passes first
+               ) -> dict:
     "Seconds per pass over `batches` (after `warmup` untimed passes) and peak CUDA memory in GB (None on CPU)."
     dev = batches[0][0].device
     model.train(mode == 'fwd+bwd')
-    def one():
-        for x, am in batches:
-            with torch.set_grad_enabled(mode == 'fwd+bwd'), autocast(dev, amp): y = model(x, am)
-            if mode == 'fwd+bwd': y.float().pow(2).mean().backward()
-        model.zero_grad(set_to_none=True)
-        _sync(dev)
-    for _ in range(warmup): one()
+    for _ in range(warmup): _one_pass(model, batches, amp, mode)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     secs = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        one()
+        _one_pass(model, batches, amp, mode)
         secs.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else None
     return dict(seconds=stats(secs), peak_gb=peak)
@@ -422,7 +549,10 @@ def time_passes(model:EMIModel, batches:list, # (input_values, attention_mask) p
 PATHS = {'per-clip': dict(batched=False, ckpt=False), 'batched+bucketed': dict(batched=True, ckpt=False),
          'batched+ckpt': dict(batched=True, ckpt=True)}
 
-def set_path(model:EMIModel, batched:bool, ckpt:bool) -> EMIModel:
+def set_path(model:EMIModel, # the model to switch
+             batched:bool, # batched backbone, else per clip
+             ckpt:bool, # gradient checkpointing
+            ) -> EMIModel:
     "Switch `model` between the per-clip and batched backbone and gradient checkpointing on or off."
     model.batched = batched
     bb = model.backbone
@@ -433,40 +563,53 @@ def set_path(model:EMIModel, batched:bool, ckpt:bool) -> EMIModel:
     return model
 
 # %% ../nbs/12_gpu.ipynb #47789f38
-def throughput(model:EMIModel, lengths:list, # batches of clip lengths (samples)
-               device, amps=('bf16', 'fp16'), reps:int=2, coef=None, # flop_fit of the geometry
-               peak:float|None=None, warmup:int=1) -> list:
+def _timed_row(model:EMIModel, batches:list, row:dict, mult:int, reps:int, warmup:int, flops:float|None,
+               peak:float|None) -> dict:
+    "`row` (path, amp, mode, clips, audio_s) timed: audio s per s, seconds, peak GB, TFLOP/s, MFU; or its error."
+    try: t = time_passes(model, batches, row['amp'], row['mode'], reps, warmup)
+    except torch.OutOfMemoryError as e:
+        err = dict(row, error=f'out of memory: {str(e)[:200]}')
+        torch.cuda.empty_cache()
+        return err
+    tf = mult * flops / t['seconds']['median'] / 1e12 if flops else None
+    return dict(row, audio_s_per_s=row['audio_s'] / t['seconds']['median'], seconds=t['seconds'],
+                peak_gb=t['peak_gb'], tflops=tf, mfu=tf / peak if tf and peak else None)
+
+# %% ../nbs/12_gpu.ipynb #bd835dcb
+def throughput(model:EMIModel, # the model (its path switched, batched+bucketed at the end)
+               lengths:list, # batches of clip lengths (samples)
+               device, # where it runs
+               amps=('bf16', 'fp16'), # autocast precisions
+               reps:int=2, # timed passes per variant
+               coef=None, # flop_fit of the geometry
+               peak:float|None=None, # dense bf16 TFLOP/s, for MFU
+               warmup:int=1, # untimed passes per variant
+              ) -> list:
     "Rows (path, amp, mode, audio s per s, seconds, peak GB, TFLOP/s, MFU) for every path x amp x mode."
-    batches, rows = [], []
-    for i, L in enumerate(lengths):
-        b = collate([dict(fid=j, wav=w) for j, w in enumerate(noise_clips(L / SR, i))])
-        batches.append((b['input_values'].to(device), b['attention_mask'].to(device)))
+    batches = [_one_batch(noise_clips(L / SR, i), device) for i, L in enumerate(lengths)]
     audio = sum(float(L.sum()) for L in lengths) / SR
     flops = sum(float(np.polyval(coef, L / SR).sum()) for L in lengths) if coef is not None else None
+    rows = []
     for amp in amps:
         for path, kw in PATHS.items():
             set_path(model, **kw)
             for mode, mult in (('fwd', 1), ('fwd+bwd', 3)):
                 row = dict(path=path, amp=amp, mode=mode, clips=sum(map(len, lengths)), audio_s=audio)
-                try: t = time_passes(model, batches, amp, mode, reps, warmup)
-                except torch.OutOfMemoryError as e:
-                    rows.append(dict(row, error=f'out of memory: {str(e)[:200]}'))
-                    torch.cuda.empty_cache()
-                    continue
-                tf = mult * flops / t['seconds']['median'] / 1e12 if flops else None
-                rows.append(dict(row, audio_s_per_s=audio / t['seconds']['median'], seconds=t['seconds'],
-                                 peak_gb=t['peak_gb'], tflops=tf, mfu=tf / peak if tf and peak else None))
+                rows.append(_timed_row(model, batches, row, mult, reps, warmup, flops, peak))
     set_path(model, **PATHS['batched+bucketed'])
     return rows
 
 # %% ../nbs/12_gpu.ipynb #d45feb6c
 @contextlib.contextmanager
-def time_cap(seconds:float|None):
+def time_cap(seconds:float|None, # the cap; None or 0: none
+            ):
     "Raise StageTimeout in the main thread after `seconds` (SIGALRM); no cap off the main thread or when None."
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
-    def _fire(signum, frame): raise StageTimeout(f"past its cap of {seconds:.0f} s")
+    def _fire(signum, frame):
+        "The SIGALRM handler: the cap has passed."
+        raise StageTimeout(f"past its cap of {seconds:.0f} s")
     old = signal.signal(signal.SIGALRM, _fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try: yield
@@ -478,8 +621,11 @@ def time_cap(seconds:float|None):
 class GPUCheck:
     "One run of the GPU check (or its CPU dry run): sizes, the results dict, a method per stage."
     def __init__(self, run_dir, # the run folder: gpu.json, gpu.md, logs/, and the stages' work
-                 dry_run:bool=False, peak:float|None=None, # dense bf16 TFLOP/s override
-                 caps:dict|None=None, keep:bool=False): # keep the corpus and checkpoints
+                 dry_run:bool=False, # every stage on the CPU at the dry run's sizes
+                 peak:float|None=None, # dense bf16 TFLOP/s override
+                 caps:dict|None=None, # {stage: seconds} replacing default caps
+                 keep:bool=False): # keep the corpus and checkpoints
+        "A new run in `run_dir`: its sizes and device, the caps (`caps` overrides), an empty results dict."
         self.run_dir, self.dry, self.keep = Path(run_dir), dry_run, keep
         self.g = SIZES['dry' if dry_run else 'real']
         self.dev = torch.device(self.g['device'])
@@ -488,14 +634,31 @@ class GPUCheck:
         self.res = dict(kind='emi-gpu-check', version=1, dry_run=dry_run, status='running',
                         started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), sizes=self.g, tolerances=TOL,
                         provenance=dict(versions=package_versions(), commit=git_commit(), argv=sys.argv),
-                        device={}, stages={}, checks={}, throughput={}, projection=None, train={}, predict={}, study={})
-
-    def save(self):
-        "Write gpu.json and gpu.md into the run folder."
-        save_json(self.run_dir/'gpu.json', self.res)
-        (self.run_dir/'gpu.md').write_text(gpu_markdown(self.res))
+                        device={}, stages={}, checks={}, throughput={}, projection=None, train={}, predict={},
+                        study={})
 
 # %% ../nbs/12_gpu.ipynb #4fcc86a6
+@patch
+def save(self:GPUCheck):
+    "Write gpu.json and gpu.md into the run folder."
+    save_json(self.run_dir/'gpu.json', self.res)
+    (self.run_dir/'gpu.md').write_text(gpu_markdown(self.res))
+
+# %% ../nbs/12_gpu.ipynb #98589a86
+@patch
+def _free(self:GPUCheck):
+    "Collect garbage and, on a GPU, return the memory torch caches to the driver."
+    gc.collect()
+    if self.dev.type == 'cuda': torch.cuda.empty_cache()
+
+# %% ../nbs/12_gpu.ipynb #11e4ecc9
+RECORDS = {'env': 'device'}  # the key of a stage's record in the results, where it is not the stage's name
+
+def _left(deadline:float) -> float:
+    "Seconds left to `deadline` (time.monotonic), at least 1."
+    return max(1.0, deadline - time.monotonic())
+
+# %% ../nbs/12_gpu.ipynb #a8861f58
 @patch
 def run_stage(self:GPUCheck, name:str, fn) -> bool:
     "Run stage `name` (fn(record, deadline)) under its cap; record status, seconds and error; save; True if ok."
@@ -512,18 +675,11 @@ def run_stage(self:GPUCheck, name:str, fn) -> bool:
         st.update(status='failed', error=f'{type(e).__name__}: {e}'[:3000], trace=traceback.format_exc()[-3000:])
     finally:
         st['seconds'] = round(time.monotonic() - t0, 1)
-        gc.collect()
-        if self.dev.type == 'cuda': torch.cuda.empty_cache()
+        self._free()
         self.save()
     why = f": {st['error'][:300]}" if 'error' in st else ''
     print(f"[emi_gpu_check] {name} {st['status']} in {st['seconds']} s{why}", flush=True)
     return st['status'] == 'ok'
-
-RECORDS = {'env': 'device'}  # the key of a stage's record in the results, where it is not the stage's name
-
-def _left(deadline:float) -> float:
-    "Seconds left to `deadline` (time.monotonic), at least 1."
-    return max(1.0, deadline - time.monotonic())
 
 # %% ../nbs/12_gpu.ipynb #a385e773
 @patch
@@ -533,6 +689,7 @@ def stage_env(self:GPUCheck, rec:dict, deadline:float):
     rec['peak_tflops'], rec['peak_source'] = peak_tflops(rec['name'], self.peak_override)
     if self.dev.type == 'cpu': rec['peak_tflops'], rec['peak_source'] = None, 'dry run: no peak, no MFU'
 
+# %% ../nbs/12_gpu.ipynb #1c478e5d
 @patch
 def model(self:GPUCheck) -> EMIModel:
     "The random-weight EMIModel of the run's geometry on the device, built once (LayerDrop off)."
@@ -542,12 +699,21 @@ def model(self:GPUCheck) -> EMIModel:
     return self.model_
 
 # %% ../nbs/12_gpu.ipynb #09be7ab8
+def _failed_checks(rec:dict) -> list:
+    "Names of the checks in a checks record that are not ok (the unmasked run, for scale only, never fails)."
+    bad = [f'lstm {r["amp"]}' for r in rec['lstm'] if not r['ok']]
+    bad += [f'batched_vs_per_clip {k}' for k, r in rec['batched_vs_per_clip'].items() if r['ok'] is False]
+    bad += [f'amp_steps {k}' for k, r in rec['amp_steps'].items() if not r['ok']]
+    return bad + [k for k in ('collectives', 'resume') if not rec[k]['ok']]
+
+# %% ../nbs/12_gpu.ipynb #0419a644
 @patch
 def stage_checks(self:GPUCheck, rec:dict, deadline:float):
     "LSTM paths, batched vs per-clip, AMP steps, collectives, resume; raises naming the checks that failed."
     g, m, amps, secs = self.g, self.model(), amps_for(self.dev), {}
     rec['seconds'] = secs
     def timed(name, fn):
+        "Record `fn()` under `name`, and how long it took."
         t0 = time.time()
         rec[name] = fn()
         secs[name] = round(time.time() - t0, 2)
@@ -557,10 +723,7 @@ def stage_checks(self:GPUCheck, rec:dict, deadline:float):
     timed('amp_steps', lambda: {a: amp_steps(m, clips, self.dev, a, g['amp_steps']) for a in amps})
     timed('collectives', lambda: collective_check(self.dev))
     timed('resume', lambda: resume_check(self.run_dir/'resume', self.dev.type, _left(deadline), g['resume_steps']))
-    bad = [f'lstm {r["amp"]}' for r in rec['lstm'] if not r['ok']]
-    bad += [f'batched_vs_per_clip {k}' for k, r in rec['batched_vs_per_clip'].items() if r['ok'] is False]
-    bad += [f'amp_steps {k}' for k, r in rec['amp_steps'].items() if not r['ok']]
-    bad += [k for k in ('collectives', 'resume') if not rec[k]['ok']]
+    bad = _failed_checks(rec)
     if bad: raise AssertionError(f"checks failed: {', '.join(bad)}")
 
 # %% ../nbs/12_gpu.ipynb #d0338d47
@@ -586,8 +749,7 @@ def stage_train(self:GPUCheck, rec:dict, deadline:float):
     "gpu_corpus, then emi_train under torchrun (one process): steps, skipped steps, time, validation rho."
     g, work = self.g, self.run_dir/'paper-recipe'
     self.model_ = None
-    gc.collect()
-    if self.dev.type == 'cuda': torch.cuda.empty_cache()
+    self._free()
     t0 = time.time()
     corpus = gpu_corpus(self.run_dir/'corpus', g['batch'] * g['steps'], g['n_valid'], g['n_test'], cut=g['cut'])
     rec['corpus'] = dict(path=str(corpus), train=g['batch'] * g['steps'], valid=g['n_valid'], test=g['n_test'],
@@ -617,6 +779,7 @@ def stage_predict(self:GPUCheck, rec:dict, deadline:float):
     rec.update(files=len(files), rows=len(df))
     assert len(df) == len(files) and df[EMOTIONS].min().min() >= 0 and df[EMOTIONS].max().max() <= 1, df
 
+# %% ../nbs/12_gpu.ipynb #1d016fab
 @patch
 def stage_study(self:GPUCheck, rec:dict, deadline:float):
     "emi_study --profile smoke on the device; the manifest's per-notebook status and seconds."
@@ -647,27 +810,33 @@ def run(self:GPUCheck, only:list|None=None) -> dict:
 
 # %% ../nbs/12_gpu.ipynb #1bdb42a4
 def _f(v, fmt:str='.3g') -> str:
+    "`v` formatted by `fmt`, '–' when it is missing."
     return '–' if v is None else format(v, fmt)
 
+def _row(*cells) -> str:
+    "A markdown table row of `cells`."
+    return '| ' + ' | '.join(map(str, cells)) + ' |'
+
+# %% ../nbs/12_gpu.ipynb #8bc41996
 def _check_lines(c:dict) -> list:
     "Markdown lines of the checks section of a result."
-    row = lambda *cells: '| ' + ' | '.join(map(str, cells)) + ' |'
-    out = [row(f"LSTM packed vs padded, {r['amp']}", _f(r['rel_diff']), f"≤ {r['tol']:g}", r['ok'])
+    out = [_row(f"LSTM packed vs padded, {r['amp']}", _f(r['rel_diff']), f"≤ {r['tol']:g}", r['ok'])
            for r in c.get('lstm', [])]
     for k, r in c.get('batched_vs_per_clip', {}).items():
         tol = f"≤ {r['tol']:g}" if r['tol'] else 'a padding leak, for scale'
-        out.append(row(f'batched vs per clip, {k}', _f(r['rel_diff']), tol, '–' if r['ok'] is None else r['ok']))
+        out.append(_row(f'batched vs per clip, {k}', _f(r['rel_diff']), tol, '–' if r['ok'] is None else r['ok']))
     for k, r in c.get('amp_steps', {}).items():
         skips = f"{r['skipped']} of {r['steps']} skipped, scale {r['scales'][0]:g}"
-        out.append(row(f'AMP steps, {k}', skips, '0 skipped', r['ok']))
+        out.append(_row(f'AMP steps, {k}', skips, '0 skipped', r['ok']))
     cc = c.get('collectives')
-    if cc: out.append(row(f"collectives ({cc['backend']})", '', '', cc['ok']))
+    if cc: out.append(_row(f"collectives ({cc['backend']})", '', '', cc['ok']))
     r = c.get('resume')
-    if r: out.append(row(f"killed + resumed = straight ({r.get('amp')})", f"metrics {_f(r.get('metrics_max_diff'))}, "
-                         f"weights {_f(r.get('weights_rel_l2'))}", '≤ 1e-4, ≤ 1e-3', r['ok']))
+    if r:
+        measured = f"metrics {_f(r.get('metrics_max_diff'))}, weights {_f(r.get('weights_rel_l2'))}"
+        out.append(_row(f"killed + resumed = straight ({r.get('amp')})", measured, '≤ 1e-4, ≤ 1e-3', r['ok']))
     return ['| check | measured | tolerance | ok |', '|---|---|---|---|', *out] if out else []
 
-# %% ../nbs/12_gpu.ipynb #625c1bb6
+# %% ../nbs/12_gpu.ipynb #a6c080a5
 def _throughput_lines(t:dict) -> list:
     "Markdown lines of the throughput table of a result."
     rows = [r for r in t.get('rows', []) if r.get('audio_s_per_s')]
@@ -678,22 +847,30 @@ def _throughput_lines(t:dict) -> list:
                    f"{_f(r['tflops'], '.0f')} | {_f(r['mfu'], '.0%')} |")
     return out
 
-def gpu_markdown(res:dict) -> str:
-    "The short text summary of a GPU-check result."
-    d, dry = res.get('device') or {}, res.get('dry_run')
-    what = ' (DRY RUN on CPU: tiny geometry, timings are no claims)' if dry else ''
+# %% ../nbs/12_gpu.ipynb #a339ee91
+def _head_md(res:dict) -> str:
+    "The summary's title (status, dry run or not) and its line on the device, versions, start and commit."
+    d = res.get('device') or {}
+    what = ' (DRY RUN on CPU: tiny geometry, timings are no claims)' if res.get('dry_run') else ''
     commit = (res.get('provenance') or {}).get('commit', '')[:12]
-    head = (f"# GPU check{what}: {res['status']}\n\n{d.get('name') or d.get('device', '?')}, "
+    return (f"# GPU check{what}: {res['status']}\n\n{d.get('name') or d.get('device', '?')}, "
             f"{_f(d.get('memory_gb'))} GB, driver {d.get('driver')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}, "
             f"NCCL {d.get('nccl')}, torch {d.get('torch')}; started {res['started']}, commit `{commit}`.")
+
+# %% ../nbs/12_gpu.ipynb #f56848ad
+def _stage_md(res:dict) -> list:
+    "The stage table (status, seconds, cap), in run order, and the list of the stages' errors."
     stages = [(k, res['stages'][k]) for k in STAGES if k in res['stages']]  # run order (the JSON sorts its keys)
     st = ['| stage | status | seconds | cap |', '|---|---|---|---|'] + [
           f"| {k} | {s['status']} | {_f(s.get('seconds'))} | {s['cap_s']:g} |" for k, s in stages]
     errs = [f"- {k}: {s['error'][:400]}" for k, s in stages if s.get('error')]
-    parts = [head, '\n'.join(st), '\n'.join(errs), '\n'.join(_check_lines(res.get('checks') or {}))]
-    if not dry: parts.append('\n'.join(_throughput_lines(res.get('throughput') or {})))
-    pj, tr = res.get('projection'), res.get('train') or {}
-    if pj and not dry:
+    return ['\n'.join(st), '\n'.join(errs)]
+
+# %% ../nbs/12_gpu.ipynb #12b9fada
+def _outcome_md(res:dict) -> list:
+    "Paragraphs on the projected paper recipe (not for a dry run), the training, the prediction and the study."
+    parts, pj, tr = [], res.get('projection'), res.get('train') or {}
+    if pj and not res.get('dry_run'):
         per = f" (per-clip path: {pj['per_clip_run_hours']:.1f} h)" if pj.get('per_clip_run_hours') else ''
         parts.append(f"Paper recipe projected from this throughput ({pj['amp']}, {pj['path']}; {pj['note']}): "
                      f"{pj['epoch_minutes']:.1f} min per epoch, {pj['run_hours']:.1f} h for {pj['epochs']} "
@@ -707,10 +884,19 @@ def gpu_markdown(res:dict) -> str:
     if sd.get('notebooks'):
         ok, n = sum(x['status'] == 'ok' for x in sd['notebooks']), len(sd['notebooks'])
         parts.append(f"Smoke study: {sd.get('status')}, {ok} of {n} notebooks ok, {sd.get('seconds')} s.")
-    return '\n\n'.join(p for p in parts if p) + '\n'
+    return parts
+
+# %% ../nbs/12_gpu.ipynb #b37032ff
+def gpu_markdown(res:dict, # a GPU-check result (gpu.json)
+                ) -> str:
+    "The short text summary of a GPU-check result."
+    parts = [_head_md(res), *_stage_md(res), '\n'.join(_check_lines(res.get('checks') or {}))]
+    if not res.get('dry_run'): parts.append('\n'.join(_throughput_lines(res.get('throughput') or {})))
+    return '\n\n'.join(p for p in parts + _outcome_md(res) if p) + '\n'
 
 # %% ../nbs/12_gpu.ipynb #894f60df
 def _parser() -> argparse.ArgumentParser:
+    "emi_gpu_check's arguments."
     ap = argparse.ArgumentParser(prog='emi_gpu_check', description='The prepared CUDA check of emi-study: exactness '
                                  'of the CUDA paths, throughput at the paper geometry, the paper recipe end to end.')
     ap.add_argument('--dry-run', action='store_true', help='every stage on CPU, tiny sizes, no timing claims')
@@ -733,7 +919,11 @@ def _caps(pairs:list) -> dict:
         caps[k] = float(v)
     return caps
 
-def publish_gpu(res:dict, run_dir, root=None) -> list:
+# %% ../nbs/12_gpu.ipynb #c475a44a
+def publish_gpu(res:dict, # a GPU-check result (gpu.json)
+                run_dir, # its run folder
+                root=None, # project folder (default: this project)
+               ) -> list:
     "Copy a (non-dry) result's gpu.json and gpu.md to benchmarks/gpu-latest.{json,md}."
     if res.get('dry_run'): raise ValueError("a dry run is never published")
     dst = Path(root or project_root())/'benchmarks'
@@ -746,7 +936,9 @@ def _exit(msg:str, code:int=2):
     print(f"emi_gpu_check: {msg}", file=sys.stderr)
     sys.exit(code)
 
-def emi_gpu_check_cli(argv=None):
+# %% ../nbs/12_gpu.ipynb #fa393f1f
+def emi_gpu_check_cli(argv=None, # arguments (default: the command line)
+                     ):
     "emi_gpu_check: the prepared CUDA check (or its CPU dry run); gpu.json and gpu.md in a run folder."
     a = _parser().parse_args(argv)
     try: caps = _caps(a.cap)

@@ -4,11 +4,11 @@
 
 # %% ../nbs/14_study.ipynb #4e33e017
 from __future__ import annotations
-import argparse, contextlib, logging, os, re, shutil, sys, time
+import argparse, contextlib, logging, os, re, sys, time
 from pathlib import Path
-import yaml
-from .config import (project_root, package_versions, git_commit, save_json, make_config, config_fields, ConfigError,
-                           PROFILES)
+import nbformat, yaml
+from .config import project_root, package_versions, git_commit, save_json, make_config, ConfigError, PROFILES
+from .config import _flat, _get
 from .synth import ensure_vad_corpus
 from .data import resolve_data_root
 from .pretrain import resolve_backbone
@@ -21,7 +21,9 @@ __all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'check_p
            'run_study', 'readme_text', 'write_readme', 'emi_study_cli']
 
 # %% ../nbs/14_study.ipynb #0c3b615a
-def study_notebooks(nbs_dir=None, only:list|None=None) -> list[Path]:
+def study_notebooks(nbs_dir=None, # folder of the notebooks (default: the project's nbs/)
+                    only:list|None=None, # keep notebooks whose name starts with (or whose stem is) an entry
+                   ) -> list[Path]:
     "Numbered notebooks of `nbs_dir` in order, then index.ipynb; `only` keeps those whose name starts with an entry."
     nbs_dir = Path(nbs_dir or project_root()/'nbs')
     nbs = sorted(p for p in nbs_dir.glob('*.ipynb') if re.match(r'\d\d_', p.name))
@@ -30,9 +32,10 @@ def study_notebooks(nbs_dir=None, only:list|None=None) -> list[Path]:
     if not nbs: raise FileNotFoundError(f"no study notebooks in {nbs_dir}" + (f" matching {only}" if only else ''))
     return nbs
 
-# %% ../nbs/14_study.ipynb #d9924efc
+# %% ../nbs/14_study.ipynb #b9bbcc3f
 def parse_params(pairs:list[str]|None=None, # 'key=value' strings
-                 yaml_file:str|None=None) -> dict:
+                 yaml_file:str|None=None, # a YAML file of fields (nested or dotted keys)
+                ) -> dict:
     "Overrides from a YAML file (typed values, nested or dotted keys) and `key=value` pairs (text)."
     res = {}
     if yaml_file:
@@ -45,10 +48,12 @@ def parse_params(pairs:list[str]|None=None, # 'key=value' strings
         res[k.strip()] = v
     return res
 
-def check_params(profile:str, params:dict) -> dict:
+# %% ../nbs/14_study.ipynb #d9924efc
+def check_params(profile:str, # smoke | synthetic | paper
+                 params:dict, # overrides as `parse_params` returns them
+                ) -> dict:
     "The overrides as the config reads them (dotted keys, converted values); ConfigError naming a bad key or value."
     cfg = make_config(profile, **params)
-    from emi_nb.config import _flat, _get
     return {k: _get(cfg, k) for k in _flat(params)}
 
 # %% ../nbs/14_study.ipynb #717f3a91
@@ -65,25 +70,34 @@ HEADLESS_ENV = {'EMI_PROGRESS': 'log', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFL
                 'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
                 'PYDEVD_DISABLE_FILE_VALIDATION': '1', 'TOKENIZERS_PARALLELISM': 'false'}
 
+# %% ../nbs/14_study.ipynb #ec1c6530
 class NotebookFailed(RuntimeError):
     "A study notebook raised: names the notebook, the cell and the error."
-    def __init__(self, nb:Path, cell:int|None, error:str, source:str=''):
+    def __init__(self, nb:Path, # the notebook that failed
+                 cell:int|None, # index of the failing cell; None: outside any cell
+                 error:str, # the error, `Type: message`
+                 source:str='', # the failing cell's source
+                ):
+        "Keep where and what failed; the message quotes the failing cell's first line."
         self.nb, self.cell, self.error, self.source = nb, cell, error, source
         where = f"cell {cell}" if cell is not None else "outside any cell"
         first = source.strip().splitlines()[0][:100] if source.strip() else ''
         super().__init__(f"{nb.name} failed in {where}" + (f" ({first!r})" if first else '') + f": {error}")
 
 # %% ../nbs/14_study.ipynb #fe923e76
-def source_cell_index(nb:Path, source:str, idx:int) -> int:
+def source_cell_index(nb:Path, # the notebook the reader edits
+                      source:str, # the failing cell's source
+                      idx:int, # papermill's cell index, the answer when no cell matches
+                     ) -> int:
     "Index of the cell of `nb` whose source is `source` (first match), else `idx`."
-    import nbformat
     cells = nbformat.read(str(nb), as_version=4).cells
     hits = [i for i, c in enumerate(cells) if c.source == source]
     return hits[0] if hits else idx
 
-# %% ../nbs/14_study.ipynb #1d5a8f5b
+# %% ../nbs/14_study.ipynb #23407512
 @contextlib.contextmanager
-def stderr_to(f):
+def stderr_to(f, # an open file
+             ):
     "Send this process's file descriptor 2 (and so the kernel's, which inherits it) to open file `f`."
     sys.stderr.flush()
     saved = os.dup(2)
@@ -94,42 +108,64 @@ def stderr_to(f):
         os.dup2(saved, 2)
         os.close(saved)
 
-def run_notebook(nb:Path, out_nb:Path, params:dict, log:Path, kernel:str|None=None) -> float:
-    "Execute `nb` with papermill into `out_nb`, everything it prints to `log`; returns seconds; raises NotebookFailed."
+# %% ../nbs/14_study.ipynb #bbd596b0
+def _papermill(nb:Path, out_nb:Path, params:dict, f, kernel:str|None):
+    "Execute `nb` into `out_nb` with papermill, its output to open file `f`; raises NotebookFailed."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
+    try:
+        pm.execute_notebook(str(nb), str(out_nb), parameters=params, kernel_name=kernel or kernel_name(),
+                            cwd=str(nb.parent), progress_bar=False, language='python', stdout_file=f, stderr_file=f,
+                            request_save_on_cell_execute=True)
+    except PapermillExecutionError as e:
+        cell = source_cell_index(nb, e.source, e.cell_index)
+        raise NotebookFailed(nb, cell, f"{e.ename}: {e.evalue}", e.source) from None
+    except Exception as e:
+        raise NotebookFailed(nb, None, f"{type(e).__name__}: {e}") from e
+
+# %% ../nbs/14_study.ipynb #40713308
+def run_notebook(nb:Path, # the notebook to execute
+                 out_nb:Path, # where the executed copy goes
+                 params:dict, # parameters papermill injects
+                 log:Path, # file for everything the notebook prints
+                 kernel:str|None=None, # Jupyter kernel (default: `kernel_name()`)
+                ) -> float:
+    "Execute `nb` with papermill into `out_nb`, everything it prints to `log`; returns seconds; raises NotebookFailed."
     os.environ.update(HEADLESS_ENV)
     logging.getLogger('papermill').setLevel(logging.ERROR)
     out_nb.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log, 'w') as f, stderr_to(f):
-        try:
-            pm.execute_notebook(str(nb), str(out_nb), parameters=params, kernel_name=kernel or kernel_name(),
-                                cwd=str(nb.parent), progress_bar=False, language='python', stdout_file=f, stderr_file=f,
-                                request_save_on_cell_execute=True)
-        except PapermillExecutionError as e:
-            raise NotebookFailed(nb, source_cell_index(nb, e.source, e.cell_index), f"{e.ename}: {e.evalue}", e.source) from None
-        except Exception as e:
-            raise NotebookFailed(nb, None, f"{type(e).__name__}: {e}") from e
+    with open(log, 'w') as f, stderr_to(f): _papermill(nb, out_nb, params, f, kernel)
     return time.time() - t0
 
 # %% ../nbs/14_study.ipynb #1f57421a
+def _now() -> str:
+    "The local time as the manifest records it (ISO 8601 with the UTC offset)."
+    return time.strftime('%Y-%m-%dT%H:%M:%S%z')
+
 def _manifest(run_dir, **kw):
+    "Write `kw` as the run's manifest.json."
     return save_json(Path(run_dir)/'manifest.json', kw)
 
-def default_run_dir(profile:str) -> Path:
+def default_run_dir(profile:str, # smoke | synthetic | paper
+                   ) -> Path:
+    "runs/<profile>-<timestamp> in the project."
     return project_root()/'runs'/f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-def link_latest(run_dir:Path, profile:str):
+# %% ../nbs/14_study.ipynb #8c4dbb05
+def link_latest(run_dir:Path, # a finished run directory under runs/
+                profile:str, # its profile: the link is runs/<profile>-latest
+               ):
     "Point runs/<profile>-latest at `run_dir`; a real folder there (from interactive runs) is moved aside, not deleted."
     link = run_dir.parent/f'{profile}-latest'
     if link.is_symlink() or link.is_file(): link.unlink()
     elif link.exists(): link.rename(link.with_name(f"{link.name}.interactive-{time.strftime('%Y%m%d-%H%M%S')}"))
     link.symlink_to(run_dir.name)
 
-# %% ../nbs/14_study.ipynb #bdebd66e
-def ensure_assets(cfg) -> dict:
+# %% ../nbs/14_study.ipynb #63b43068
+def ensure_assets(cfg, # the run's config
+                 ) -> dict:
     "Build what the run needs once (synthetic corpora, the offline backbone) before any notebook; what and how long."
     t0 = time.time()
     res = dict(data_root=str(resolve_data_root(cfg)))
@@ -137,37 +173,15 @@ def ensure_assets(cfg) -> dict:
     res['backbone'] = resolve_backbone(cfg, log=None)
     return dict(res, seconds=round(time.time() - t0, 1))
 
-def run_study(profile:str='synthetic', # smoke | synthetic | paper
-              params:dict|None=None,   # config overrides (dotted keys) for every notebook
-              run_dir:str|Path|None=None, # run directory; default runs/<profile>-<timestamp>
-              only:list|None=None,     # notebook name prefixes to run (default: all)
-              nbs_dir=None,            # folder of the notebooks (default: the project's nbs/)
-              site:bool=True,          # render the site after the notebooks
-              kernel:str|None=None,
-              assets:bool=True) -> Path: # build the corpora and the backbone first (timed apart from the notebooks)
-    "Run the study's notebooks headless into a run directory; raises ConfigError before, NotebookFailed while running."
-    overrides = check_params(profile, params or {})
-    run_dir = Path(run_dir) if run_dir else default_run_dir(profile)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = run_dir.resolve()
-    overrides['run_dir'] = str(run_dir)
-    nbs = study_notebooks(nbs_dir, only)
-    man = dict(profile=profile, parameters=dict(profile=profile, overrides=overrides), versions=package_versions(),
-               commit=git_commit(), started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), status='running', notebooks=[])
-    _manifest(run_dir, **man)
-    if assets:
-        print("[emi_study] assets (corpora, offline backbone) ...", flush=True)
-        os.environ.update(HEADLESS_ENV, EMI_PROGRESS='off')
-        man['assets'] = ensure_assets(make_config(profile, **overrides))
-        print(f"[emi_study] assets ready in {man['assets']['seconds']} s", flush=True)
-    for nb in nbs: _run_one(nb, run_dir, man, dict(profile=profile, overrides=overrides), kernel)
-    if site: man['site'] = str(render_site(run_dir))
-    man.update(status='ok', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'), study_seconds=round(sum(e['seconds'] for e in man['notebooks']), 1))
-    _manifest(run_dir, **man)
-    if run_dir.parent == (project_root()/'runs').resolve(): link_latest(run_dir, profile)
-    return run_dir
+# %% ../nbs/14_study.ipynb #32b6bf5d
+def _assets(man:dict, profile:str, overrides:dict):
+    "Build the run's assets with progress bars off, one line before and after; what and how long go into `man`."
+    print("[emi_study] assets (corpora, offline backbone) ...", flush=True)
+    os.environ.update(HEADLESS_ENV, EMI_PROGRESS='off')
+    man['assets'] = ensure_assets(make_config(profile, **overrides))
+    print(f"[emi_study] assets ready in {man['assets']['seconds']} s", flush=True)
 
-# %% ../nbs/14_study.ipynb #8c4dbb05
+# %% ../nbs/14_study.ipynb #9342e149
 def _run_one(nb:Path, run_dir:Path, man:dict, params:dict, kernel):
     "Run one notebook of the study, one line before and after; on failure mark the manifest and raise."
     entry = dict(notebook=nb.name, output=f'notebooks/{nb.name}', log=f'logs/{nb.stem}.log', status='running')
@@ -179,61 +193,117 @@ def _run_one(nb:Path, run_dir:Path, man:dict, params:dict, kernel):
     except NotebookFailed as e:
         print('FAILED', flush=True)
         entry.update(status='failed', seconds=round(time.time() - t0, 1), cell=e.cell, error=e.error)
-        man.update(status='failed', ended=time.strftime('%Y-%m-%dT%H:%M:%S%z'), error=str(e))
+        man.update(status='failed', ended=_now(), error=str(e))
         _manifest(run_dir, **man)
         raise
     entry['status'] = 'ok'
     print(f"ok in {entry['seconds']} s", flush=True)
     _manifest(run_dir, **man)
 
+# %% ../nbs/14_study.ipynb #4d2f2785
+def _make_run_dir(run_dir, profile:str) -> Path:
+    "The run directory (default runs/<profile>-<timestamp>), created, as an absolute path."
+    run_dir = Path(run_dir) if run_dir else default_run_dir(profile)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve()
+
+def _new_manifest(profile:str, overrides:dict) -> dict:
+    "The manifest of a run that starts now: profile, parameters, versions, commit, start time, no notebooks yet."
+    return dict(profile=profile, parameters=dict(profile=profile, overrides=overrides), versions=package_versions(),
+                commit=git_commit(), started=_now(), status='running', notebooks=[])
+
+# %% ../nbs/14_study.ipynb #412084f4
+def run_study(profile:str='synthetic', # smoke | synthetic | paper
+              params:dict|None=None, # config overrides (dotted keys) for every notebook
+              run_dir:str|Path|None=None, # run directory; default runs/<profile>-<timestamp>
+              only:list|None=None, # notebook name prefixes to run (default: all)
+              nbs_dir=None, # folder of the notebooks (default: the project's nbs/)
+              site:bool=True, # render the site after the notebooks
+              kernel:str|None=None, # Jupyter kernel (default: `kernel_name()`)
+              assets:bool=True, # build the corpora and the backbone first (timed apart from the notebooks)
+             ) -> Path:
+    "Run the study's notebooks headless into a run directory; raises ConfigError before, NotebookFailed while running."
+    overrides = check_params(profile, params or {})
+    run_dir = _make_run_dir(run_dir, profile)
+    overrides['run_dir'] = str(run_dir)
+    nbs = study_notebooks(nbs_dir, only)
+    man = _new_manifest(profile, overrides)
+    _manifest(run_dir, **man)
+    if assets: _assets(man, profile, overrides)
+    for nb in nbs: _run_one(nb, run_dir, man, dict(profile=profile, overrides=overrides), kernel)
+    if site: man['site'] = str(render_site(run_dir))
+    man.update(status='ok', ended=_now(), study_seconds=round(sum(e['seconds'] for e in man['notebooks']), 1))
+    _manifest(run_dir, **man)
+    if run_dir.parent == (project_root()/'runs').resolve(): link_latest(run_dir, profile)
+    return run_dir
+
 # %% ../nbs/14_study.ipynb #e585f048
-def readme_text(root=None) -> str:
+def _is_quotes(c) -> bool:
+    "Whether cell `c` is the front page's code cell tagged `paper-quotes`."
+    return c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
+
+# %% ../nbs/14_study.ipynb #dcfd458f
+def readme_text(root=None, # project folder (default: this project)
+               ) -> str:
     "README.md's text: nbs/index.ipynb's markdown cells and `paper-quotes` cell's Markdown, then benchmarks/latest.md."
-    import nbformat
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
-    quotes = lambda c: c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
     parts = [c.source.strip() if c.cell_type == 'markdown' else front_page_md().strip()
-             for c in nb.cells if c.cell_type == 'markdown' or quotes(c)]
+             for c in nb.cells if c.cell_type == 'markdown' or _is_quotes(c)]
     bench = root/'benchmarks/latest.md'
     if bench.exists(): parts.append(bench.read_text().strip())
     head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'
     return '\n\n'.join([*parts, head]) + '\n'
 
-def write_readme(root=None) -> Path:
+# %% ../nbs/14_study.ipynb #22e0ff29
+def write_readme(root=None, # project folder (default: this project)
+                ) -> Path:
     "Write README.md from the front page notebook."
-    p = Path(root or project_root())/'README.md'; p.write_text(readme_text(root)); return p
+    p = Path(root or project_root())/'README.md'
+    p.write_text(readme_text(root))
+    return p
 
 # %% ../nbs/14_study.ipynb #9264c782
-def _study_parser():
+def _study_parser() -> argparse.ArgumentParser:
     "emi_study's arguments."
-    ap = argparse.ArgumentParser(prog='emi_study', description='Run the emi-study notebooks headless (papermill) with a '
-                                 'profile into one run directory, then render the site. Every config field can be set with -p.')
-    ap.add_argument('--profile', default='synthetic', choices=list(PROFILES), help='smoke | synthetic | paper (default synthetic)')
+    ap = argparse.ArgumentParser(prog='emi_study', description='Run the emi-study notebooks headless (papermill) with '
+                                 'a profile into one run directory, then render the site. Every config field can be '
+                                 'set with -p.')
+    ap.add_argument('--profile', default='synthetic', choices=list(PROFILES),
+                    help='smoke | synthetic | paper (default synthetic)')
     ap.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE',
-                    help='set a config field for every notebook, e.g. -p lr=3e-4 -p ablations.head_epochs=20 (repeatable)')
+                    help='set a config field for every notebook, e.g. -p lr=3e-4 -p ablations.head_epochs=20 '
+                         '(repeatable)')
     ap.add_argument('--params', metavar='YAML', help='YAML file of config fields (nested or dotted keys)')
     ap.add_argument('--device', help='auto | cpu | cuda | cuda:N: the same as -p device=...')
     ap.add_argument('--run-dir', help='run directory (default runs/<profile>-<timestamp>)')
-    ap.add_argument('--only', nargs='+', metavar='NB', help='run only notebooks whose name starts with these (e.g. 08 or 08_train)')
+    ap.add_argument('--only', nargs='+', metavar='NB',
+                    help='run only notebooks whose name starts with these (e.g. 08 or 08_train)')
     ap.add_argument('--nbs', metavar='DIR', help='notebook folder (default: the project nbs/)')
     ap.add_argument('--no-site', action='store_true', help='skip rendering the site')
     ap.epilog = ("Output: one line per notebook; each notebook's own output is in <run-dir>/logs/. The notebooks log "
                  "progress as plain lines (EMI_PROGRESS=log).")
     return ap
 
-# %% ../nbs/14_study.ipynb #1e557db9
-def emi_study_cli(argv=None):
+# %% ../nbs/14_study.ipynb #74d18223
+def _cli_params(a:argparse.Namespace) -> dict:
+    "The overrides of parsed arguments `a`: --params, then -p, then --device (ConfigError when it disagrees with -p)."
+    params = parse_params(a.param, a.params)
+    if a.device:
+        if params.get('device', a.device) != a.device:
+            raise ConfigError(f"--device {a.device} and -p device={params['device']} disagree")
+        params['device'] = a.device
+    return params
+
+# %% ../nbs/14_study.ipynb #e3eb6a05
+def emi_study_cli(argv=None, # arguments (default: the command line)
+                 ):
     "emi_study: run the study notebooks headless with a profile."
     a = _study_parser().parse_args(argv)
-    try:
-        params = parse_params(a.param, a.params)
-        if a.device:
-            if params.get('device', a.device) != a.device: raise ConfigError(f"--device {a.device} and -p device={params['device']} disagree")
-            params['device'] = a.device
-        run_dir = run_study(a.profile, params, a.run_dir, a.only, a.nbs, not a.no_site)
+    try: run_dir = run_study(a.profile, _cli_params(a), a.run_dir, a.only, a.nbs, not a.no_site)
     except NotebookFailed as e:
-        print(f"emi_study: FAILED: {e}\n  executed notebook with the error: {e.nb.name} in the run's notebooks/", file=sys.stderr)
+        print(f"emi_study: FAILED: {e}\n  executed notebook with the error: {e.nb.name} in the run's notebooks/",
+              file=sys.stderr)
         sys.exit(1)
     except (ConfigError, FileNotFoundError) as e:
         print(f"emi_study: {e}", file=sys.stderr)
