@@ -20,7 +20,7 @@ __all__ = ['EMOTIONS', 'VAD_NAMES', 'SR', 'TABLE2_COMPONENTS', 'TABLE1_ROWS', 'E
            'project_root', 'cache_dir', 'run_path', 'get_device', 'amp_dtype', 'seed_everything', 'package_versions',
            'git_commit', 'data_fingerprint', 'data_kind', 'fsync_path', 'replace_durably', 'atomic_path', 'save_json',
            'provenance', 'save_results', 'load_results', 'data_label', 'stamp', 'save_figure', 'threads', 'parallel',
-           'progress', 'add_progress_flag', 'set_progress']
+           'progress', 'quiet_stderr', 'add_progress_flag', 'set_progress']
 
 # %% ../nbs/00_config.ipynb #424f274d
 EMOTIONS = ['Admiration', 'Amusement', 'Determination', 'Empathic Pain', 'Excitement', 'Joy']  # the task's order
@@ -774,6 +774,20 @@ def progress(it=None, # the iterable to wrap
     if mode == 'off': return tqdm_plain(it, **kw)
     from tqdm.auto import tqdm as tqdm_auto
     return tqdm_auto(it, **kw)
+
+# %% ../nbs/00_config.ipynb #e0725f08
+@contextmanager
+def quiet_stderr():
+    "Send file descriptor 2 (what C libraries print) to /dev/null inside the block."
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try: yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 # %% ../nbs/00_config.ipynb #4a88a6d0
 def add_progress_flag(ap # an argparse.ArgumentParser

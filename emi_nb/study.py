@@ -67,8 +67,9 @@ def kernel_name() -> str:
 
 # %% ../nbs/14_study.ipynb #5c5add42
 HEADLESS_ENV = {'EMI_PROGRESS': 'log', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1',
-                'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
-                'PYDEVD_DISABLE_FILE_VALIDATION': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+                'MPLBACKEND': 'module://matplotlib_inline.backend_inline', 'HF_HUB_DISABLE_PROGRESS_BARS': '1',
+                'PYDEVD_DISABLE_FILE_VALIDATION': '1', 'TOKENIZERS_PARALLELISM': 'false',
+                'PYTHONWARNINGS': 'ignore:IProgress not found'}
 
 # %% ../nbs/14_study.ipynb #ec1c6530
 class NotebookFailed(RuntimeError):
