@@ -13,13 +13,14 @@ STAMP := $(VENV)/.emi-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env study test check-export nbtest pytest bench gpu-check lab browser sounds corpus clean
+.PHONY: help env study test check-export nbtest pytest bench gpu-check publish lab browser sounds corpus clean
 
 help:
 	@echo "make study   - environment, synthetic corpus, every notebook headless, the study site"
 	@echo "make test    - export/clean check, notebook tests, integration + browser tests"
 	@echo "make bench   - the benchmarks notebook alone (bench JSON in its run directory)"
 	@echo "make gpu-check - on a CUDA machine: the prepared GPU check (benchmarks/gpu-latest.{json,md})"
+	@echo "make publish - the newest synthetic run's summary into study/latest.{json,md} and the README"
 	@echo "make lab     - JupyterLab with the project's kernel"
 
 env: $(STAMP)
@@ -83,6 +84,10 @@ bench: env
 GPU_CHECK_ARGS ?= --publish
 gpu-check: env
 	$(BIN)/emi_gpu_check $(GPU_CHECK_ARGS)
+
+# Publishes the newest synthetic run's summary (study/latest.{json,md}) and regenerates the README; commit them afterwards.
+publish: env
+	$(BIN)/python -c "from emi_nb.study import publish_study, write_readme; print(*publish_study('runs/$(PROFILE)-latest'), sep='\n'); write_readme()"
 
 lab: env
 	$(BIN)/jupyter lab --notebook-dir=nbs --MappingKernelManager.default_kernel_name=emi-study $(if $(filter 0,$(shell id -u)),--allow-root,)

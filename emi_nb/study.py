@@ -4,21 +4,23 @@
 
 # %% ../nbs/14_study.ipynb #4e33e017
 from __future__ import annotations
-import argparse, contextlib, logging, os, re, sys, time
+import argparse, contextlib, json, logging, os, re, sys, time
 from pathlib import Path
 import nbformat, yaml
-from .config import project_root, package_versions, git_commit, save_json, make_config, ConfigError, PROFILES
+from .config import (project_root, package_versions, git_commit, save_json, atomic_path, make_config, ConfigError,
+                           PROFILES)
 from .config import _flat, _get
 from .synth import ensure_vad_corpus
 from .data import resolve_data_root
 from .pretrain import resolve_backbone
 from .paper import front_page_md
-from .site import render_site
+from .ablations import collect_claims
+from .site import render_site, paper_vs_here
 
 # %% auto #0
 __all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'check_params', 'kernel_name', 'NotebookFailed',
            'source_cell_index', 'stderr_to', 'run_notebook', 'default_run_dir', 'link_latest', 'ensure_assets',
-           'run_study', 'readme_text', 'write_readme', 'emi_study_cli']
+           'run_study', 'md_table', 'study_summary', 'publish_study', 'readme_text', 'write_readme', 'emi_study_cli']
 
 # %% ../nbs/14_study.ipynb #0c3b615a
 def study_notebooks(nbs_dir=None, # folder of the notebooks (default: the project's nbs/)
@@ -239,18 +241,60 @@ def run_study(profile:str='synthetic', # smoke | synthetic | paper
     return run_dir
 
 # %% ../nbs/14_study.ipynb #e585f048
-def _is_quotes(c) -> bool:
-    "Whether cell `c` is the front page's code cell tagged `paper-quotes`."
-    return c.cell_type == 'code' and 'paper-quotes' in c.metadata.get('tags', [])
+def md_table(df) -> str:
+    "A DataFrame as a markdown table, its index as the first column."
+    cols = [df.index.name or '', *map(str, df.columns)]
+    cell = lambda v: str(v).replace('|', '/').replace('\n', ' ')
+    rows = ['| ' + ' | '.join(map(cell, [i, *r])) + ' |' for i, r in zip(df.index, df.itertuples(index=False))]
+    return '\n'.join(['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols), *rows])
 
-# %% ../nbs/14_study.ipynb #dcfd458f
+# %% ../nbs/14_study.ipynb #47c2c2e5
+def study_summary(run_dir) -> dict:
+    "What the README shows of a finished run: when, which commit, how long, paper vs here, the claims' verdicts."
+    run_dir = Path(run_dir)
+    man = json.loads((run_dir/'manifest.json').read_text())
+    if man.get('status') != 'ok': raise ConfigError(f"{run_dir}: the run did not finish (status {man.get('status')!r})")
+    pvh, claims = paper_vs_here(run_dir), collect_claims(run_dir/'results')
+    return dict(run=run_dir.name, profile=man['profile'], commit=man.get('commit'), ended=man.get('ended'),
+                assets_seconds=(man.get('assets') or {}).get('seconds'), study_seconds=man.get('study_seconds'),
+                notebooks={e['notebook']: e['seconds'] for e in man['notebooks']}, paper_vs_here=md_table(pvh),
+                claims=md_table(claims), verdicts=claims['verdict'].value_counts().to_dict() if len(claims) else {})
+
+# %% ../nbs/14_study.ipynb #e242b370
+def publish_study(run_dir, # a finished run directory of `emi_study`
+                  root=None) -> tuple:
+    "Write study/latest.json and study/latest.md from run `run_dir` (the README reads them); returns both paths."
+    root = Path(root or project_root())
+    s = study_summary(run_dir)
+    j = save_json(root/'study'/'latest.json', s)
+    minutes = lambda x: f"{x / 60:.1f} min" if x is not None else 'not recorded'
+    md = (f"Published run `{s['run']}` (profile {s['profile']}, commit {str(s['commit'])[:10]}, ended {s['ended']}): "
+          f"assets {minutes(s['assets_seconds'])}, notebooks {minutes(s['study_seconds'])} on this machine.")
+    with atomic_path(root/'study'/'latest.md') as tmp: tmp.write_text(md + '\n')
+    return j, root/'study'/'latest.md'
+
+# %% ../nbs/14_study.ipynb #8a2b74f1
+def _published(root:Path, key:str) -> str:
+    "The published run's line and table `key` (paper_vs_here | claims), or a line saying none is published."
+    p = root/'study'/'latest.json'
+    if not p.exists(): return 'No run is published yet: `make study`, then `make publish`.'
+    return (root/'study'/'latest.md').read_text().strip() + '\n\n' + json.loads(p.read_text())[key]
+
+def _cell_text(c, root:Path) -> str|None:
+    "What a front-page cell contributes to the README: markdown as is, the computed cells' published tables."
+    tags = c.metadata.get('tags', [])
+    if c.cell_type == 'markdown': return c.source.strip()
+    if 'paper-quotes' in tags: return front_page_md().strip()
+    if 'run-summary' in tags: return _published(root, 'paper_vs_here')
+    if 'run-claims' in tags: return _published(root, 'claims')
+    return None
+
 def readme_text(root=None, # project folder (default: this project)
                ) -> str:
-    "README.md's text: nbs/index.ipynb's markdown cells and `paper-quotes` cell's Markdown, then benchmarks/latest.md."
+    "README.md's text: nbs/index.ipynb's markdown and computed cells (the published run's tables), then the benchmarks."
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
-    parts = [c.source.strip() if c.cell_type == 'markdown' else front_page_md().strip()
-             for c in nb.cells if c.cell_type == 'markdown' or _is_quotes(c)]
+    parts = [t for t in (_cell_text(c, root) for c in nb.cells) if t]
     bench = root/'benchmarks/latest.md'
     if bench.exists(): parts.append(bench.read_text().strip())
     head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'
