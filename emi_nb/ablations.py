@@ -802,6 +802,9 @@ def collect_claims(results_dir) -> pd.DataFrame:
     if eff:
         rows.append(dict(key='pretraining-e2e', claim='emotion pre-training beats an untrained backbone (full model, end to end)',
                          source='Table 2, section 5', delta=eff['delta'], ci=eff['ci'], verdict=verdict(eff['ci'], eff.get('converged', False))))
+    for k, v in (read('train').get('vs_baselines') or {}).items():
+        rows.append(dict(key=f'vs-{k}', claim=f'the fusion model beats {k} + ridge (the field\'s baseline)', source='this study',
+                         delta=v['delta'], ci=v['ci'], verdict=verdict(v['ci'], v.get('converged', False))))
     rows += read('ablations').get('claims', []) + read('vision').get('claims', [])
     cols = ['claim', 'source', 'ours', 'verdict']
     fmt = lambda r: '–' if r.get('delta') is None else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"

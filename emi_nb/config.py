@@ -30,16 +30,26 @@ SR = 16_000  # every backbone here expects 16 kHz mono
 # %% ../nbs/00_config.ipynb #a9a0a510
 @dataclass
 class CorpusConfig:
-    "The synthetic corpora (ignored for real data): sizes, seed and render workers."
+    "The synthetic corpora (ignored for real data): sizes, seed, the simulated mechanisms and render workers."
     seed: int = 0                   # generator seed (the training seed is StudyConfig.seed)
     train: int = 600                # EMI train clips (ABAW: 8,072)
     valid: int = 300                # EMI validation clips (ABAW: 4,588)
     test: int = 300                 # EMI test clips; labels kept in test_labels.csv (ABAW: 4,586, labels hidden)
-    speaker_clips: int = 8          # clips per speaker; speakers never cross splits (as in ABAW)
+    speaker_clips: int = 16         # clips per participant; participants never cross splits (ABAW: about 31 each)
+    speaker_sd: float = 0.45        # share of a label's spread that is the participant's own tendency (response style)
     scale: float = 1.0              # duration scale; < 1 shortens every clip (smoke)
     long_clip: float = 75.0         # length of the one very long clip, s (ABAW's longest: 1,250 s)
-    vad_train: int = 400            # clips of the VAD pre-training corpus
-    vad_valid: int = 100            # held-out clips of the VAD corpus
+    gain_db: float = 10.0           # recording gain per participant, uniform in +-gain_db dB (webcams, AGC); 0 = calibrated
+    session_gain_db: float = 2.0    # and per recording (sd, dB): distance and AGC change between clips
+    episode_min: float = 0.25       # the emotion is expressed in one episode covering this share of the clip, at least...
+    episode_max: float = 0.75       # ... and at most (1 and 1: the whole clip)
+    outside: float = 0.35           # expression outside the episode, as a share of the episode's
+    face_shared: float = 0.1        # share of the common expression -> face mapping; the rest is each participant's own
+    face_talk: float = 0.25         # mouth movement of speech in the face crops (unrelated to emotion); 0 = none
+    vad_train: int = 3000           # clips of the VAD pre-training corpus (several times the EMI train split)
+    vad_valid: int = 500            # held-out clips of the VAD corpus (other speakers)
+    vad_speaker_clips: int = 3      # clips per VAD speaker: many speakers, as a podcast corpus has
+    vad_expressive: bool = True     # VAD speakers express the six emotions too (laughs, sighs, ...), their VAD follows
     vad_min_seconds: float = 2.0    # shortest VAD clip, s
     vad_max_seconds: float = 6.0    # longest VAD clip, s
     workers: int = 0                # render processes; 0 = min(2, cores); the bytes do not depend on it
@@ -357,7 +367,7 @@ _SMOKE = {'backbone_preset': 'tiny', 'epochs': 2, 'batch_size': 8, 'eval_batch_s
           'warmup_epochs': 0.5, 'max_seconds': 6.0, 'seeds': 2, 'n_boot': 200, 'device': 'cpu',
           **_SMALL_PRETRAIN, 'pretrain.max_seconds': 3.0,
           'corpus.train': 32, 'corpus.valid': 16, 'corpus.test': 16, 'corpus.vad_train': 48, 'corpus.vad_valid': 16,
-          'corpus.speaker_clips': 4, 'corpus.scale': 0.32, 'corpus.long_clip': 7.5,
+          'corpus.speaker_clips': 4, 'corpus.vad_speaker_clips': 4, 'corpus.scale': 0.32, 'corpus.long_clip': 7.5,
           'corpus.vad_min_seconds': 1.0, 'corpus.vad_max_seconds': 2.5,
           'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.fit_max_steps': 2,
           'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.fit_threads': 1,

@@ -17,12 +17,12 @@ from .synth import ensure_corpus, ensure_vad_corpus
 
 # %% auto #0
 __all__ = ['SPLITS', 'MAX_ID_DIGITS', 'AUDIO_EXTS', 'KINDS', 'MIN_SAMPLES', 'REPORT_COLUMNS', 'IMG_EXTS', 'VAD_FRAME',
-           'SPEECH_PROB', 'LITTLE_SPEECH', 'DataError', 'split_csv', 'read_table', 'split_table', 'read_split',
-           'read_test_labels', 'shared_id_problems', 'check_shared_ids', 'media_path', 'out_len', 'load_audio',
-           'normalize', 'check_length', 'audio_folder', 'check_clip', 'EMIDataset', 'write_quarantine_report',
-           'collate', 'video_info', 'face_frames', 'load_pickled_features', 'vad_model', 'speech_share', 'check_root',
-           'format_problems', 'speech_line', 'emi_check_cli', 'mfcc_stats', 'acoustic_features', 'ridge_fit',
-           'resolve_data_root', 'corpus_facts']
+           'SPEECH_PROB', 'LITTLE_SPEECH', 'FEATURES', 'DataError', 'split_csv', 'read_table', 'split_table',
+           'read_split', 'read_test_labels', 'shared_id_problems', 'check_shared_ids', 'media_path', 'out_len',
+           'load_audio', 'normalize', 'check_length', 'audio_folder', 'check_clip', 'EMIDataset',
+           'write_quarantine_report', 'collate', 'video_info', 'face_frames', 'load_pickled_features', 'vad_model',
+           'speech_share', 'check_root', 'format_problems', 'speech_line', 'emi_check_cli', 'mfcc_stats', 'egemaps',
+           'acoustic_features', 'ClipRange', 'ridge_fit', 'resolve_data_root', 'corpus_facts']
 
 # %% ../nbs/04_data.ipynb #4191cde6
 class DataError(ValueError):
@@ -651,49 +651,79 @@ def emi_check_cli(argv=None):
     sys.exit(1 if n_err or (a.strict and n_warn) else 0)
 
 # %% ../nbs/04_data.ipynb #4a4a889a
-def _mel(n_mels:int=40, n_fft:int=512) -> np.ndarray:
-    "(n_mels, n_fft//2+1) triangular filters equally spaced on the HTK mel scale, 0-8 kHz."
-    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
-    edges = hz(np.linspace(0, 2595 * np.log10(1 + SR / 2 / 700), n_mels + 2))
-    f = np.linspace(0, SR / 2, n_fft // 2 + 1)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    return np.maximum(0, np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid))).astype(np.float32)
-
-_MEL = None
-
 def mfcc_stats(y:np.ndarray) -> np.ndarray:
     "64 summary statistics of a 16 kHz clip: MFCC means, sds, delta sds, energy percentiles, log duration."
-    global _MEL
-    if _MEL is None: _MEL = _mel()
-    from scipy.fft import dct, rfft
-    y = np.pad(np.asarray(y, np.float32), (0, max(0, 400 - len(y)))); n = 1 + (len(y) - 400) // 160
-    fr = np.lib.stride_tricks.sliding_window_view(y, 400)[::160][:n] * np.hanning(400).astype(np.float32)
-    X = rfft(fr, 512, axis=1)                                                        # (T, 257) complex64
-    logmel = np.log((X.real ** 2 + X.imag ** 2) @ _MEL.T + 1e-8)                     # (T, 40)
-    m = dct(logmel, norm='ortho', axis=1)[:, :20]                                   # (T, 20)
+    import librosa
+    y = np.pad(np.asarray(y, np.float32), (0, max(0, 512 - len(y))))
+    S = librosa.feature.melspectrogram(y=y, sr=SR, n_fft=512, hop_length=160, win_length=400, n_mels=40, htk=True,
+                                       center=False, power=2.0)                  # (40, T)
+    logmel = np.log(S + 1e-8)
+    m = librosa.feature.mfcc(S=logmel, n_mfcc=20).T                           # (T, 20)
     d = np.diff(m, axis=0) if len(m) > 1 else np.zeros((1, 20))
-    e = logmel.mean(1)
+    e = logmel.mean(0)
     return np.r_[m.mean(0), m.std(0), d.std(0), np.percentile(e, [10, 50, 90]), np.log(len(y) / SR)].astype(np.float32)
 
 # %% ../nbs/04_data.ipynb #b18f9acc
+@functools.lru_cache(maxsize=1)
+def _smile():
+    "The openSMILE eGeMAPSv02 functionals extractor (its library and configuration ship in the wheel)."
+    import opensmile
+    return opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=opensmile.FeatureLevel.Functionals)
+
+def egemaps(y:np.ndarray) -> np.ndarray:
+    "The 88 eGeMAPSv02 functionals of a 16 kHz clip (NaN of an undefined functional as 0)."
+    y = np.pad(np.asarray(y, np.float32), (0, max(0, 1600 - len(y))))
+    return np.nan_to_num(_smile().process_signal(y, SR).to_numpy()[0]).astype(np.float32)
+
+# %% ../nbs/04_data.ipynb #2420a9d2
+FEATURES = {'mfcc': mfcc_stats, 'egemaps': egemaps}
+
 def acoustic_features(root, # data root (ABAW layout)
                       split:str, # train | valid | test, or a VAD corpus CSV stem (vad_train, vad_valid)
                       max_seconds:float=12.0, # the study's cut
                       workers:int=2, # decoding threads
+                      kind:str='mfcc', # mfcc | egemaps
                      ) -> tuple[list, np.ndarray]:
-    "Clip ids and (N, 64) MFCC summary features of a split."
-    from concurrent.futures import ThreadPoolExecutor
-    fids = (read_split(root, split, labels=False) if not split.startswith('vad') else pd.read_csv(Path(root)/f'{split}.csv')).Filename.tolist()
-    f = lambda fid: mfcc_stats(load_audio(media_path(root, fid), max_seconds)[0])
-    with ThreadPoolExecutor(workers) as ex: X = np.stack(list(progress(ex.map(f, fids), total=len(fids), desc=f'mfcc {split}', leave=False)))
+    "Clip ids and (N, d) functionals of a split: MFCC statistics (64) or eGeMAPSv02 (88)."
+    csv = Path(root)/f'{split}.csv'
+    fids = (pd.read_csv(csv) if split.startswith('vad') else read_split(root, split, labels=False)).Filename.tolist()
+    f = lambda fid: FEATURES[kind](load_audio(media_path(root, fid), max_seconds)[0])
+    with ThreadPoolExecutor(workers) as ex:
+        X = np.stack(list(progress(ex.map(f, fids), total=len(fids), desc=f'{kind} {split}', leave=False)))
     return fids, X
 
-def ridge_fit(X, Y):
-    "Standardise + ridge with the penalty chosen by leave-one-out CV on the training data."
-    from sklearn.linear_model import RidgeCV
+# %% ../nbs/04_data.ipynb #72add19b
+class ClipRange:
+    "Clip every feature to its training 1st-99th percentile (scikit-learn transformer)."
+    def fit(self, X, y=None):
+        "Learn each feature's range."
+        self.lo_, self.hi_ = np.percentile(X, 1, 0), np.percentile(X, 99, 0)
+        return self
+    def transform(self, X):
+        "Clip to the learnt range."
+        return np.clip(X, self.lo_, self.hi_)
+    def fit_transform(self, X, y=None):
+        "Learn the range and clip to it."
+        return self.fit(X).transform(X)
+    def get_params(self, deep=True):
+        "No parameters (scikit-learn protocol)."
+        return {}
+    def set_params(self, **kw):
+        "No parameters (scikit-learn protocol)."
+        return self
+
+# %% ../nbs/04_data.ipynb #35156f97
+def ridge_fit(X, Y, # (N, d) features, (N, K) labels
+              groups=None): # participant of each row; None = each clip its own
+    "Clip to the training range, standardise, ridge with the penalty chosen by 5-fold CV over groups."
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(X, Y)
+    groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+    pipe = make_pipeline(ClipRange(), StandardScaler(), Ridge())
+    gs = GridSearchCV(pipe, {'ridge__alpha': np.logspace(-1, 5, 13)}, cv=GroupKFold(5), scoring='neg_mean_squared_error')
+    return gs.fit(X, Y, groups=groups).best_estimator_
 
 # %% ../nbs/04_data.ipynb #afa22a2f
 def resolve_data_root(cfg) -> Path:

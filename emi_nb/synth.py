@@ -19,13 +19,14 @@ from .config import (EMOTIONS, VAD_NAMES, SR, CorpusConfig, ConfigError, make_co
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE', 'SPREAD', 'CORR', 'RATER', 'SPEAKER_SD', 'FPS_MIX',
-           'VAD_FROM_EMOTION', 'VOWELS', 'label_zero_share', 'split_means', 'latent_intensities', 'rate', 'durations',
-           'speaker', 'voice_controls', 'voiced', 'contour', 'render_clip', 'face_image', 'face_expression',
-           'render_faces', 'write_video', 'render_row', 'plan_split', 'plan_vad_split', 'as_corpus', 'build_corpus',
-           'build_vad_corpus', 'corpus_checksum', 'corpus_name', 'ensure_corpus', 'ensure_vad_corpus', 'emi_synth_cli']
+           'VAD_FROM_EMOTION', 'VOWELS', 'FACE_FROM_EMOTION', 'NEUTRAL_FACE', 'label_zero_share', 'split_means',
+           'latent_intensities', 'rate', 'durations', 'speaker', 'voice_controls', 'voiced', 'contour', 'render_clip',
+           'face_image', 'face_expression', 'render_faces', 'write_video', 'render_row', 'plan_split',
+           'mechanism_draws', 'plan_vad_split', 'as_corpus', 'build_corpus', 'build_vad_corpus', 'corpus_checksum',
+           'corpus_name', 'ensure_corpus', 'ensure_vad_corpus', 'emi_synth_cli']
 
 # %% ../nbs/03_synth.ipynb #025b1645
-GENERATOR_VERSION = '1.3'
+GENERATOR_VERSION = '2.1'
 
 NEAR_ZERO = 0.05  # a label below this counts as "near zero" in the statistics
 SPLIT_CODE = {'train': 1, 'valid': 2, 'test': 3, 'vad_train': 11, 'vad_valid': 12}
@@ -38,6 +39,7 @@ ZERO_SHARE = {  # target share of near-zero labels per emotion (order of EMOTION
 ZERO_SHARE['test'] = ZERO_SHARE['valid']
 SPREAD = {'train': [0.40] * 6, 'valid': [0.40, 0.40, 0.55, 0.40, 0.40, 0.60]}  # Det and Joy spread more in valid
 SPREAD['test'] = SPREAD['valid']
+ZERO_SHARE['vad'], SPREAD['vad'] = [0.55] * 6, [0.45] * 6  # a podcast corpus: each emotion in about half of the clips
 CORR = np.array([[1, .30, .10, .10, .30, .35], [.30, 1, -.10, -.20, .40, .50], [.10, -.10, 1, .10, .30, 0],
                  [.10, -.20, .10, 1, -.10, -.30], [.30, .40, .30, -.10, 1, .45], [.35, .50, 0, -.30, .45, 1]])
 RATER = dict(noise=0.12, miss=0.06, spurious=0.06)  # rater noise sd, P(report 0 | expressed), P(small rating | not expressed)
@@ -57,10 +59,11 @@ def split_means(split:str) -> np.ndarray:
     from scipy.optimize import brentq
     return np.array([brentq(lambda m: label_zero_share(m, sd) - t, -3, 1) for t, sd in zip(ZERO_SHARE[split], SPREAD[split])])
 
-def latent_intensities(rng, n:int, split:str, speaker_effect:np.ndarray|None=None) -> np.ndarray:
+def latent_intensities(rng, n:int, split:str, speaker_effect:np.ndarray|None=None, # (n, 6) participants' own tendencies
+                       speaker_sd:float=SPEAKER_SD) -> np.ndarray: # share of the spread that is the participant's
     "(n, 6) latent intensities in [0, 1] with the split's zero share, spread and correlation."
     z = rng.standard_normal((n, 6)) @ np.linalg.cholesky(CORR).T
-    if speaker_effect is not None: z = math.sqrt(1 - SPEAKER_SD ** 2) * z + speaker_effect
+    if speaker_effect is not None: z = math.sqrt(1 - speaker_sd ** 2) * z + speaker_effect
     return np.clip(split_means(split) + np.asarray(SPREAD[split]) * z, 0, 1)
 
 def rate(rng, y:np.ndarray) -> np.ndarray:
@@ -175,19 +178,22 @@ def _event(rng, c:dict, t0:float, k:int) -> tuple[np.ndarray, float]:
     return voiced(rng, f, int(rng.integers(5)), c, c['level_db'] + (5 if stress else 0), attack=0.006 if stress else None), rng.uniform(0.02, 0.1) / (0.5 + c['rate'] / 8)
 
 # %% ../nbs/03_synth.ipynb #dec1581d
-def render_clip(rng, seconds:float, spk:dict, c:dict) -> np.ndarray:
-    "float32 mono 16 kHz audio of one clip: events in phrases over the room noise, through the microphone."
+def render_clip(rng, seconds:float, spk:dict, c:dict, # controls inside the episode (the whole clip when c_out is None)
+                c_out:dict|None=None, # controls outside the episode
+                window:tuple=(0.0, math.inf), # the episode, s
+                gain_db:float=0.0) -> np.ndarray: # recording gain
+    "float32 mono 16 kHz audio of one clip: events in phrases over the room noise, through the microphone at `gain_db`."
     n = max(1, int(round(seconds * SR))); x = np.zeros(n)
     t, k, phrase = rng.uniform(0.02, min(0.3, seconds / 4)), 0, int(rng.integers(3, 8))
     while True:
-        ev, pause = _event(rng, c, t, k)
+        ev, pause = _event(rng, c if c_out is None or window[0] <= t < window[1] else c_out, t, k)
         i = int(t * SR)
         if i + len(ev) > n - int(0.02 * SR): break
         x[i:i + len(ev)] += ev; k += 1
         t += len(ev) / SR + pause + (rng.uniform(0.15, 0.5) if k % phrase == 0 else 0)
     noise = signal.lfilter([1], [1, -0.9], rng.standard_normal(n)); noise *= 10 ** (spk['noise_db'] / 20) / (np.std(noise) + 1e-12)
     if spk['hum']: noise += 10 ** ((spk['noise_db'] - 3) / 20) * np.sin(2 * np.pi * spk['hum'] * np.arange(n) / SR + rng.random() * 6)
-    y = signal.sosfilt(signal.butter(2, [spk['hp'], spk['lp']], 'bandpass', fs=SR, output='sos'), x + noise)
+    y = signal.sosfilt(signal.butter(2, [spk['hp'], spk['lp']], 'bandpass', fs=SR, output='sos'), x + noise) * 10 ** (gain_db / 20)
     return (y / max(1.0, np.abs(y).max() / 0.95)).astype(np.float32)
 
 # %% ../nbs/03_synth.ipynb #91b74720
@@ -207,14 +213,19 @@ def face_image(spk:dict, x:np.ndarray) -> np.ndarray:
     img[(xx / 0.16) ** 2 + ((yy - 0.45) / (0.01 + 0.12 * mopen)) ** 2 < 1] = 0.05
     return img
 
+FACE_FROM_EMOTION = np.array([  # rows: smile, mouth open, brow raise, furrow, eye open; columns: EMOTIONS (shared mapping)
+    [0.3, 0.6, 0.0, -0.7, 0.3, 0.9], [0.4, 0.7, 0.0, 0.0, 0.6, 0.0], [0.5, 0.0, 0.0, 0.3, 0.6, 0.0],
+    [0.0, 0.0, 0.9, 0.4, 0.0, 0.0], [0.2, -0.4, -0.2, 0.0, 0.4, 0.0]])
+NEUTRAL_FACE = np.array([0, 0, 0, 0, 0.5])  # a resting face: eyes half open, everything else at rest
+
 def face_expression(e:np.ndarray) -> np.ndarray:
-    "Expression parameters of a face from expressed intensities e (6,)."
-    adm, amu, det, pain, exc, joy = e
-    return np.clip([0.9 * joy + 0.6 * amu + 0.3 * adm + 0.3 * exc - 0.7 * pain, 0.7 * amu + 0.6 * exc + 0.4 * adm,
-                    0.6 * exc + 0.5 * adm + 0.3 * pain, 0.9 * det + 0.4 * pain, 0.5 + 0.4 * exc + 0.2 * adm - 0.4 * amu - 0.2 * det], 0, 1)
+    "Expression parameters of a face from expressed intensities e (6,), by the shared mapping."
+    return np.clip(NEUTRAL_FACE + FACE_FROM_EMOTION @ np.asarray(e, float), 0, 1)
 
 # %% ../nbs/03_synth.ipynb #1b20d2b2
-def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray) -> dict:
+def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray, # expressed intensities (6,)
+                 window:tuple=(0.0, math.inf), # the episode, s
+                 w_out:float=1.0) -> dict: # expression outside the episode, as a share of the episode's
     "Write the face crops of one clip into `out` (JPEG, numbered); returns what happened (counts, failure modes)."
     from PIL import Image
     out.mkdir(parents=True, exist_ok=True)
@@ -223,12 +234,18 @@ def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray) -> dict:
     dark = rng.random() < 0.05; occ = rng.random() < 0.1
     o0, o1 = sorted(rng.integers(0, max(n, 1), 2)) if occ else (0, 0)
     oy = int(rng.choice([26, 8]))
-    neutral = face_image(spk, face_expression(np.zeros(6))); apex = face_image(spk, face_expression(e * spk['face_expressivity']))
-    s = np.clip(0.6 + 0.4 * np.sin(np.linspace(0, np.pi, max(n, 1)) + rng.uniform(-1, 1)) + 0.1 * rng.standard_normal(max(n, 1)), 0, 1)
+    base = np.asarray(spk.get('face_base', NEUTRAL_FACE), float)                # the participant's resting face
+    M = np.asarray(spk['face_M']) if 'face_M' in spk else FACE_FROM_EMOTION     # the participant's expression mapping
+    expr = M @ (np.asarray(e, float) * spk['face_expressivity'])                # (5,) at the apex
+    t = (np.arange(max(n, 1)) + 0.5) / (6 * drift)
+    if math.isfinite(window[1]): level = np.where((t >= window[0]) & (t < window[1]), 1.0, w_out)
+    else: level = 0.6 + 0.4 * np.sin(np.linspace(0, np.pi, max(n, 1)) + rng.uniform(-1, 1))
+    level = np.clip(level + 0.1 * rng.standard_normal(max(n, 1)), 0, 1)
+    talk = spk.get('face_talk', 0.0) * np.abs(np.sin(2 * np.pi * spk['rate'] / 2 * t + rng.uniform(0, 6)))
     kept = 0
     for k in range(n):
         if rng.random() < miss: continue
-        im = neutral + s[k] * (apex - neutral)
+        im = face_image(spk, np.clip(base + level[k] * expr + np.array([0, talk[k], 0, 0, 0]), 0, 1))
         im = np.roll(im, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) * spk['light'] * (0.2 if dark or rng.random() < 0.03 else 1.0)
         if o0 <= k < o1: im[oy:oy + 16, 6:42] = np.asarray(spk['skin']) * 0.8
         im = np.clip(im + 0.03 * rng.standard_normal(im.shape), 0, 1)
@@ -260,14 +277,20 @@ def render_row(row:dict, root:str, media:bool=True) -> dict:
     "Render one planned clip into `root`: audio mp3 (+ video and faces when `media`); returns face stats."
     rng = _rng(row['seed'], SPLIT_CODE[row['split']], row['index'], 7)
     spk = json.loads(row['speaker_json']); e = np.array([row[f'expressed_{k}'] for k in range(6)])
-    c = voice_controls(spk, (row['arousal'], row['dominance'], row['valence']), e)
-    wav = render_clip(rng, row['duration'], spk, c)
+    vad = np.array([row['arousal'], row['dominance'], row['valence']])
+    c = voice_controls(spk, vad, e)
+    w = row.get('ep_outside', 1.0)
+    c_out = voice_controls(spk, 0.5 + w * (vad - 0.5), w * e) if w < 1 else None
+    t0 = row.get('ep_start', 0.0) * row['duration']
+    window = (t0, t0 + row.get('ep_len', 1.0) * row['duration'])
+    wav = render_clip(rng, row['duration'], spk, c, c_out, window, row.get('gain_db', 0.0))
     root = Path(root); fid = int(row['Filename'])
     (root/'audio').mkdir(exist_ok=True)
     import soundfile as sf
     sf.write(str(root/'audio'/f'{fid:05d}.mp3'), wav, SR, format='MP3')
     if not media: return {}
-    res = render_faces(rng, root/'face_images'/f'{fid:05d}', row['duration'], spk, e)
+    frng = _rng(row['seed'], SPLIT_CODE[row['split']], row['index'], 8)
+    res = render_faces(frng, root/'face_images'/f'{fid:05d}', row['duration'], spk, e, window, w)
     thumb = (face_image(spk, face_expression(np.zeros(6)))[1::3, 1::3] * 255).astype(np.uint8)
     (root/'raw').mkdir(exist_ok=True)
     res['video_frames'] = write_video(rng, root/'raw'/f'{fid:05d}.mp4', row['duration'], Fraction(row['fps']), thumb)
@@ -281,35 +304,61 @@ def plan_split(corpus:CorpusConfig, split:str, n:int, fids) -> pd.DataFrame:
     n_spk = max(2, int(math.ceil(n / corpus.speaker_clips)))
     spk_of = np.sort(rng.integers(0, n_spk, n))
     spks = [speaker(_rng(seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
-    y = latent_intensities(rng, n, split, speaker_effect=SPEAKER_SD * rng.standard_normal((n_spk, 6))[spk_of])
+    sd = corpus.speaker_sd
+    y = latent_intensities(rng, n, split, sd * rng.standard_normal((n_spk, 6))[spk_of], sd)
     lab = rate(rng, y)
     expr = np.array([spks[s]['expressivity'] for s in spk_of])[:, None] * rng.uniform(0.7, 1.1, (n, 1)) * y
     vad = np.clip(0.5 + expr @ VAD_FROM_EMOTION.T + 0.08 * rng.standard_normal((n, 3)), 0.02, 0.98)
     dur = durations(rng, n, corpus.scale, corpus.long_clip if split == 'train' else None)
     fps = rng.permutation(np.repeat([str(f) for f, _ in FPS_MIX], _exact_counts(n, [p for _, p in FPS_MIX])))
+    spks, mech = mechanism_draws(corpus, split, spks, spk_of)
     df = pd.DataFrame({'Filename': fids, **{k: lab[:, j] for j, k in enumerate(EMOTIONS)}})
     df = df.assign(split=split, index=np.arange(n), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
-                   speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=dur, fps=fps,
+                   speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=dur, fps=fps, **mech,
                    **{f'latent_{k}': y[:, j].round(4) for j, k in enumerate(EMOTIONS)},
                    **{f'expressed_{j}': expr[:, j].round(4) for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
     return df
 
 # %% ../nbs/03_synth.ipynb #6c0bc3be
+def mechanism_draws(corpus:CorpusConfig, split:str, spks:list, spk_of:np.ndarray) -> tuple:
+    "(participants with their face parameters, per-clip columns gain_db, ep_start, ep_len, ep_outside) of a split."
+    r, rf = _rng(corpus.seed, SPLIT_CODE[split], 5), _rng(corpus.seed, SPLIT_CODE[split], 6)
+    sh = corpus.face_shared
+    face = lambda: dict(face_M=(sh * FACE_FROM_EMOTION + (1 - sh) * rf.normal(0, 0.45, (5, 6))).round(3).tolist(),
+                        face_base=(rf.uniform([0, 0, .1, 0, .3], [.5, .2, .6, .4, .8]) if sh < 1 else NEUTRAL_FACE).round(3).tolist(),
+                        face_talk=corpus.face_talk)
+    spks = [dict(s, **face()) for s in spks]
+    gain = r.uniform(-corpus.gain_db, corpus.gain_db, len(spks))[spk_of] + corpus.session_gain_db * r.standard_normal(len(spk_of))
+    ep_len = r.uniform(corpus.episode_min, corpus.episode_max, len(spk_of))
+    ep_start = r.random(len(spk_of)) * (1 - ep_len)
+    whole = corpus.episode_min >= 1
+    return spks, dict(gain_db=gain.round(2), ep_start=ep_start.round(4), ep_len=ep_len.round(4),
+                      ep_outside=np.full(len(spk_of), 1.0 if whole else corpus.outside))
+
+# %% ../nbs/03_synth.ipynb #1530631a
 def plan_vad_split(corpus:CorpusConfig, split:str, n:int) -> pd.DataFrame:
-    "One row per clip of a VAD split: Filename, arousal, dominance, valence (labels) and the true state."
+    "One row per clip of a VAD split: Filename, arousal, dominance, valence (labels), the true state and its events."
     seed = corpus.seed
     rng = _rng(seed, SPLIT_CODE[split], 1)
-    n_spk = max(2, int(math.ceil(n / corpus.speaker_clips)))
+    n_spk = max(2, int(math.ceil(n / corpus.vad_speaker_clips)))
     spk_of = np.sort(rng.integers(0, n_spk, n))
     spks = [speaker(_rng(seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
-    z = rng.standard_normal((n, 3)); z[:, 1] = 0.5 * z[:, 0] + math.sqrt(0.75) * z[:, 1]
-    vad = np.clip(norm.cdf(z) * 0.9 + 0.05, 0.02, 0.98)
+    if corpus.vad_expressive:
+        y = latent_intensities(rng, n, 'vad', SPEAKER_SD * rng.standard_normal((n_spk, 6))[spk_of])
+        expr = np.array([spks[s]['expressivity'] for s in spk_of])[:, None] * rng.uniform(0.7, 1.1, (n, 1)) * y
+        vad = np.clip(0.5 + expr @ VAD_FROM_EMOTION.T + 0.12 * rng.standard_normal((n, 3)), 0.02, 0.98)
+    else:
+        z = rng.standard_normal((n, 3))
+        z[:, 1] = 0.5 * z[:, 0] + math.sqrt(0.75) * z[:, 1]
+        vad, expr = np.clip(norm.cdf(z) * 0.9 + 0.05, 0.02, 0.98), np.zeros((n, 6))
     lab = np.clip(vad + 0.05 * rng.standard_normal(vad.shape), 0, 1).round(4)
     first = 1 if split == 'vad_train' else 1 + corpus.vad_train
+    dur = rng.uniform(corpus.vad_min_seconds, corpus.vad_max_seconds, n).round(3)
+    spks, mech = mechanism_draws(corpus, split, spks, spk_of)
     df = pd.DataFrame({'Filename': np.arange(first, first + n), **{f'label_{k}': lab[:, j] for j, k in enumerate(VAD_NAMES)}})
     return df.assign(split=split, index=np.arange(n), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
-                     speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=rng.uniform(corpus.vad_min_seconds, corpus.vad_max_seconds, n).round(3),
-                     **{f'expressed_{j}': 0.0 for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
+                     speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=dur, **mech,
+                     **{f'expressed_{j}': expr[:, j].round(4) for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
 
 # %% ../nbs/03_synth.ipynb #0a2078b7
 def _render_many(rows:list[dict], root, media:bool, workers:int, desc:str) -> list[dict]:
@@ -330,8 +379,9 @@ def as_corpus(corpus) -> CorpusConfig:
 
 def _generator_facts(corpus:CorpusConfig, kind:str) -> dict:
     "What makes a corpus of `kind` (emi | vad): the generator version and the corpus fields it reads."
-    keys = ('seed', 'train', 'valid', 'test', 'speaker_clips', 'scale', 'long_clip') if kind == 'emi' else \
-           ('seed', 'vad_train', 'vad_valid', 'speaker_clips', 'vad_min_seconds', 'vad_max_seconds')
+    mech = ('gain_db', 'session_gain_db', 'episode_min', 'episode_max', 'outside', 'face_shared', 'face_talk')
+    keys = ('seed', 'train', 'valid', 'test', 'speaker_clips', 'speaker_sd', 'scale', 'long_clip', *mech) if kind == 'emi' else \
+           ('seed', 'vad_train', 'vad_valid', 'vad_speaker_clips', 'vad_expressive', 'vad_min_seconds', 'vad_max_seconds', *mech)
     return dict(generator='emi_nb.synth', version=GENERATOR_VERSION, kind=kind, corpus={k: getattr(corpus, k) for k in keys})
 
 # %% ../nbs/03_synth.ipynb #c82bdd0b

@@ -103,6 +103,8 @@ def test_interrupt_failure_and_statistics(tmp_path, smoke):
     assert st['global']['n_seeds'] == 2 and len(st['global']['vs_ref']['per_seed']) == 2 and 'vs_ref' not in st['full']
     lo, hi = st['full']['ci']; assert lo <= hi
     tab = stats_table(st, 'table2'); assert list(tab.index) == ['full', 'global', 'broken']
+    assert 'Not converged, so not compared' in agreement(st, 'table2')   # 2 epochs: no verdict from these rows
+    for r in ('full', 'global'): st[r]['converged'] = True
     assert 'against full' in agreement(st, 'table2')
     json.dumps(st)
 
