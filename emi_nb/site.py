@@ -282,6 +282,7 @@ def provenance_rows(run:dict, # the run (`load_run`)
     own = page_results(run, nb)
     vers = man.get('versions') or {}
     rows = [('Data', _data_line(own or run['results'], params, prof, bool(own))),
+            ('Cut', _cut_line(run, params, prof)),
             ('Profile', f'<code>{escape(prof)}</code>'),
             ('Seed(s)', escape(', '.join(map(str, _page_seeds(own or run['results'], params, prof))) or '–')),
             ('Parameters', ' '.join(f'<code>{escape(k)}={escape(repr(v))}</code>' for k, v in params.items()) or '–'),
@@ -289,6 +290,17 @@ def provenance_rows(run:dict, # the run (`load_run`)
             ('Commit', f"<code>{escape(man.get('commit') or 'not a git checkout')}</code>"), ('Run', _ran(man, stem))]
     if own: rows.append(('Results', ' '.join(f'<code>results/{escape(k)}.json</code>' for k in own)))
     return rows
+
+# %% ../nbs/13_site.ipynb #82fd65be
+def _cut_line(run:dict, # the run (`load_run`)
+              params:dict, profile:str) -> str:
+    "The run's cut and what it drops (from results/data.json), or the cut alone when the data notebook has not run."
+    cut = float(params.get('max_seconds') or make_config(profile if profile in ('smoke', 'synthetic', 'paper') else 'paper').max_seconds)
+    t = ((run['results'].get('data') or {}).get('metrics') or {}).get('cut_tradeoff')
+    if not t: return f'{cut:g} s'
+    i = int(np.argmin(np.abs(np.asarray(t['cut_s'], float) - cut)))
+    return (f"{cut:g} s: {1 - t['seen_whole'][i]:.0%} of the clips are cut short, {t['audio_dropped'][i]:.0%} of all audio "
+            "is left out")
 
 # %% ../nbs/13_site.ipynb #ba3aea61
 def provenance_html(rows, # (label, HTML) pairs
