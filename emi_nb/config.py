@@ -376,10 +376,12 @@ _SMOKE = {'backbone_preset': 'tiny', 'epochs': 2, 'batch_size': 8, 'eval_batch_s
           'vision.unfrozen': 'off'}
 
 # %% ../nbs/00_config.ipynb #940b1411
-_SYNTHETIC = {'backbone_preset': 'small', 'epochs': 4, 'batch_size': 16, 'eval_batch_size': 32, 'lr': 2e-3,
+_SYNTHETIC = {'backbone_preset': 'small', 'epochs': 24, 'patience': 4, 'batch_size': 16, 'eval_batch_size': 32,
+              'lr': 1e-3, 'backbone_lr': 1e-4, 'freeze_feature_encoder': True,
               'warmup_epochs': 1.0, 'max_seconds': 4.0, 'seeds': 3, 'n_boot': 1000, 'bucket_pool': 8,
-              **_SMALL_PRETRAIN, 'pretrain.max_seconds': 4.0,
-              'ablations.head_epochs': 2, 'ablations.fit_seeds': 1, 'ablations.long_factor': 1.5,
+              **_SMALL_PRETRAIN, 'pretrain.max_seconds': 4.0, 'pretrain.epochs': 8, 'pretrain.patience': 2,
+              'pretrain.threads': 2, 'corpus.vad_train': 2400, 'corpus.vad_min_seconds': 1.5, 'corpus.vad_max_seconds': 4.5,
+              'ablations.head_epochs': 30, 'ablations.fit_seeds': 1, 'ablations.long_factor': 1.5,
               'ablations.table2_frozen': True, 'ablations.t1_frozen': True, 'ablations.t1_seeds': 1,
               'ablations.pad_seeds': 1, 'ablations.explore': ('fixed-nomask', 'ccc', 'pearson', 'collapsed'),
               'ablations.workers': 2}
