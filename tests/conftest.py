@@ -40,3 +40,21 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason='needs a CUDA GPU (torch sees none)')
     for item in items:
         if 'cuda' in item.keywords: item.add_marker(skip)
+
+@pytest.fixture(scope='module')
+def clean(tmp_path_factory):
+    "A clean smoke corpus, built once per test module, for tests that break copies of it."
+    from emi_nb.synth import build_corpus
+    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 'smoke')
+
+def copy_root(clean:Path, tmp_path:Path) -> Path:
+    "A copy of the clean corpus to break."
+    import shutil
+    d = tmp_path/'root'
+    shutil.copytree(clean, d)
+    return d
+
+def first_fid(root:Path, split:str='train', i:int=0) -> int:
+    "File id of data row i of a split CSV."
+    import pandas as pd
+    return int(pd.read_csv(root/f'{split}_split.csv').Filename[i])

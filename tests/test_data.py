@@ -2,19 +2,11 @@
 import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, soundfile as sf, soxr, torch
-from conftest import run_cli
+from conftest import run_cli, clean, copy_root as _copy, first_fid as _fid
 from emi_nb.config import EMOTIONS, SR
 from emi_nb.data import DataError, EMIDataset, load_audio, read_split, check_root, collate, video_info, face_frames, load_pickled_features
 from emi_nb.synth import build_corpus
 
-@pytest.fixture(scope='module')
-def clean(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 'smoke')
-
-def _copy(clean, tmp_path) -> Path:
-    d = tmp_path/'root'; shutil.copytree(clean, d); return d
-
-def _fid(root, split='train', i=0) -> int: return int(pd.read_csv(root/f'{split}_split.csv').Filename[i])
 
 def _edit_csv(root, split, fn):
     "Rewrite a split CSV through `fn(df)` (in place edits, or a returned new frame)."

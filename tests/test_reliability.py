@@ -4,7 +4,7 @@ when an input has little or no speech, shown on real recordings from Debian's te
 import json, os, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, soundfile as sf, soxr
-from conftest import run_cli
+from conftest import run_cli, clean, copy_root as _copy, first_fid as _fid
 from emi_nb.config import EMOTIONS, SR, make_config
 from emi_nb.data import DataError, EMIDataset, check_root, load_audio, out_len
 from emi_nb.synth import build_corpus
@@ -14,14 +14,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', EMI_PROGRESS='off')
 LIBRIVOX = Path('/usr/share/pocketsphinx/test/data/librivox')   # pocketsphinx-testdata: read speech, 16 kHz
 ALSA = Path('/usr/share/sounds/alsa')                           # alsa-utils: spoken words and a noise, 48 kHz
 
-@pytest.fixture(scope='module')
-def clean(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp('data')/'clean', 'smoke')
-
-def _copy(clean, tmp_path) -> Path:
-    d = tmp_path/'root'; shutil.copytree(clean, d); return d
-
-def _fid(root, split='train', i=0) -> int: return int(pd.read_csv(root/f'{split}_split.csv').Filename[i])
 
 def _set(root, csv, i, col, value):
     "Set one cell (0-based data row i) of a CSV, as text."

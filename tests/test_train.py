@@ -187,35 +187,35 @@ torch.save = dying_save
 train.emi_train_cli(sys.argv[2:])
 """
 
+CKPT_ARGS = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
+
+def _killed_run(tmp_path, at_save:int):
+    "A reference run and a run killed in its `at_save`-th checkpoint write; (run dir, its checkpoints, the kill)."
+    _train(tmp_path/'ref', *CKPT_ARGS)
+    run = tmp_path/'run'
+    p = subprocess.run([sys.executable, '-c', _KILL_IN_WRITE, str(at_save), *TINY, '--run-dir', str(run), *CKPT_ARGS],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    return run, run/'checkpoints'/'emi', p
+
 def test_kill_during_checkpoint_write_resumes_from_last_complete_state(tmp_path):
     "SIGKILL in the middle of writing state.pt: the pointer still names the previous complete state; --resume finishes identically."
-    args = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
-    _train(tmp_path/'ref', *args)
-    run = tmp_path/'killed'
-    p = subprocess.run([sys.executable, '-c', _KILL_IN_WRITE, '4', *TINY, '--run-dir', str(run), *args], env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    run, ck, p = _killed_run(tmp_path, 4)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    ck = run/'checkpoints'/'emi'
     assert list(ck.glob('.state-*.tmp')), 'the half-written state should be left in its temporary folder'
     latest = json.loads((ck/'latest.json').read_text())
     assert (ck/latest['dir']/'state.pt').exists()
-    r = _train(run, *args, '--resume', quiet=False)
+    r = _train(run, *CKPT_ARGS, '--resume', quiet=False)
     assert r.returncode == 0
     assert _results(tmp_path/'ref')['metrics'] == _results(run)['metrics']
 
 def test_damaged_checkpoint_resume_names_file_and_uses_previous_state(tmp_path):
     "A truncated newest state and a damaged pointer: --resume names both and continues from the previous complete state."
-    args = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
-    _train(tmp_path/'ref', *args)
-    run = tmp_path/'run'
-    p = subprocess.run([sys.executable, '-c', _KILL_IN_WRITE, '5', *TINY, '--run-dir', str(run), *args], env=ENV,
-                       capture_output=True, text=True, timeout=600)
-    ck = run/'checkpoints'/'emi'
+    run, ck, p = _killed_run(tmp_path, 5)
     newest = ck/json.loads((ck/'latest.json').read_text())['dir']
     w = newest/'model.safetensors'
     w.write_bytes(w.read_bytes()[:1000])
     (ck/'latest.json').write_text('{"dir": "state-e0')
-    r = _train(run, *args, '--resume', quiet=False)
+    r = _train(run, *CKPT_ARGS, '--resume', quiet=False)
     assert 'latest.json: damaged pointer' in r.stdout and newest.name in r.stdout and 'newest complete state' in r.stdout
     assert _results(tmp_path/'ref')['metrics'] == _results(run)['metrics']
 
