@@ -27,16 +27,22 @@ __all__ = ['SPLITS', 'MAX_ID_DIGITS', 'AUDIO_EXTS', 'KINDS', 'MIN_SAMPLES', 'REP
 # %% ../nbs/04_data.ipynb #4191cde6
 class DataError(ValueError):
     "A data problem: `str(e)` is 'path: reason'."
-    def __init__(self, path, reason:str):
+    def __init__(self, path, # the file or folder at fault
+                 reason:str): # what is wrong with it
+        "Keep the path (as text) and the reason."
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
-    def __reduce__(self): return (DataError, (self.path, self.reason))
+    def __reduce__(self):
+        "Pickle by path and reason, so an error raised in a worker process arrives whole."
+        return (DataError, (self.path, self.reason))
 
 # %% ../nbs/04_data.ipynb #baa132ec
 SPLITS = ('train', 'valid', 'test')
 MAX_ID_DIGITS = 18  # a Filename of more digits overflows a 64-bit integer id
 
-def split_csv(root, split:str) -> Path:
+def split_csv(root, # ABAW-layout data root
+              split:str, # train | valid | test
+             ) -> Path:
     "Path of the CSV of `split` (train | valid | test) under `root`."
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     return Path(root)/f'{split}_split.csv'
@@ -49,6 +55,7 @@ def _id_problem(v:str) -> str|None:
         return f"Filename {v!r} is too large for a clip id (more than {MAX_ID_DIGITS} digits)"
     return None
 
+# %% ../nbs/04_data.ipynb #826c6be6
 def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
     "Filename column as ints (-1 where bad) and {row index: problem}."
     ids, probs = np.full(len(raw), -1, np.int64), {}
@@ -58,7 +65,8 @@ def _id_problems(raw:pd.Series) -> tuple[np.ndarray, dict]:
         else: ids[i] = int(v)
     rows = pd.Series(np.flatnonzero(ids >= 0)).groupby(ids[ids >= 0]).apply(list)
     for fid, rs in rows[rows.map(len) > 1].items():
-        for i in rs: probs[i] = f"duplicate id {fid} (rows {', '.join(str(j + 2) for j in rs)}): labels ambiguous, every copy is bad"
+        lines = ', '.join(str(j + 2) for j in rs)
+        for i in rs: probs[i] = f"duplicate id {fid} (rows {lines}): labels ambiguous, every copy is bad"
     return ids, probs
 
 # %% ../nbs/04_data.ipynb #6e74c601
@@ -67,7 +75,8 @@ def _label_problems(df:pd.DataFrame) -> tuple[np.ndarray, dict]:
     y, probs = np.full((len(df), len(EMOTIONS)), np.nan), {}
     for j, c in enumerate(EMOTIONS):
         col = pd.to_numeric(df[c].str.strip().replace('', 'nan'), errors='coerce').to_numpy(float)
-        for i in np.flatnonzero(~np.isfinite(col)): probs.setdefault(i, f"{c} = {df[c].iloc[i]!r} is not a finite number")
+        for i in np.flatnonzero(~np.isfinite(col)):
+            probs.setdefault(i, f"{c} = {df[c].iloc[i]!r} is not a finite number")
         for i in np.flatnonzero((col < 0) | (col > 1)): probs.setdefault(i, f"{c} = {col[i]:g} is outside [0, 1]")
         y[:, j] = col
     return y, probs
@@ -78,12 +87,8 @@ def _row_problem(csv:Path, i:int, fid:int, raw:str, msg:str) -> dict:
     where = f"row {i + 2}" if msg.startswith('Filename') else f"row {i + 2}, Filename {raw}"
     return dict(path=str(csv), row=i + 2, fid=int(fid) if fid >= 0 else None, problem=f"{where}: {msg}")
 
-def read_table(csv, # a split CSV or test_labels.csv
-               labels:bool, # the six emotion columns are required (else read only when all present)
-               name:str='table', # what the table is, for the messages
-              ) -> tuple[pd.DataFrame, list[dict]]:
-    "The table's valid rows (attrs: rows, path) and a list of row problems; structural problems raise DataError."
-    csv = Path(csv)
+def _read_csv(csv:Path, labels:bool, name:str) -> tuple[pd.DataFrame, list]:
+    "(the CSV as text, its emotion columns); DataError when it is missing, unreadable, empty or lacks a column."
     if not csv.exists(): raise DataError(csv, f"missing file ({name})")
     try: df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e: raise DataError(csv, f"unreadable CSV: {e}") from None
@@ -92,6 +97,16 @@ def read_table(csv, # a split CSV or test_labels.csv
     present = [c for c in EMOTIONS if c in df.columns]
     if labels and len(present) < len(EMOTIONS):
         raise DataError(csv, f"missing column(s) {[c for c in EMOTIONS if c not in present]}")
+    return df, present
+
+# %% ../nbs/04_data.ipynb #f130e2b6
+def read_table(csv, # a split CSV or test_labels.csv
+               labels:bool, # the six emotion columns are required (else read only when all present)
+               name:str='table', # what the table is, for the messages
+              ) -> tuple[pd.DataFrame, list[dict]]:
+    "The table's valid rows (attrs: rows, path) and a list of row problems; structural problems raise DataError."
+    csv = Path(csv)
+    df, present = _read_csv(csv, labels, name)
     ids, probs = _id_problems(df['Filename'])
     out = pd.DataFrame({'Filename': ids})
     if labels or len(present) == len(EMOTIONS):
@@ -104,10 +119,10 @@ def read_table(csv, # a split CSV or test_labels.csv
     out.attrs.update(rows=[i + 2 for i in range(len(df)) if i not in probs], path=str(csv))
     return out, problems
 
-# %% ../nbs/04_data.ipynb #f130e2b6
+# %% ../nbs/04_data.ipynb #52f0f082
 def split_table(root, # ABAW-layout data root
                 split:str, # train | valid | test
-                labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
+                labels:bool|None=None, # True: require labels, False: ignore them, None: required except for test
                ) -> tuple[pd.DataFrame, list[dict]]:
     "The split's valid rows and a list of row problems (row, fid, problem); structural problems raise DataError."
     csv = split_csv(root, split)
@@ -117,13 +132,14 @@ def split_table(root, # ABAW-layout data root
 # %% ../nbs/04_data.ipynb #0a35a173
 def read_split(root, # ABAW-layout data root
                split:str, # train | valid | test
-               labels:bool|None=None, # True: require labels; False: ignore them; None: required except for test
+               labels:bool|None=None, # True: require labels, False: ignore them, None: required except for test
                quarantine:bool=False, # drop bad rows (listed in df.attrs['problems']) instead of raising
               ) -> pd.DataFrame:
     "The split's table, validated: int `Filename` + the six emotions (float, [0, 1]) when labelled."
     df, probs = split_table(root, split, labels)
     if probs and not quarantine:
-        raise DataError(probs[0]['path'], probs[0]['problem'] + (f" (and {len(probs) - 1} more bad rows)" if len(probs) > 1 else ''))
+        more = f" (and {len(probs) - 1} more bad rows)" if len(probs) > 1 else ''
+        raise DataError(probs[0]['path'], probs[0]['problem'] + more)
     if len(df) == 0: raise DataError(split_csv(root, split), "empty split: no valid rows")
     df.attrs['problems'] = probs
     return df
@@ -140,13 +156,18 @@ def read_test_labels(root, # ABAW-layout data root
     if fids is None and split_csv(root, 'test').exists():
         fids = read_split(root, 'test', labels=False, quarantine=True).Filename
     have, bad = set(df.Filename.tolist()), {p['fid'] for p in probs}
-    probs += [dict(path=str(csv), row=None, fid=int(f), problem=f"no row for test id {int(f)} (it is in test_split.csv)")
-              for f in (fids if fids is not None else []) if int(f) not in have | bad]
+    missing = [f for f in (fids if fids is not None else []) if int(f) not in have | bad]
+    probs += [dict(path=str(csv), row=None, fid=int(f), problem=_no_row(f)) for f in missing]
     if probs and not quarantine:
         raise DataError(csv, probs[0]['problem'] + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ''))
     out = df.set_index('Filename')
     out.attrs['problems'] = probs
     return out
+
+# %% ../nbs/04_data.ipynb #4f8ef565
+def _no_row(f) -> str:
+    "The problem of a test id that test_labels.csv lacks."
+    return f"no row for test id {int(f)} (it is in test_split.csv)"
 
 # %% ../nbs/04_data.ipynb #b913035f
 def shared_id_problems(tables:dict, # split -> its table (read_split, split_table or EMIDataset.df)
@@ -156,22 +177,27 @@ def shared_id_problems(tables:dict, # split -> its table (read_split, split_tabl
     for split, df in tables.items():
         rows, path = df.attrs.get('rows') or [None] * len(df), df.attrs.get('path', f'{split}_split.csv')
         for f, r in zip(df.Filename.tolist(), rows):
-            if f not in seen: seen[f] = (split, r, Path(path).name); continue
+            if f not in seen:
+                seen[f] = (split, r, Path(path).name)
+                continue
             s0, r0, p0 = seen[f]
             why = f"row {r}, Filename {f}: id {f} is also in {s0} ({p0} row {r0}): splits must not share clips"
             probs.append(dict(path=path, row=r, fid=int(f), problem=why))
     return probs
 
+# %% ../nbs/04_data.ipynb #0199779e
 def check_shared_ids(tables:dict, # split -> its table
-                     allow:bool=False, # train anyway on ids found in two splits (opt-in; the scores then leak)
+                     allow:bool=False, # train anyway on ids found in two splits (opt-in, the scores then leak)
                     ) -> list[dict]:
     "Raise a DataError naming the first id found in two splits (and the count) unless `allow`; returns the problems."
     probs = shared_id_problems(tables)
     if not probs: return probs
     first = probs[0]
     if not allow:
-        raise DataError(first['path'], first['problem'] + f" ({len(probs)} shared id(s); allow_shared_ids=True trains anyway)")
-    warnings.warn(f"{len(probs)} id(s) in two splits, kept as allow_shared_ids=True: first {first['path']}: {first['problem']}")
+        count = f" ({len(probs)} shared id(s); allow_shared_ids=True trains anyway)"
+        raise DataError(first['path'], first['problem'] + count)
+    warnings.warn(f"{len(probs)} id(s) in two splits, kept as allow_shared_ids=True: "
+                  f"first {first['path']}: {first['problem']}")
     return probs
 
 # %% ../nbs/04_data.ipynb #7cd84dc7
@@ -179,10 +205,30 @@ AUDIO_EXTS = ('.mp3', '.wav', '.flac')
 KINDS = {'audio': 'audio', 'raw': 'raw', 'faces': 'face_images'}
 
 def _inside(p:Path, folder:Path) -> bool:
-    try: p.resolve().relative_to(folder.resolve()); return True
+    "Whether `p`, its links resolved, lies inside `folder`."
+    try: p.resolve().relative_to(folder.resolve())
     except ValueError: return False
+    return True
+
+def _candidates(root, fid:int, kind:str) -> tuple[Path, list]:
+    "(the folder of `kind`, the paths clip `fid` may have in it: .mp3, .wav and .flac for audio, one otherwise)."
+    folder = Path(root)/KINDS[kind]
+    if kind == 'audio': return folder, [folder/f'{int(fid):05d}{e}' for e in AUDIO_EXTS]
+    return folder, [folder/(f'{int(fid):05d}' + ('.mp4' if kind == 'raw' else ''))]
 
 # %% ../nbs/04_data.ipynb #d370024f
+def _existing(p:Path, folder:Path, kind:str, must_exist:bool) -> Path:
+    "`p`, checked: a DataError when missing (if `must_exist`), outside `folder`, or a broken link."
+    if not (p.exists() or p.is_symlink()):
+        also = f" (also looked for {', '.join(AUDIO_EXTS[1:])})" if kind == 'audio' else ''
+        if must_exist: raise DataError(p, "missing file" + also)
+        return p
+    if not _inside(p, folder):
+        raise DataError(p, f"resolves to {p.resolve()}, outside {folder} (path escapes the data folder)")
+    if not p.exists(): raise DataError(p, "broken symlink")
+    return p
+
+# %% ../nbs/04_data.ipynb #444df258
 def media_path(root, # ABAW-layout data root
                fid:int, # clip id (the CSV's Filename)
                kind:str='audio', # audio | raw | faces
@@ -190,23 +236,20 @@ def media_path(root, # ABAW-layout data root
               ) -> Path:
     "The file (audio: first of .mp3/.wav/.flac that exists) or folder (faces) of clip `fid`."
     if kind not in KINDS: raise ValueError(f"unknown kind {kind!r}; choose one of {list(KINDS)}")
-    if not isinstance(fid, (int, np.integer)) or fid < 0: raise DataError(root, f"clip id {fid!r} is not a non-negative integer")
-    folder = Path(root)/KINDS[kind]
-    cands = [folder/f'{int(fid):05d}{e}' for e in AUDIO_EXTS] if kind == 'audio' else [folder/(f'{int(fid):05d}' + ('.mp4' if kind == 'raw' else ''))]
+    if not isinstance(fid, (int, np.integer)) or fid < 0:
+        raise DataError(root, f"clip id {fid!r} is not a non-negative integer")
+    folder, cands = _candidates(root, fid, kind)
     found = [c for c in cands if c.exists() or c.is_symlink()]
     if len(found) > 1:
         names = ' and '.join(c.name for c in found)
-        raise DataError(found[0], f"{len(found)} audio files for id {fid}: {names} (keep one: which is meant is ambiguous)")
-    p = found[0] if found else cands[0]
-    if not (p.exists() or p.is_symlink()):
-        if must_exist: raise DataError(p, "missing file" + (f" (also looked for {', '.join(AUDIO_EXTS[1:])})" if kind == 'audio' else ''))
-        return p
-    if not _inside(p, folder): raise DataError(p, f"resolves to {p.resolve()}, outside {folder} (path escapes the data folder)")
-    if not p.exists(): raise DataError(p, "broken symlink")
-    return p
+        why = f"{len(found)} audio files for id {fid}: {names} (keep one: which is meant is ambiguous)"
+        raise DataError(found[0], why)
+    return _existing(found[0] if found else cands[0], folder, kind, must_exist)
 
 # %% ../nbs/04_data.ipynb #65024913
-def out_len(n:int, sr:int) -> int:
+def out_len(n:int, # samples at `sr`
+            sr:int, # their sample rate
+           ) -> int:
     "Samples at 16 kHz of `n` samples at `sr` (soxr's rounding)."
     return n if sr == SR else int(math.floor(n * SR / sr + 0.5))
 
@@ -217,10 +260,12 @@ def _probe(path:Path) -> dict:
     if path.stat().st_size == 0: raise DataError(path, "empty file (0 bytes)")
     try: i = sf.info(str(path))
     except Exception as e: return _probe_librosa(path, e)
-    if i.frames <= 0 or i.samplerate <= 0: raise DataError(path, f"no audio samples in the header ({i.frames} frames at {i.samplerate} Hz)")
-    return dict(frames=int(i.frames), orig_sr=int(i.samplerate), channels=int(i.channels), format=i.format, decoder='soundfile')
+    if i.frames <= 0 or i.samplerate <= 0:
+        raise DataError(path, f"no audio samples in the header ({i.frames} frames at {i.samplerate} Hz)")
+    return dict(frames=int(i.frames), orig_sr=int(i.samplerate), channels=int(i.channels), format=i.format,
+                decoder='soundfile')
 
-# %% ../nbs/04_data.ipynb #cc0fbb04
+# %% ../nbs/04_data.ipynb #8b67cc6c
 def _probe_librosa(path:Path, err:Exception) -> dict:
     "Fallback probe through librosa/audioread; DataError naming both failures."
     try:
@@ -229,11 +274,13 @@ def _probe_librosa(path:Path, err:Exception) -> dict:
             warnings.simplefilter('ignore')
             y, sr = librosa.load(str(path), sr=None, mono=False)
     except Exception as e2:
-        raise DataError(path, f"cannot decode audio (soundfile: {_short(err)}; librosa: {_short(e2) or type(e2).__name__})") from None
+        why = f"soundfile: {_short(err)}; librosa: {_short(e2) or type(e2).__name__}"
+        raise DataError(path, f"cannot decode audio ({why})") from None
     y = np.atleast_2d(y)
     return dict(frames=y.shape[-1], orig_sr=int(sr), channels=y.shape[0], format='?', decoder='librosa', _data=y.T)
 
 def _short(e:Exception) -> str:
+    "The gist of a decoder's error, at most 160 characters."
     s = str(e).replace("File does not exist or is not a regular file (possibly a pipe?)", "format not recognised")
     return s.split(': ', 1)[-1][:160] if s.startswith('Error opening') else s[:160]
 
@@ -247,43 +294,56 @@ def _decode(path:Path, info:dict, n:int|None) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 # %% ../nbs/04_data.ipynb #d752e69c
-def load_audio(path, # audio file (mp3/wav/flac; any rate, any channels)
-               max_seconds:float|None=12.0, # cut here; None or 0 = whole clip
-               tolerance:float=0.1, # seconds a decoded clip may fall short of its header before it counts as truncated
-              ) -> tuple[np.ndarray, dict]:
-    "float32 mono 16 kHz samples (cut at `max_seconds`) and an info dict; raises DataError naming the file."
-    path = Path(path); info = _probe(path)
-    sr, frames = info['orig_sr'], info['frames']
-    want = frames if not max_seconds else min(frames, int(round(max_seconds * sr)))
-    x = _decode(path, info, want)
+def _check_decoded(path:Path, x:np.ndarray, want:int, sr:int, tolerance:float):
+    "A DataError when the decoded `x` falls short of the `want` frames of the header, is not finite, or is silent."
     if len(x) < want - max(tolerance * sr, 0.01 * want):
         raise DataError(path, f"truncated or corrupt: header says {want/sr:.2f} s, decoded {len(x)/sr:.2f} s")
     if not np.isfinite(x).all(): raise DataError(path, "non-finite samples (NaN/inf)")
     if len(x) == 0 or not np.any(x): raise DataError(path, "digital silence: every sample is zero")
+
+def _mono16k(x:np.ndarray, sr:int) -> np.ndarray:
+    "(frames, channels) samples at `sr` as one channel (their mean) at 16 kHz (soxr, HQ)."
     y = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
-    if sr != SR:
-        import soxr
-        y = soxr.resample(y, sr, SR, 'HQ')[:out_len(len(x), sr)]
+    if sr == SR: return y
+    import soxr
+    return soxr.resample(y, sr, SR, 'HQ')[:out_len(len(x), sr)]
+
+# %% ../nbs/04_data.ipynb #7824ee20
+def load_audio(path, # audio file (mp3/wav/flac, any rate, any channels)
+               max_seconds:float|None=12.0, # cut here (None or 0: the whole clip)
+               tolerance:float=0.1, # seconds a decoded clip may fall short of its header before it counts as truncated
+              ) -> tuple[np.ndarray, dict]:
+    "float32 mono 16 kHz samples (cut at `max_seconds`) and an info dict; raises DataError naming the file."
+    path = Path(path)
+    info = _probe(path)
+    sr, frames = info['orig_sr'], info['frames']
+    want = frames if not max_seconds else min(frames, int(round(max_seconds * sr)))
+    x = _decode(path, info, want)
+    _check_decoded(path, x, want, sr, tolerance)
+    y = _mono16k(x, sr)
     info = {k: v for k, v in info.items() if k != '_data'}
     info.update(path=str(path), seconds=frames / sr, cut_seconds=max(0.0, (frames - len(x)) / sr), samples=len(y))
     return np.ascontiguousarray(y, dtype=np.float32), info
 
 # %% ../nbs/04_data.ipynb #e1512749
-def normalize(wav:np.ndarray) -> np.ndarray:
+def normalize(wav:np.ndarray # samples of one clip
+             ) -> np.ndarray:
     "Zero mean, unit variance (as Wav2Vec2FeatureExtractor with do_normalize=True)."
     wav = np.asarray(wav, dtype=np.float32)
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
 
 # %% ../nbs/04_data.ipynb #e35aa3bc
-MIN_SAMPLES = 400  # wav2vec2's conv encoder: the shortest input that yields a frame (25 ms at 16 kHz); 05_model checks it
+MIN_SAMPLES = 400  # the shortest input wav2vec2's conv encoder turns into a frame (25 ms), checked by 05_model
 
-def check_length(path, n:int):
+def check_length(path, # the clip's file, for the message
+                 n:int): # its samples at 16 kHz
     "Raise a DataError naming `path` when `n` samples at 16 kHz are too few for the model."
     if n >= MIN_SAMPLES: return
     need = f"the model needs at least {MIN_SAMPLES} ({MIN_SAMPLES * 1000 // SR} ms)"
     raise DataError(path, f"too short: {n} samples at 16 kHz ({n * 1000 / SR:.0f} ms); {need}")
 
-def audio_folder(root) -> Path:
+def audio_folder(root # ABAW-layout data root
+                ) -> Path:
     "The audio folder of `root`; a DataError when it is missing (every clip would be)."
     d = Path(root)/KINDS['audio']
     if not d.is_dir(): raise DataError(d, "missing folder: the audio of every clip lives here")
@@ -292,8 +352,8 @@ def audio_folder(root) -> Path:
 # %% ../nbs/04_data.ipynb #5e5963cf
 def check_clip(root, # ABAW-layout data root
                fid:int, # clip id
-               max_seconds:float|None=12.0, # the cut; lengths are after it
-               decode:bool=True, # decode the whole clip (finds truncation, NaN, silence); False: the header only
+               max_seconds:float|None=12.0, # the cut (lengths are after it)
+               decode:bool=True, # decode the whole clip (finds truncation, NaN, silence), False: the header only
                keep:bool=False, # keep the decoded samples under 'wav' (for a measurement that needs them)
               ) -> dict:
     "The one validation of a clip's audio: dict(fid, path, length, seconds, channels, orig_sr, problem)."
@@ -301,18 +361,22 @@ def check_clip(root, # ABAW-layout data root
     try:
         p = media_path(root, fid, 'audio')
         r['path'] = str(p)
-        if decode:
-            y, info = load_audio(p, max_seconds)
-            n = len(y)
-            if keep: r['wav'] = y
-        else:
-            info = _probe(p)
-            f = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
-            n = out_len(f, info['orig_sr'])
+        n, info, y = _clip_length(p, max_seconds, decode)
+        if decode and keep: r['wav'] = y
         r.update(length=n, seconds=info['frames'] / info['orig_sr'], channels=info['channels'], orig_sr=info['orig_sr'])
         check_length(p, n)
     except DataError as e: r.update(path=e.path, problem=e.reason)
     return r
+
+# %% ../nbs/04_data.ipynb #784f141b
+def _clip_length(p:Path, max_seconds:float|None, decode:bool) -> tuple:
+    "(samples at 16 kHz after the cut, header info, the samples or None): decoded, or from the header."
+    if decode:
+        y, info = load_audio(p, max_seconds)
+        return len(y), info, y
+    info = _probe(p)
+    f = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
+    return out_len(f, info['orig_sr']), info, None
 
 # %% ../nbs/04_data.ipynb #1e1de4ab
 def _report_row(split:str, path, problem:str, fid=None, row=None, action:str='skipped') -> dict:
@@ -330,20 +394,33 @@ import torch.nn.functional as F
 
 class EMIDataset(torch.utils.data.Dataset):
     "Clips of one split: dict(fid, wav (n,) normalised, labels (6,)); strict or quarantining."
-    def __init__(self, root, split:str, max_seconds:float|None=12.0, quarantine:bool=False, labels:bool=True, workers:int=4):
+    def __init__(self, root, # ABAW-layout data root
+                 split:str, # train | valid | test
+                 max_seconds:float|None=12.0, # the cut
+                 quarantine:bool=False, # leave bad rows and clips out (listed in .report) instead of raising
+                 labels:bool=True, # items carry their labels (False: id and audio only)
+                 workers:int=4): # threads that check the clips
+        "Read the split and check every clip (its header, or all of it when quarantining)."
         self.root, self.split, self.max_seconds, self.quarantine = Path(root), split, max_seconds, quarantine
         df = read_split(root, split, labels=labels if labels else None, quarantine=quarantine)
         audio_folder(root)
         self.has_labels = labels and all(c in df.columns for c in EMOTIONS)
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            checks = list(ex.map(lambda f: check_clip(root, f, max_seconds, decode=quarantine), df.Filename.tolist()))
-        bad = [c for c in checks if c['problem']]
-        if bad and not quarantine:
-            more = f" (and {len(bad) - 1} more bad clips in {split})" if len(bad) > 1 else ''
-            raise DataError(bad[0]['path'], bad[0]['problem'] + more)
-        self.report = [_report_row(split, p['path'], p['problem'], p['fid'], p['row']) for p in df.attrs.get('problems', [])]
-        self.report += [_report_row(split, c['path'], c['problem'], c['fid']) for c in bad]
-        self._keep(df, checks)
+        self._keep(df, self._check(root, df, workers))
+
+# %% ../nbs/04_data.ipynb #c931ff58
+@patch
+def _check(self:EMIDataset, root, df:pd.DataFrame, workers:int) -> list:
+    "`check_clip` of every row of `df`; a DataError for the first bad clip unless quarantining; sets `.report`."
+    one = lambda f: check_clip(root, f, self.max_seconds, decode=self.quarantine)
+    with ThreadPoolExecutor(max(1, workers)) as ex: checks = list(ex.map(one, df.Filename.tolist()))
+    bad = [c for c in checks if c['problem']]
+    if bad and not self.quarantine:
+        more = f" (and {len(bad) - 1} more bad clips in {self.split})" if len(bad) > 1 else ''
+        raise DataError(bad[0]['path'], bad[0]['problem'] + more)
+    rows = df.attrs.get('problems', [])
+    self.report = [_report_row(self.split, p['path'], p['problem'], p['fid'], p['row']) for p in rows]
+    self.report += [_report_row(self.split, c['path'], c['problem'], c['fid']) for c in bad]
+    return checks
 
 # %% ../nbs/04_data.ipynb #13815251
 @patch
@@ -352,9 +429,11 @@ def _keep(self:EMIDataset, df:pd.DataFrame, checks:list):
     keep = np.array([not c['problem'] for c in checks], bool)
     n = len(df) + len(df.attrs.get('problems', []))
     if self.report:
-        print(f"EMIDataset({self.split}): quarantined {len(self.report)} of {n} rows/clips: {_show(self.report)} (all in .report)")
+        what = f"quarantined {len(self.report)} of {n} rows/clips: {_show(self.report)} (all in .report)"
+        print(f"EMIDataset({self.split}): {what}")
     if not keep.any():
-        raise DataError(split_csv(self.root, self.split), f"no usable clip: all {n} quarantined ({_show(self.report, 2)})")
+        why = f"no usable clip: all {n} quarantined ({_show(self.report, 2)})"
+        raise DataError(split_csv(self.root, self.split), why)
     rows = np.asarray(df.attrs.get('rows') or range(2, len(df) + 2))[keep].tolist()
     self.df = df[keep].reset_index(drop=True)
     self.df.attrs.update(rows=rows, path=str(split_csv(self.root, self.split)), problems=df.attrs.get('problems', []))
@@ -364,10 +443,13 @@ def _keep(self:EMIDataset, df:pd.DataFrame, checks:list):
 
 # %% ../nbs/04_data.ipynb #adf18797
 @patch
-def __len__(self:EMIDataset): return len(self.fids)
+def __len__(self:EMIDataset):
+    "The clips kept."
+    return len(self.fids)
 
 @patch
 def __getitem__(self:EMIDataset, i:int) -> dict:
+    "Clip `i` decoded, cut and normalised: dict(fid, wav (n,), labels (6,) when the dataset has them)."
     fid = self.fids[i]
     p = media_path(self.root, fid, 'audio')
     y, _ = load_audio(p, self.max_seconds)
@@ -377,7 +459,9 @@ def __getitem__(self:EMIDataset, i:int) -> dict:
     return item
 
 @patch
-def __repr__(self:EMIDataset): return f"EMIDataset({self.split}: {len(self)} clips, {len(self.report)} quarantined, root={self.root})"
+def __repr__(self:EMIDataset):
+    "Split, clips, quarantined and root."
+    return f"EMIDataset({self.split}: {len(self)} clips, {len(self.report)} quarantined, root={self.root})"
 
 # %% ../nbs/04_data.ipynb #ff3410e5
 REPORT_COLUMNS = ['file', 'split', 'problem', 'action', 'fid', 'row']
@@ -389,31 +473,41 @@ def write_quarantine_report(reports, # EMIDatasets and/or lists of report rows (
                            ) -> dict:
     "Write <out_dir>/<name>.csv (+ .json) of every quarantined row/clip; dict(path, count, rows)."
     rows = [r for x in reports for r in (x.report if isinstance(x, EMIDataset) else x)]
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([{k: r.get(k) for k in REPORT_COLUMNS} for r in rows], columns=REPORT_COLUMNS)
     tmp = out/f'.{name}.csv.{os.getpid()}.tmp'
     df.astype({'fid': 'Int64', 'row': 'Int64'}).to_csv(tmp, index=False)
     os.replace(tmp, out/f'{name}.csv')
     save_json(out/f'{name}.json', dict(count=len(rows), rows=rows))
-    if rows:
-        print(f"quarantine: {len(rows)} row(s)/clip(s) left out, listed in {out/f'{name}.csv'}")
-        for r in rows[:show]: print(f"  {r['split']:5}  {r['file']}: {r['problem']} ({r['action']})")
-        if len(rows) > show: print(f"  ... and {len(rows) - show} more")
+    _print_rows(rows, out/f'{name}.csv', show)
     return dict(path=str(out/f'{name}.csv'), count=len(rows), rows=rows)
 
+# %% ../nbs/04_data.ipynb #bb0f8f49
+def _print_rows(rows:list, path:Path, show:int):
+    "How many rows were left out and where they are listed, and the first `show` of them."
+    if not rows: return
+    print(f"quarantine: {len(rows)} row(s)/clip(s) left out, listed in {path}")
+    for r in rows[:show]: print(f"  {r['split']:5}  {r['file']}: {r['problem']} ({r['action']})")
+    if len(rows) > show: print(f"  ... and {len(rows) - show} more")
+
 # %% ../nbs/04_data.ipynb #8341333d
-def collate(batch:list[dict]) -> dict:
+def collate(batch:list[dict] # dataset items
+           ) -> dict:
     "Pad to the longest clip: input_values (B,T), attention_mask (B,T) long, labels (B,6), fids, lengths (B,)."
     lengths = torch.tensor([len(b['wav']) for b in batch], dtype=torch.long)
     x = torch.zeros(len(batch), int(lengths.max()), dtype=torch.float32)
     mask = torch.zeros_like(x, dtype=torch.long)
-    for i, b in enumerate(batch): x[i, :lengths[i]] = b['wav']; mask[i, :lengths[i]] = 1
+    for i, b in enumerate(batch):
+        x[i, :lengths[i]] = b['wav']
+        mask[i, :lengths[i]] = 1
     out = dict(input_values=x, attention_mask=mask, fids=[b['fid'] for b in batch], lengths=lengths)
     if all('labels' in b for b in batch): out['labels'] = torch.stack([b['labels'] for b in batch])
     return out
 
 # %% ../nbs/04_data.ipynb #90302ff7
-def video_info(path) -> dict:
+def video_info(path # a video file PyAV can read
+              ) -> dict:
     "fps (nominal), avg_fps, duration (s), frames, width, height of a video, from its container (PyAV)."
     import av
     path = Path(path)
@@ -427,7 +521,8 @@ def video_info(path) -> dict:
             frames = s.frames or sum(1 for p in c.demux(s) if p.size)
             rate = s.base_rate or s.average_rate or s.guessed_rate
             return dict(fps=float(rate) if rate else float('nan'), avg_fps=frames / dur if dur else float('nan'),
-                        duration=dur, frames=int(frames), width=s.codec_context.width, height=s.codec_context.height)
+                        duration=dur, frames=int(frames), width=s.codec_context.width,
+                        height=s.codec_context.height)
     except DataError: raise
     except Exception as e: raise DataError(path, f"cannot read video: {e}") from None
 
@@ -452,7 +547,8 @@ def load_pickled_features(path, # a .pkl of per-frame features
     "Per-frame features of a pickle file as a float32 array; refuses unless `allow_pickle=True`."
     path = Path(path)
     if not allow_pickle:
-        raise DataError(path, "pickled features can run code when loaded; pass allow_pickle=True only for files you trust")
+        why = "pickled features can run code when loaded; pass allow_pickle=True only for files you trust"
+        raise DataError(path, why)
     if not path.exists(): raise DataError(path, "missing file")
     with open(path, 'rb') as f: obj = pickle.load(f)
     if isinstance(obj, dict) and len(obj) == 1: obj = next(iter(obj.values()))
@@ -474,7 +570,7 @@ def vad_model():
         return load_silero_vad(onnx=False)
 
 # %% ../nbs/04_data.ipynb #595dff35
-def speech_share(y:np.ndarray, # float32 mono samples at 16 kHz (as load_audio returns them)
+def speech_share(y:np.ndarray # float32 mono samples at 16 kHz (as load_audio returns them)
                 ) -> float:
     "Share of the clip's 32 ms frames that silero-vad calls speech (probability >= SPEECH_PROB)."
     x = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
@@ -489,16 +585,7 @@ def _clip_facts(root, split:str, fid:int, media:dict, max_seconds:float, speech:
     c = check_clip(root, fid, None, decode=True, keep=speech)
     r = dict(split=split, fid=fid, path=c['path'], problems=[])
     if c['problem']: r['problems'].append(('error', c['path'], c['problem']))
-    else:
-        r.update(seconds=c['seconds'], channels=c['channels'], orig_sr=c['orig_sr'])
-        if c['channels'] != 1 or c['orig_sr'] != SR:
-            fmt = f"{c['channels']} channel(s) at {c['orig_sr']} Hz"
-            r['problems'].append(('warning', c['path'], f"{fmt} (expected mono 16 kHz; down-mixed and resampled on load)"))
-        if speech:
-            with _VAD_LOCK:
-                t0 = time.perf_counter()
-                r['speech_share'] = speech_share(c['wav'][:int(max_seconds * SR) if max_seconds else None])
-                r['vad_seconds'] = time.perf_counter() - t0
+    else: _audio_facts(r, c, max_seconds, speech)
     if media.get('raw'):
         try: r.update({f'video_{k}': v for k, v in video_info(media_path(root, fid, 'raw')).items()})
         except DataError as e: r['problems'].append(('warning', e.path, e.reason))
@@ -506,6 +593,19 @@ def _clip_facts(root, split:str, fid:int, media:dict, max_seconds:float, speech:
         try: r['faces'] = len(face_frames(root, fid))
         except DataError as e: r['problems'].append(('warning', e.path, e.reason))
     return r
+
+# %% ../nbs/04_data.ipynb #dd608d5a
+def _audio_facts(r:dict, c:dict, max_seconds:float, speech:bool):
+    "Add to `r` the decoded clip's seconds, channels and rate, a warning for another format, its speech share."
+    r.update(seconds=c['seconds'], channels=c['channels'], orig_sr=c['orig_sr'])
+    if c['channels'] != 1 or c['orig_sr'] != SR:
+        fmt = f"{c['channels']} channel(s) at {c['orig_sr']} Hz"
+        r['problems'].append(('warning', c['path'], f"{fmt} (expected mono 16 kHz; down-mixed and resampled on load)"))
+    if not speech: return
+    with _VAD_LOCK:
+        t0 = time.perf_counter()
+        r['speech_share'] = speech_share(c['wav'][:int(max_seconds * SR) if max_seconds else None])
+        r['vad_seconds'] = time.perf_counter() - t0
 
 # %% ../nbs/04_data.ipynb #ff37b9a7
 def _broken_links(root, used:set) -> list:
@@ -526,7 +626,8 @@ def _tables(root:Path) -> tuple[dict, list]:
     for split in SPLITS:
         try: tables[split], tp = split_table(root, split)
         except DataError as e:
-            probs.append(('warning' if split == 'test' and 'missing split file' in e.reason else 'error', e.path, e.reason))
+            severity = 'warning' if split == 'test' and 'missing split file' in e.reason else 'error'
+            probs.append((severity, e.path, e.reason))
             continue
         probs += [('error', p['path'], p['problem']) for p in tp]
     probs += [('error', p['path'], p['problem']) for p in shared_id_problems(tables)]
@@ -537,6 +638,37 @@ def _tables(root:Path) -> tuple[dict, list]:
     return tables, probs
 
 # %% ../nbs/04_data.ipynb #99fed659
+def _clips_to_check(root:Path, tables:dict, limit:int|None, probs:list) -> list:
+    "(split, fid) of the first `limit` rows of each table; none, and an error in `probs`, without an audio folder."
+    try: audio_folder(root)
+    except DataError as e:
+        probs.append(('error', e.path, e.reason))
+        return []
+    return [(split, int(f)) for split, df in tables.items() for f in df.Filename[:limit]]
+
+def _vad_picks(n:int, speech_sample:int) -> set:
+    "Indices of the `speech_sample` rows of `n` (all when < 0) whose speech share is measured, spread evenly."
+    n_vad = n if speech_sample < 0 else min(speech_sample, n)
+    return set(np.linspace(0, n - 1, n_vad).round().astype(int).tolist()) if n_vad else set()
+
+# %% ../nbs/04_data.ipynb #47c9f410
+def _media_folders(root:Path, probs:list) -> dict:
+    "Which of the optional media folders (raw, faces) `root` has; a warning in `probs` for each one absent."
+    media = {k: (root/KINDS[k]).is_dir() for k in ('raw', 'faces')}
+    for k, v in media.items():
+        why = "folder absent: not checked (the audio-only study does not need it)"
+        if not v: probs.append(('warning', str(root/KINDS[k]), why))
+    return media
+
+def _check_report(probs:list, facts:list, max_seconds:float) -> dict:
+    "check_root's result: the problems by severity and path, the clips' facts, and the summary."
+    clips = pd.DataFrame(facts)
+    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem'])
+    problems = problems.sort_values(['severity', 'path'], kind='stable')
+    summary = dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds))
+    return dict(problems=problems.reset_index(drop=True), clips=clips, summary=summary)
+
+# %% ../nbs/04_data.ipynb #9582f924
 def check_root(root, # ABAW-layout data root
                workers:int|None=None, # decoding threads (default: CPU count)
                max_seconds:float=12.0, # the cut whose effect the summary reports
@@ -547,44 +679,43 @@ def check_root(root, # ABAW-layout data root
     root = Path(root)
     if not root.is_dir(): raise DataError(root, "data root is not a folder")
     tables, probs = _tables(root)
-    rows = [(split, int(f)) for split, df in tables.items() for f in df.Filename[:limit]]
-    try: audio_folder(root)
-    except DataError as e: probs.append(('error', e.path, e.reason)); rows = []
-    n_vad = len(rows) if speech_sample < 0 else min(speech_sample, len(rows))
-    vad = set(np.linspace(0, len(rows) - 1, n_vad).round().astype(int).tolist()) if n_vad else set()
-    media = {k: (root/KINDS[k]).is_dir() for k in ('raw', 'faces')}
-    for k, v in media.items():
-        if not v: probs.append(('warning', str(root/KINDS[k]), "folder absent: not checked (the audio-only study does not need it)"))
+    rows = _clips_to_check(root, tables, limit, probs)
+    vad = _vad_picks(len(rows), speech_sample)
+    media = _media_folders(root, probs)
     one = lambda i: _clip_facts(root, *rows[i], media, max_seconds, i in vad)
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
         facts = list(progress(ex.map(one, range(len(rows))), total=len(rows), desc='emi_check', unit='clip'))
     for f in facts: probs += f.pop('problems')
     probs += _broken_links(root, {p[1] for p in probs} | {f['path'] for f in facts})
-    clips = pd.DataFrame(facts)
-    problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem']).sort_values(['severity', 'path'], kind='stable')
-    summary = dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds))
-    return dict(problems=problems.reset_index(drop=True), clips=clips, summary=summary)
+    return _check_report(probs, facts, max_seconds)
 
 # %% ../nbs/04_data.ipynb #6bf47445
 def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
     "Durations, formats, outliers and the effect of the cut, over the clips that decoded."
     if 'seconds' not in clips or clips['seconds'].notna().sum() == 0: return dict(clips=len(clips), decoded=0)
-    c = clips.dropna(subset=['seconds']); d = c['seconds'].to_numpy()
+    c = clips.dropna(subset=['seconds'])
     longest, shortest = c.nlargest(5, 'seconds'), c.nsmallest(5, 'seconds')
-    return dict(clips=len(clips), decoded=len(c), hours=round(d.sum() / 3600, 3), mean_s=round(d.mean(), 3),
-                median_s=round(float(np.median(d)), 3), min_s=round(d.min(), 3), max_s=round(d.max(), 3),
-                share_under_1s=round(float((d < 1).mean()), 4), share_over_cut=round(float((d > max_seconds).mean()), 4),
-                audio_dropped_by_cut=round(float(np.clip(d - max_seconds, 0, None).sum() / d.sum()), 4),
-                formats={f"{int(ch)} ch @ {int(sr)} Hz": int(n) for (ch, sr), n in c.groupby(['channels', 'orig_sr']).size().items()},
+    sizes = c.groupby(['channels', 'orig_sr']).size()
+    counts = c['video_fps'].value_counts().sort_index().items() if 'video_fps' in c else []
+    fps = {str(round(k, 2)): int(v) for k, v in counts}
+    return dict(clips=len(clips), decoded=len(c), **_duration_stats(c['seconds'].to_numpy(), max_seconds),
+                formats={f"{int(ch)} ch @ {int(sr)} Hz": int(n) for (ch, sr), n in sizes.items()},
                 longest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in longest.itertuples()},
-                shortest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in shortest.itertuples()},
-                fps={str(round(k, 2)): int(v) for k, v in c['video_fps'].value_counts().sort_index().items()} if 'video_fps' in c else {})
+                shortest={f"{r.split}/{r.fid:05d}": round(r.seconds, 2) for r in shortest.itertuples()}, fps=fps)
+
+def _duration_stats(d:np.ndarray, max_seconds:float) -> dict:
+    "Hours, mean, median and extremes of the durations `d` (s), and what a cut at `max_seconds` does to them."
+    return dict(hours=round(d.sum() / 3600, 3), mean_s=round(d.mean(), 3), median_s=round(float(np.median(d)), 3),
+                min_s=round(d.min(), 3), max_s=round(d.max(), 3), share_under_1s=round(float((d < 1).mean()), 4),
+                share_over_cut=round(float((d > max_seconds).mean()), 4),
+                audio_dropped_by_cut=round(float(np.clip(d - max_seconds, 0, None).sum() / d.sum()), 4))
 
 # %% ../nbs/04_data.ipynb #32ec31b1
 def _speech_summary(clips:pd.DataFrame, max_seconds:float) -> dict:
     "silero-vad's verdict on the measured clips: how many, cost, share quantiles, clips below LITTLE_SPEECH."
     if 'speech_share' not in clips or clips['speech_share'].notna().sum() == 0: return dict(measured=0)
-    c = clips.dropna(subset=['speech_share']); v = c['speech_share'].to_numpy()
+    c = clips.dropna(subset=['speech_share'])
+    v = c['speech_share'].to_numpy()
     low = c.nsmallest(5, 'speech_share')
     return dict(model='silero-vad', measured=len(c), of=int(clips['seconds'].notna().sum()), cut_seconds=max_seconds,
                 vad_seconds=round(float(c['vad_seconds'].sum()), 2), mean=round(float(v.mean()), 3),
@@ -593,32 +724,40 @@ def _speech_summary(clips:pd.DataFrame, max_seconds:float) -> dict:
                 least_speech={f"{r.split}/{r.fid:05d}": round(r.speech_share, 3) for r in low.itertuples()})
 
 # %% ../nbs/04_data.ipynb #abb0ccc5
-def format_problems(problems:pd.DataFrame, root=None, max_rows:int=200) -> str:
+def format_problems(problems:pd.DataFrame, # check_root's problems (severity, path, problem)
+                    root=None, # paths under it are shown relative to it
+                    max_rows:int=200, # rows shown
+                   ) -> str:
     "A plain-text table of problems (severity, path relative to `root`, problem)."
     if len(problems) == 0: return "no problems found"
     rel = [str(Path(p).relative_to(root)) if root and Path(p).is_relative_to(root) else p for p in problems.path]
     w = min(60, max(len(r) for r in rel))
     lines = [f"{'severity':8}  {'path':{w}}  problem", f"{'-' * 8}  {'-' * w}  {'-' * 40}"]
-    lines += [f"{s:8}  {r:{w}}  {p}" for s, r, p in zip(problems.severity[:max_rows], rel[:max_rows], problems.problem[:max_rows])]
+    shown = zip(problems.severity[:max_rows], rel[:max_rows], problems.problem[:max_rows])
+    lines += [f"{s:8}  {r:{w}}  {p}" for s, r, p in shown]
     if len(problems) > max_rows: lines.append(f"... and {len(problems) - max_rows} more (see --output)")
     return '\n'.join(lines)
 
 # %% ../nbs/04_data.ipynb #b3dfcbb6
-def speech_line(sp:dict) -> str:
+def speech_line(sp:dict # the summary's `speech` part
+               ) -> str:
     "One line on the speech share of a corpus from check_root's summary."
     if not sp.get('measured'): return "speech: not measured (--speech-sample 0)"
-    return (f"speech (silero-vad, first {sp['cut_seconds']:g} s of each clip): {sp['measured']} of {sp['of']} clips measured "
-            f"in {sp['vad_seconds']:.1f} s; share of speech frames median {sp['median']:.2f} (min {sp['min']:.2f}, "
-            f"max {sp['max']:.2f}); {sp['below_little_speech']} clip(s) below {sp['little_speech']:g}")
+    return (f"speech (silero-vad, first {sp['cut_seconds']:g} s of each clip): {sp['measured']} of {sp['of']} clips "
+            f"measured in {sp['vad_seconds']:.1f} s; share of speech frames median {sp['median']:.2f} "
+            f"(min {sp['min']:.2f}, max {sp['max']:.2f}); {sp['below_little_speech']} clip(s) below "
+            f"{sp['little_speech']:g}")
 
 # %% ../nbs/04_data.ipynb #961aabf5
 def _check_parser():
     "emi_check's arguments: the data root and the cut (config fields), what to check and where to write the report."
-    ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before training: tables, '
-                                 'audio, videos, faces, speech share. Without --data-root: the synthetic corpus of the profile.')
+    ap = argparse.ArgumentParser(prog='emi_check', description='Validate an ABAW EMI data root before '
+                                 'training: tables, audio, videos, faces, speech share. Without --data-root: the '
+                                 'synthetic corpus of the profile.')
     add_config_flags(ap, only=('profile', 'data_root', 'max_seconds', 'decode_workers', 'corpus.seed'))
     ap.add_argument('--limit', type=int, default=None, help='check only the first N clips of each split')
-    ap.add_argument('--output', metavar='JSON', help='also write the full report (summary, problems, per-clip facts) to this file')
+    ap.add_argument('--output', metavar='JSON',
+                    help='also write the full report (summary, problems, per-clip facts) to this file')
     ap.add_argument('--strict', action='store_true', help='exit 1 on warnings too')
     ap.add_argument('--speech-sample', type=int, default=200,
                     help='clips whose speech share silero-vad measures, spread over the corpus (0: none, -1: all)')
@@ -626,18 +765,23 @@ def _check_parser():
     return ap
 
 # %% ../nbs/04_data.ipynb #ae3c7654
-def emi_check_cli(argv=None):
+def _check_run(a) -> tuple:
+    "(data root, check_root's report) for emi_check's arguments `a`; the cut is the paper's unless set."
+    given = vars(a)
+    cfg = config_from_args(a)
+    if 'profile' not in given and 'max_seconds' not in given: cfg = cfg.replace(max_seconds=12.0)
+    root = resolve_data_root(cfg)
+    why = 'given' if 'max_seconds' in given else f'profile {cfg.profile}' if 'profile' in given else "the paper's"
+    print(f"emi_check: {root}; the summary assumes a cut of {cfg.max_seconds:g} s ({why})")
+    return root, check_root(root, cfg.decode_workers, cfg.max_seconds, a.limit, a.speech_sample)
+
+# %% ../nbs/04_data.ipynb #cfa21cae
+def emi_check_cli(argv=None # the arguments (None: the command line's)
+                 ):
     "emi_check: validate an ABAW-layout data root; exit 1 when there are errors, 2 when it cannot be read at all."
     a = _check_parser().parse_args(argv)
     set_progress(a.progress)
-    given = vars(a)
-    try:
-        cfg = config_from_args(a)
-        if 'profile' not in given and 'max_seconds' not in given: cfg = cfg.replace(max_seconds=12.0)
-        root = resolve_data_root(cfg)
-        why = 'given' if 'max_seconds' in given else f'profile {cfg.profile}' if 'profile' in given else "the paper's"
-        print(f"emi_check: {root}; the summary assumes a cut of {cfg.max_seconds:g} s ({why})")
-        rep = check_root(root, cfg.decode_workers, cfg.max_seconds, a.limit, a.speech_sample)
+    try: root, rep = _check_run(a)
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"emi_check: {e}", file=sys.stderr)
         sys.exit(2)
@@ -647,11 +791,14 @@ def emi_check_cli(argv=None):
     print(format_problems(P, root.resolve()))
     print(speech_line(rep['summary']['speech']))
     print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
-    if a.output: save_json(a.output, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'), clips=rep['clips'].to_dict('records')))
+    if a.output:
+        save_json(a.output, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'),
+                                 clips=rep['clips'].to_dict('records')))
     sys.exit(1 if n_err or (a.strict and n_warn) else 0)
 
 # %% ../nbs/04_data.ipynb #4a4a889a
-def mfcc_stats(y:np.ndarray) -> np.ndarray:
+def mfcc_stats(y:np.ndarray # float32 mono samples at 16 kHz
+              ) -> np.ndarray:
     "64 summary statistics of a 16 kHz clip: MFCC means, sds, delta sds, energy percentiles, log duration."
     import librosa
     y = np.pad(np.asarray(y, np.float32), (0, max(0, 512 - len(y))))
@@ -668,9 +815,11 @@ def mfcc_stats(y:np.ndarray) -> np.ndarray:
 def _smile():
     "The openSMILE eGeMAPSv02 functionals extractor (its library and configuration ship in the wheel)."
     import opensmile
-    return opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=opensmile.FeatureLevel.Functionals)
+    features, level = opensmile.FeatureSet.eGeMAPSv02, opensmile.FeatureLevel.Functionals
+    return opensmile.Smile(feature_set=features, feature_level=level)
 
-def egemaps(y:np.ndarray) -> np.ndarray:
+def egemaps(y:np.ndarray # float32 mono samples at 16 kHz
+           ) -> np.ndarray:
     "The 88 eGeMAPSv02 functionals of a 16 kHz clip (NaN of an undefined functional as 0)."
     y = np.pad(np.asarray(y, np.float32), (0, max(0, 1600 - len(y))))
     return np.nan_to_num(_smile().process_signal(y, SR).to_numpy()[0]).astype(np.float32)
@@ -714,7 +863,7 @@ class ClipRange:
 
 # %% ../nbs/04_data.ipynb #35156f97
 def ridge_fit(X, Y, # (N, d) features, (N, K) labels
-              groups=None): # participant of each row; None = each clip its own
+              groups=None): # participant of each row (None: each clip its own)
     "Clip to the training range, standardise, ridge with the penalty chosen by 5-fold CV over groups."
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import GridSearchCV, GroupKFold
@@ -722,23 +871,28 @@ def ridge_fit(X, Y, # (N, d) features, (N, K) labels
     from sklearn.preprocessing import StandardScaler
     groups = np.arange(len(X)) if groups is None else np.asarray(groups)
     pipe = make_pipeline(ClipRange(), StandardScaler(), Ridge())
-    gs = GridSearchCV(pipe, {'ridge__alpha': np.logspace(-1, 5, 13)}, cv=GroupKFold(5), scoring='neg_mean_squared_error')
+    grid = {'ridge__alpha': np.logspace(-1, 5, 13)}
+    gs = GridSearchCV(pipe, grid, cv=GroupKFold(5), scoring='neg_mean_squared_error')
     return gs.fit(X, Y, groups=groups).best_estimator_
 
 # %% ../nbs/04_data.ipynb #afa22a2f
-def resolve_data_root(cfg) -> Path:
+def resolve_data_root(cfg # a StudyConfig
+                     ) -> Path:
     "The data root of a config: `cfg.data_root` when set (it must exist), else the profile's synthetic corpus."
     if cfg.data_root:
         p = Path(cfg.data_root).expanduser()
-        if not p.is_dir(): raise FileNotFoundError(f"{p}: data_root does not exist (leave it empty for the synthetic corpus)")
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p}: data_root does not exist (leave it empty for the synthetic corpus)")
         return p
     return ensure_corpus(cfg.corpus)
 
 # %% ../nbs/04_data.ipynb #a34de8e8
 def _clip_row(root, split:str, fid:int) -> dict:
+    "A clip's facts from headers and listings: audio seconds, channels and rate, the video's timing, its face crops."
     r = dict(split=split, fid=fid)
     try:
-        i = _probe(media_path(root, fid, 'audio')); r.update(seconds=i['frames'] / i['orig_sr'], channels=i['channels'], orig_sr=i['orig_sr'])
+        i = _probe(media_path(root, fid, 'audio'))
+        r.update(seconds=i['frames'] / i['orig_sr'], channels=i['channels'], orig_sr=i['orig_sr'])
     except DataError as e: r['problem'] = str(e)
     if (Path(root)/'raw').is_dir():
         try: r.update({f'video_{k}': v for k, v in video_info(media_path(root, fid, 'raw')).items()})
@@ -748,12 +902,15 @@ def _clip_row(root, split:str, fid:int) -> dict:
         r['faces'] = sum(1 for p in d.iterdir() if p.suffix.lower() in IMG_EXTS) if d.is_dir() else np.nan
     return r
 
+# %% ../nbs/04_data.ipynb #b50f1002
 def corpus_facts(root, # ABAW-layout data root
                  workers:int|None=None, # threads (default: CPU count)
                 ) -> pd.DataFrame:
-    "One row per clip of every split: audio seconds/channels/rate (header), video fps/frames/duration (container), face count."
+    "One row per clip of every split: audio seconds, channels, rate (header), video timing (container), face count."
     rows = []
     for split in SPLITS:
-        if split_csv(root, split).exists(): rows += [(split, int(f)) for f in read_split(root, split, labels=False, quarantine=True).Filename]
+        if not split_csv(root, split).exists(): continue
+        rows += [(split, int(f)) for f in read_split(root, split, labels=False, quarantine=True).Filename]
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
-        return pd.DataFrame(list(progress(ex.map(lambda r: _clip_row(root, *r), rows), total=len(rows), desc='facts', leave=False)))
+        facts = ex.map(lambda r: _clip_row(root, *r), rows)
+        return pd.DataFrame(list(progress(facts, total=len(rows), desc='facts', leave=False)))

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 from scipy import signal
 from scipy.stats import norm
-from .config import (EMOTIONS, VAD_NAMES, SR, CorpusConfig, ConfigError, make_config, config_from_args, add_config_flags,
-                           cache_dir, save_json, atomic_path, progress, add_progress_flag, set_progress)
+from .config import (EMOTIONS, VAD_NAMES, SR, CorpusConfig, ConfigError, make_config, config_from_args,
+                           add_config_flags, cache_dir, save_json, atomic_path, progress, add_progress_flag,
+                           set_progress)
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'NEAR_ZERO', 'SPLIT_CODE', 'ZERO_SHARE', 'SPREAD', 'CORR', 'RATER', 'SPEAKER_SD', 'FPS_MIX',
@@ -42,31 +43,46 @@ SPREAD['test'] = SPREAD['valid']
 ZERO_SHARE['vad'], SPREAD['vad'] = [0.55] * 6, [0.45] * 6  # a podcast corpus: each emotion in about half of the clips
 CORR = np.array([[1, .30, .10, .10, .30, .35], [.30, 1, -.10, -.20, .40, .50], [.10, -.10, 1, .10, .30, 0],
                  [.10, -.20, .10, 1, -.10, -.30], [.30, .40, .30, -.10, 1, .45], [.35, .50, 0, -.30, .45, 1]])
-RATER = dict(noise=0.12, miss=0.06, spurious=0.06)  # rater noise sd, P(report 0 | expressed), P(small rating | not expressed)
+RATER = dict(noise=0.12,     # rater noise sd
+             miss=0.06,      # P(report 0 | expressed)
+             spurious=0.06)  # P(small rating | not expressed)
 SPEAKER_SD = 0.3  # share of the latent's sd that is the speaker's own tendency (in z units)
 
 # %% ../nbs/03_synth.ipynb #30e74d02
-_Z = np.linspace(-7, 7, 4001); _W = norm.pdf(_Z) * (_Z[1] - _Z[0])
+_Z = np.linspace(-7, 7, 4001)
+_W = norm.pdf(_Z) * (_Z[1] - _Z[0])
 
-def label_zero_share(mu:float, sd:float) -> float:
+def label_zero_share(mu:float, # latent mean
+                     sd:float, # latent spread
+                    ) -> float:
     "P(label < NEAR_ZERO) when y = clip(mu + sd*z, 0, 1) is seen through the rater."
     y = np.clip(mu + sd * _Z, 0, 1)
-    p = np.where(y <= 0, 1 - RATER['spurious'], RATER['miss'] + (1 - RATER['miss']) * norm.cdf((NEAR_ZERO - y) / RATER['noise']))
+    seen_low = RATER['miss'] + (1 - RATER['miss']) * norm.cdf((NEAR_ZERO - y) / RATER['noise'])
+    p = np.where(y <= 0, 1 - RATER['spurious'], seen_low)
     return float(p @ _W)
 
-def split_means(split:str) -> np.ndarray:
+def split_means(split:str # train | valid | test | vad
+               ) -> np.ndarray:
     "Latent means per emotion that give the split's target near-zero label shares."
     from scipy.optimize import brentq
-    return np.array([brentq(lambda m: label_zero_share(m, sd) - t, -3, 1) for t, sd in zip(ZERO_SHARE[split], SPREAD[split])])
+    targets = zip(ZERO_SHARE[split], SPREAD[split])
+    return np.array([brentq(lambda m: label_zero_share(m, sd) - t, -3, 1) for t, sd in targets])
 
-def latent_intensities(rng, n:int, split:str, speaker_effect:np.ndarray|None=None, # (n, 6) participants' own tendencies
+# %% ../nbs/03_synth.ipynb #44842aad
+def latent_intensities(rng, # numpy Generator
+                       n:int, # clips
+                       split:str, # train | valid | test | vad
+                       speaker_effect:np.ndarray|None=None, # (n, 6) participants' own tendencies
                        speaker_sd:float=SPEAKER_SD) -> np.ndarray: # share of the spread that is the participant's
     "(n, 6) latent intensities in [0, 1] with the split's zero share, spread and correlation."
     z = rng.standard_normal((n, 6)) @ np.linalg.cholesky(CORR).T
     if speaker_effect is not None: z = math.sqrt(1 - speaker_sd ** 2) * z + speaker_effect
     return np.clip(split_means(split) + np.asarray(SPREAD[split]) * z, 0, 1)
 
-def rate(rng, y:np.ndarray) -> np.ndarray:
+# %% ../nbs/03_synth.ipynb #26e6d95f
+def rate(rng, # numpy Generator
+         y:np.ndarray, # (n, 6) latent intensities
+        ) -> np.ndarray:
     "Labels as a rater reports the latent `y`: noise on expressed emotions, misses and spurious small ratings."
     lab = np.where(y > 0, np.clip(y + RATER['noise'] * rng.standard_normal(y.shape), 0, 1), 0.0)
     lab[(y > 0) & (rng.random(y.shape) < RATER['miss'])] = 0.0
@@ -79,46 +95,64 @@ FPS_MIX = [(30, 0.63), (1000, 0.20), (25, 0.05), (Fraction(2983, 100), 0.04), (6
 
 def _exact_counts(n:int, probs) -> np.ndarray:
     "Integer counts summing to n, nearest to n*probs (largest remainders)."
-    raw = np.asarray(probs) * n; c = np.floor(raw).astype(int)
+    raw = np.asarray(probs) * n
+    c = np.floor(raw).astype(int)
     c[np.argsort(-(raw - c))[:n - c.sum()]] += 1
     return c
 
-def durations(rng, n:int, scale:float=1.0, long_clip:float|None=None) -> np.ndarray:
+# %% ../nbs/03_synth.ipynb #98bc4626
+def durations(rng, # numpy Generator
+              n:int, # clips
+              scale:float=1.0, # duration scale (< 1 shortens every clip)
+              long_clip:float|None=None, # the longest clip becomes this long, s
+             ) -> np.ndarray:
     "n clip durations (s): ~3% < 1 s, ~4% just over 12 s*scale, the rest log-normal around 6.3 s*scale."
     kind = rng.permutation(np.repeat([0, 1, 2], _exact_counts(n, [0.031, 0.925, 0.044])))
-    d = np.where(kind == 0, np.exp(rng.uniform(np.log(0.1), np.log(0.95), n)),
-        np.where(kind == 1, np.clip(np.exp(rng.normal(np.log(6.3 * scale), 0.42, n)), max(1.05, 1.2 * scale), 11.9 * scale),
-                 np.exp(rng.uniform(np.log(12.2 * scale), np.log(16.5 * scale), n))))
+    short = np.exp(rng.uniform(np.log(0.1), np.log(0.95), n))
+    bulk = np.clip(np.exp(rng.normal(np.log(6.3 * scale), 0.42, n)), max(1.05, 1.2 * scale), 11.9 * scale)
+    over = np.exp(rng.uniform(np.log(12.2 * scale), np.log(16.5 * scale), n))
+    d = np.where(kind == 0, short, np.where(kind == 1, bulk, over))
     if kind.tolist().count(0) == 0 and n >= 8: d[0] = 0.6
     if long_clip: d[np.argmax(d)] = long_clip
     return np.round(d, 3)
 
 # %% ../nbs/03_synth.ipynb #8fe442d2
-def speaker(rng) -> dict:
+def speaker(rng # numpy Generator
+           ) -> dict:
     "Random speaker traits (voice, microphone, room, face)."
     female = bool(rng.random() < 0.5)
-    return dict(f0=float(np.exp(rng.normal(np.log(205 if female else 115), 0.12))), vtl=float(rng.uniform(0.92, 1.08) * (1.12 if female else 1.0)),
-                tilt=float(rng.uniform(0.55, 0.8)), breath=float(rng.uniform(0.04, 0.25)), rate=float(rng.uniform(3.4, 5.0)),
-                expressivity=float(rng.uniform(0.35, 1.15)), face_expressivity=float(rng.uniform(0.0, 1.0)),
-                noise_db=float(rng.uniform(-50, -32)), hum=float(rng.choice([0, 50, 60], p=[0.8, 0.1, 0.1])),
+    return dict(f0=float(np.exp(rng.normal(np.log(205 if female else 115), 0.12))),
+                vtl=float(rng.uniform(0.92, 1.08) * (1.12 if female else 1.0)),
+                tilt=float(rng.uniform(0.55, 0.8)), breath=float(rng.uniform(0.04, 0.25)),
+                rate=float(rng.uniform(3.4, 5.0)), expressivity=float(rng.uniform(0.35, 1.15)),
+                face_expressivity=float(rng.uniform(0.0, 1.0)), noise_db=float(rng.uniform(-50, -32)),
+                hum=float(rng.choice([0, 50, 60], p=[0.8, 0.1, 0.1])),
                 hp=float(rng.uniform(60, 220)), lp=float(rng.uniform(3600, 7600)),
-                skin=rng.uniform(0.35, 0.9, 3).round(3).tolist(), bg=rng.uniform(0.1, 0.9, 3).round(3).tolist(), light=float(rng.uniform(0.6, 1.1)))
+                skin=rng.uniform(0.35, 0.9, 3).round(3).tolist(), bg=rng.uniform(0.1, 0.9, 3).round(3).tolist(),
+                light=float(rng.uniform(0.6, 1.1)))
 
 # %% ../nbs/03_synth.ipynb #2c6a9bc3
-VAD_FROM_EMOTION = np.array([  # rows: arousal, dominance, valence; columns: EMOTIONS
+VAD_FROM_EMOTION = np.array([  # (arousal, dominance, valence) x EMOTIONS
     [0.10, 0.35, 0.30, -0.25, 0.50, 0.30],
     [-0.15, 0.05, 0.50, -0.35, 0.10, 0.10],
     [0.30, 0.35, 0.00, -0.50, 0.20, 0.50]])
 VOWELS = np.array([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480], [570, 840, 2410]], float)
 
-def voice_controls(spk:dict, vad, e) -> dict:
+# %% ../nbs/03_synth.ipynb #5aaf594e
+def voice_controls(spk:dict, # speaker traits (`speaker`)
+                   vad, # (arousal, dominance, valence) of the clip
+                   e, # (6,) expressed intensities
+                  ) -> dict:
     "Acoustic controls of one clip from the speaker, its (arousal, dominance, valence) and expressed intensities `e`."
-    a, d, v = vad; adm, amu, det, pain, exc, joy = e
+    a, d, v = vad
+    adm, amu, det, pain, exc, joy = e
     return dict(f0=spk['f0'] * 2 ** ((4 * (a - .5) - 2.5 * (d - .5) + 1.0 * (v - .5)) / 12), range_st=1.0 + 4 * a,
-                rate=spk['rate'] * (1 + 0.45 * (a - .5) + 0.25 * det - 0.3 * pain), level_db=-20 + 10 * (a - .5) + 5 * (d - .5),
+                rate=spk['rate'] * (1 + 0.45 * (a - .5) + 0.25 * det - 0.3 * pain),
+                level_db=-20 + 10 * (a - .5) + 5 * (d - .5),
                 tilt=float(np.clip(spk['tilt'] - 0.3 * (a - .5) - 0.1 * (d - .5), 0.25, 0.92)),
                 breath=float(np.clip(spk['breath'] + 0.2 * (0.5 - d) + 0.25 * adm + 0.2 * pain, 0, 0.8)),
-                attack=0.045 - 0.035 * d, slope_st=3 * (v - .5) - 3 * (d - .5), formant=spk['vtl'] * (1 + 0.07 * (v - .5)),
+                attack=0.045 - 0.035 * d, slope_st=3 * (v - .5) - 3 * (d - .5),
+                formant=spk['vtl'] * (1 + 0.07 * (v - .5)),
                 tremor_st=1.5 * pain, melody_st=3.0 * joy, p_stress=0.08 + 0.5 * det,
                 p_laugh=0.35 * amu, p_sigh=0.25 * pain, p_ooh=0.3 * adm, p_wow=0.3 * exc)
 
@@ -127,81 +161,147 @@ def _formant_sos(formants, scale:float) -> np.ndarray:
     "Cascade of three all-pole resonators (unit gain at DC) at `formants*scale`."
     sos = []
     for f, bw in zip(np.asarray(formants) * scale, (90, 110, 170)):
-        r = math.exp(-math.pi * bw / SR); th = 2 * math.pi * min(f, 7000) / SR
+        r = math.exp(-math.pi * bw / SR)
+        th = 2 * math.pi * min(f, 7000) / SR
         a1, a2 = -2 * r * math.cos(th), r * r
         sos.append([1 + a1 + a2, 0, 0, 1, a1, a2])
     return np.array(sos)
 
 def _envelope(n:int, attack:float, release:float=0.05) -> np.ndarray:
+    "(n,) raised-cosine envelope: rises over `attack` s, falls over `release` s (each at most half the event)."
     na, nr = max(1, min(n // 2, int(attack * SR))), max(1, min(n // 2, int(release * SR)))
-    env = np.ones(n); env[:na] = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, na)); env[n - nr:] = 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, nr))
+    env = np.ones(n)
+    env[:na] = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, na))
+    env[n - nr:] = 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, nr))
     return env
 
-# %% ../nbs/03_synth.ipynb #b4cae72b
-def voiced(rng, f0, vowel:int, c:dict, level_db:float, breath:float|None=None, attack:float|None=None) -> np.ndarray:
+# %% ../nbs/03_synth.ipynb #1e4c809a
+def voiced(rng, # numpy Generator
+           f0, # (n,) pitch contour, Hz per sample
+           vowel:int, # row of VOWELS
+           c:dict, # the clip's controls (`voice_controls`)
+           level_db:float, # RMS level, dB
+           breath:float|None=None, # aspiration share (None: the controls')
+           attack:float|None=None, # rise time, s (None: the controls')
+          ) -> np.ndarray:
     "One voiced event at pitch contour `f0` (Hz per sample): source, tilt, aspiration, formants, envelope, level."
-    n = len(f0); phase = np.cumsum(f0) / SR + rng.random()
+    n = len(f0)
+    phase = np.cumsum(f0) / SR + rng.random()
     src = signal.lfilter([1 - c['tilt']], [1, -c['tilt']], 2 * (phase % 1) - 1)
     b = c['breath'] if breath is None else breath
-    x = signal.sosfilt(_formant_sos(VOWELS[vowel], c['formant']), (1 - b) * src / (np.std(src) + 1e-9) + b * rng.standard_normal(n))
+    mix = (1 - b) * src / (np.std(src) + 1e-9) + b * rng.standard_normal(n)
+    x = signal.sosfilt(_formant_sos(VOWELS[vowel], c['formant']), mix)
     x *= _envelope(n, c['attack'] if attack is None else attack)
     return x * (10 ** (level_db / 20) / (np.sqrt(np.mean(x ** 2)) + 1e-9))
 
-def contour(rng, n:int, f0:float, st_start:float, st_end:float, c:dict, t0:float) -> np.ndarray:
+# %% ../nbs/03_synth.ipynb #dec1581d
+def contour(rng, # numpy Generator
+            n:int, # samples
+            f0:float, # base pitch, Hz
+            st_start:float, # semitones above f0 at the start
+            st_end:float, # ... and at the end
+            c:dict, # the clip's controls (tremor)
+            t0:float, # start time in the clip, s (phase of the tremor)
+           ) -> np.ndarray:
     "Pitch contour (Hz per sample) gliding from st_start to st_end semitones, with jitter and tremor."
     t = np.arange(n) / SR
-    st = np.linspace(st_start, st_end, n) + c['tremor_st'] * np.sin(2 * np.pi * 6.0 * (t0 + t)) + 0.15 * np.cumsum(rng.standard_normal(n)) / math.sqrt(SR)
+    tremor = c['tremor_st'] * np.sin(2 * np.pi * 6.0 * (t0 + t))
+    st = np.linspace(st_start, st_end, n) + tremor + 0.15 * np.cumsum(rng.standard_normal(n)) / math.sqrt(SR)
     return f0 * 2 ** (st / 12)
 
-# %% ../nbs/03_synth.ipynb #1e4c809a
-def _event(rng, c:dict, t0:float, k:int) -> tuple[np.ndarray, float]:
-    "The next event of a clip (samples, pause after it in s): a syllable, a laugh, a sigh, an 'ooh' or a 'wow'."
-    u, f0 = rng.random(), c['f0']
-    if u < c['p_laugh']:
-        pulses = [np.concatenate([voiced(rng, contour(rng, int(0.07 * SR), f0 * 1.5, 1, -1, c, t0), 0, c, c['level_db'] + 2, breath=0.6, attack=0.005),
-                                  np.zeros(int(0.12 * SR))]) for _ in range(rng.integers(3, 7))]
-        return np.concatenate(pulses), 0.15
-    if u < c['p_laugh'] + c['p_sigh']:
+# %% ../nbs/03_synth.ipynb #ac1243e6
+def _laugh(rng, c:dict, t0:float) -> np.ndarray:
+    "A laugh: three to six high, breathy 70 ms pulses, each followed by 120 ms of silence."
+    def pulse():
+        "One pulse."
+        f = contour(rng, int(0.07 * SR), c['f0'] * 1.5, 1, -1, c, t0)
+        return voiced(rng, f, 0, c, c['level_db'] + 2, breath=0.6, attack=0.005)
+    return np.concatenate([np.concatenate([pulse(), np.zeros(int(0.12 * SR))]) for _ in range(rng.integers(3, 7))])
+
+# %% ../nbs/03_synth.ipynb #485a9ea7
+def _glide(rng, c:dict, t0:float, kind:str) -> np.ndarray:
+    "A sigh (falling, breathy), an 'ooh' (rise-fall on a rounded vowel) or a 'wow' (wide rise)."
+    if kind == 'sigh':
         n = int(rng.uniform(0.4, 0.8) * SR)
-        return voiced(rng, contour(rng, n, f0 * 0.9, 0, -3, c, t0), 0, c, c['level_db'] - 6, breath=0.95, attack=0.1), 0.2
-    if u < c['p_laugh'] + c['p_sigh'] + c['p_ooh']:
+        f = contour(rng, n, c['f0'] * 0.9, 0, -3, c, t0)
+        return voiced(rng, f, 0, c, c['level_db'] - 6, breath=0.95, attack=0.1)
+    if kind == 'ooh':
         n = int(rng.uniform(0.4, 0.7) * SR)
-        return voiced(rng, contour(rng, n, f0, 0, 0, c, t0) * 2 ** (3 * np.sin(np.linspace(0, np.pi, n)) / 12), int(rng.choice([2, 4])), c, c['level_db'] - 2), 0.15
-    if u < c['p_laugh'] + c['p_sigh'] + c['p_ooh'] + c['p_wow']:
-        n = int(rng.uniform(0.3, 0.5) * SR)
-        return voiced(rng, contour(rng, n, f0 * 1.2, -2, 7, c, t0), 0, c, c['level_db'] + 4), 0.15
+        f = contour(rng, n, c['f0'], 0, 0, c, t0) * 2 ** (3 * np.sin(np.linspace(0, np.pi, n)) / 12)
+        return voiced(rng, f, int(rng.choice([2, 4])), c, c['level_db'] - 2)
+    n = int(rng.uniform(0.3, 0.5) * SR)
+    return voiced(rng, contour(rng, n, c['f0'] * 1.2, -2, 7, c, t0), 0, c, c['level_db'] + 4)
+
+# %% ../nbs/03_synth.ipynb #7edfd662
+def _syllable(rng, c:dict, t0:float, k:int) -> tuple[np.ndarray, float]:
+    "The `k`-th syllable of a clip (stressed or not, on the phrase's melody) and the pause after it, s."
     n = int(rng.uniform(0.6, 1.0) * SR / c['rate'])
     stress = rng.random() < c['p_stress']
     mel = c['melody_st'] * math.sin(2 * math.pi * 0.25 * k)
     s0 = mel + (3 if stress else 0) + c['range_st'] * rng.uniform(-0.5, 0.5)
-    f = contour(rng, n, f0, s0, s0 + c['slope_st'] - (2 if stress else 0), c, t0)
-    return voiced(rng, f, int(rng.integers(5)), c, c['level_db'] + (5 if stress else 0), attack=0.006 if stress else None), rng.uniform(0.02, 0.1) / (0.5 + c['rate'] / 8)
+    f = contour(rng, n, c['f0'], s0, s0 + c['slope_st'] - (2 if stress else 0), c, t0)
+    x = voiced(rng, f, int(rng.integers(5)), c, c['level_db'] + (5 if stress else 0), attack=0.006 if stress else None)
+    return x, rng.uniform(0.02, 0.1) / (0.5 + c['rate'] / 8)
 
-# %% ../nbs/03_synth.ipynb #dec1581d
-def render_clip(rng, seconds:float, spk:dict, c:dict, # controls inside the episode (the whole clip when c_out is None)
-                c_out:dict|None=None, # controls outside the episode
-                window:tuple=(0.0, math.inf), # the episode, s
-                gain_db:float=0.0) -> np.ndarray: # recording gain
-    "float32 mono 16 kHz audio of one clip: events in phrases over the room noise, through the microphone at `gain_db`."
-    n = max(1, int(round(seconds * SR))); x = np.zeros(n)
+# %% ../nbs/03_synth.ipynb #546016bb
+def _event(rng, c:dict, t0:float, k:int) -> tuple[np.ndarray, float]:
+    "The next event of a clip (samples, pause after it in s): a syllable, a laugh, a sigh, an 'ooh' or a 'wow'."
+    u = rng.random()
+    if u < c['p_laugh']: return _laugh(rng, c, t0), 0.15
+    if u < c['p_laugh'] + c['p_sigh']: return _glide(rng, c, t0, 'sigh'), 0.2
+    if u < c['p_laugh'] + c['p_sigh'] + c['p_ooh']: return _glide(rng, c, t0, 'ooh'), 0.15
+    if u < c['p_laugh'] + c['p_sigh'] + c['p_ooh'] + c['p_wow']: return _glide(rng, c, t0, 'wow'), 0.15
+    return _syllable(rng, c, t0, k)
+
+# %% ../nbs/03_synth.ipynb #90819af8
+def _speech(rng, n:int, seconds:float, c:dict, c_out:dict|None, window:tuple) -> np.ndarray:
+    "(n,) events in phrases, with the controls `c` inside the episode `window` and `c_out` outside it."
+    x = np.zeros(n)
     t, k, phrase = rng.uniform(0.02, min(0.3, seconds / 4)), 0, int(rng.integers(3, 8))
     while True:
         ev, pause = _event(rng, c if c_out is None or window[0] <= t < window[1] else c_out, t, k)
         i = int(t * SR)
         if i + len(ev) > n - int(0.02 * SR): break
-        x[i:i + len(ev)] += ev; k += 1
+        x[i:i + len(ev)] += ev
+        k += 1
         t += len(ev) / SR + pause + (rng.uniform(0.15, 0.5) if k % phrase == 0 else 0)
-    noise = signal.lfilter([1], [1, -0.9], rng.standard_normal(n)); noise *= 10 ** (spk['noise_db'] / 20) / (np.std(noise) + 1e-12)
-    if spk['hum']: noise += 10 ** ((spk['noise_db'] - 3) / 20) * np.sin(2 * np.pi * spk['hum'] * np.arange(n) / SR + rng.random() * 6)
-    y = signal.sosfilt(signal.butter(2, [spk['hp'], spk['lp']], 'bandpass', fs=SR, output='sos'), x + noise) * 10 ** (gain_db / 20)
+    return x
+
+# %% ../nbs/03_synth.ipynb #26188483
+def _room(rng, spk:dict, n:int) -> np.ndarray:
+    "(n,) the room's low-passed noise floor at the speaker's level, with mains hum when the room has it."
+    noise = signal.lfilter([1], [1, -0.9], rng.standard_normal(n))
+    noise *= 10 ** (spk['noise_db'] / 20) / (np.std(noise) + 1e-12)
+    if spk['hum']:
+        hum = np.sin(2 * np.pi * spk['hum'] * np.arange(n) / SR + rng.random() * 6)
+        noise += 10 ** ((spk['noise_db'] - 3) / 20) * hum
+    return noise
+
+# %% ../nbs/03_synth.ipynb #511df673
+def render_clip(rng, # numpy Generator
+                seconds:float, # clip length
+                spk:dict, # speaker traits (`speaker`)
+                c:dict, # controls inside the episode (the whole clip when c_out is None)
+                c_out:dict|None=None, # controls outside the episode
+                window:tuple=(0.0, math.inf), # the episode, s
+                gain_db:float=0.0) -> np.ndarray: # recording gain
+    "float32 mono 16 kHz audio of one clip: events in phrases over the room noise, through the microphone at `gain_db`."
+    n = max(1, int(round(seconds * SR)))
+    x = _speech(rng, n, seconds, c, c_out, window)
+    noise = _room(rng, spk, n)
+    mic = signal.butter(2, [spk['hp'], spk['lp']], 'bandpass', fs=SR, output='sos')
+    y = signal.sosfilt(mic, x + noise) * 10 ** (gain_db / 20)
     return (y / max(1.0, np.abs(y).max() / 0.95)).astype(np.float32)
 
 # %% ../nbs/03_synth.ipynb #91b74720
 _G = np.mgrid[-1:1:48j, -1:1:48j]
 
-def face_image(spk:dict, x:np.ndarray) -> np.ndarray:
+def face_image(spk:dict, # speaker traits (skin, background)
+               x:np.ndarray, # (5,) expression
+              ) -> np.ndarray:
     "(48, 48, 3) float face in [0, 1] with expression x = (smile, mouth open, brow raise, furrow, eye open)."
-    yy, xx = _G; smile, mopen, raise_, furrow, eye = x
+    yy, xx = _G
+    smile, mopen, raise_, furrow, eye = x
     img = np.broadcast_to(np.asarray(spk['bg']), (48, 48, 3)).copy()
     img[(xx / 0.62) ** 2 + ((yy + 0.02) / 0.82) ** 2 < 1] = spk['skin']
     for sx in (-0.28, 0.28):
@@ -213,55 +313,106 @@ def face_image(spk:dict, x:np.ndarray) -> np.ndarray:
     img[(xx / 0.16) ** 2 + ((yy - 0.45) / (0.01 + 0.12 * mopen)) ** 2 < 1] = 0.05
     return img
 
-FACE_FROM_EMOTION = np.array([  # rows: smile, mouth open, brow raise, furrow, eye open; columns: EMOTIONS (shared mapping)
+# %% ../nbs/03_synth.ipynb #1b20d2b2
+FACE_FROM_EMOTION = np.array([  # (smile, mouth open, brow raise, furrow, eye open) x EMOTIONS
     [0.3, 0.6, 0.0, -0.7, 0.3, 0.9], [0.4, 0.7, 0.0, 0.0, 0.6, 0.0], [0.5, 0.0, 0.0, 0.3, 0.6, 0.0],
     [0.0, 0.0, 0.9, 0.4, 0.0, 0.0], [0.2, -0.4, -0.2, 0.0, 0.4, 0.0]])
 NEUTRAL_FACE = np.array([0, 0, 0, 0, 0.5])  # a resting face: eyes half open, everything else at rest
 
-def face_expression(e:np.ndarray) -> np.ndarray:
+def face_expression(e:np.ndarray # (6,) expressed intensities
+                   ) -> np.ndarray:
     "Expression parameters of a face from expressed intensities e (6,), by the shared mapping."
     return np.clip(NEUTRAL_FACE + FACE_FROM_EMOTION @ np.asarray(e, float), 0, 1)
 
-# %% ../nbs/03_synth.ipynb #1b20d2b2
-def render_faces(rng, out:Path, seconds:float, spk:dict, e:np.ndarray, # expressed intensities (6,)
-                 window:tuple=(0.0, math.inf), # the episode, s
-                 w_out:float=1.0) -> dict: # expression outside the episode, as a share of the episode's
-    "Write the face crops of one clip into `out` (JPEG, numbered); returns what happened (counts, failure modes)."
-    from PIL import Image
-    out.mkdir(parents=True, exist_ok=True)
-    drift = float(np.clip(rng.normal(1.0, 0.04), 0.88, 1.12)); n = int(round(seconds * 6 * drift))
-    miss = 1.0 if rng.random() < 0.01 else float(rng.choice([0.0, rng.uniform(0, 0.08), rng.uniform(0.1, 0.3)], p=[0.5, 0.35, 0.15]))
-    dark = rng.random() < 0.05; occ = rng.random() < 0.1
+# %% ../nbs/03_synth.ipynb #7c0be363
+def _face_faults(rng, n:int) -> dict:
+    "A clip's failure modes: share of missed detections, dark clip, occluded frames [o0, o1), the occluder's row."
+    if rng.random() < 0.01: miss = 1.0
+    else: miss = float(rng.choice([0.0, rng.uniform(0, 0.08), rng.uniform(0.1, 0.3)], p=[0.5, 0.35, 0.15]))
+    dark = rng.random() < 0.05
+    occ = rng.random() < 0.1
     o0, o1 = sorted(rng.integers(0, max(n, 1), 2)) if occ else (0, 0)
-    oy = int(rng.choice([26, 8]))
-    base = np.asarray(spk.get('face_base', NEUTRAL_FACE), float)                # the participant's resting face
-    M = np.asarray(spk['face_M']) if 'face_M' in spk else FACE_FROM_EMOTION     # the participant's expression mapping
-    expr = M @ (np.asarray(e, float) * spk['face_expressivity'])                # (5,) at the apex
+    return dict(miss=miss, dark=dark, o0=o0, o1=o1, oy=int(rng.choice([26, 8])))
+
+# %% ../nbs/03_synth.ipynb #b00e81a0
+def _face_pose(spk:dict, e:np.ndarray) -> tuple:
+    "(the participant's resting face, their expression (5,) at the apex of intensities `e`)."
+    mapping = np.asarray(spk['face_M']) if 'face_M' in spk else FACE_FROM_EMOTION
+    rest = np.asarray(spk.get('face_base', NEUTRAL_FACE), float)
+    return rest, mapping @ (np.asarray(e, float) * spk['face_expressivity'])
+
+def _face_levels(rng, spk:dict, n:int, drift:float, window:tuple, w_out:float) -> tuple:
+    "(expression level, mouth movement of speech) at each of the `n` frames' times, (n,) each."
     t = (np.arange(max(n, 1)) + 0.5) / (6 * drift)
     if math.isfinite(window[1]): level = np.where((t >= window[0]) & (t < window[1]), 1.0, w_out)
     else: level = 0.6 + 0.4 * np.sin(np.linspace(0, np.pi, max(n, 1)) + rng.uniform(-1, 1))
     level = np.clip(level + 0.1 * rng.standard_normal(max(n, 1)), 0, 1)
     talk = spk.get('face_talk', 0.0) * np.abs(np.sin(2 * np.pi * spk['rate'] / 2 * t + rng.uniform(0, 6)))
+    return level, talk
+
+# %% ../nbs/03_synth.ipynb #fca771b9
+def _face_frame(rng, spk:dict, x:np.ndarray, dark:bool, occluded:bool, oy:int) -> np.ndarray:
+    "One (48, 48, 3) crop of expression `x`: shifted, lit (0.2 when dark), occluded at row `oy`, noisy."
+    im = face_image(spk, x)
+    im = np.roll(im, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) * spk['light']
+    im = im * (0.2 if dark or rng.random() < 0.03 else 1.0)
+    if occluded: im[oy:oy + 16, 6:42] = np.asarray(spk['skin']) * 0.8
+    return np.clip(im + 0.03 * rng.standard_normal(im.shape), 0, 1)
+
+# %% ../nbs/03_synth.ipynb #f19bcc58
+def _write_crops(rng, out:Path, spk:dict, poses:np.ndarray, f:dict) -> int:
+    "Write the crop of each frame's expression in `poses` (n, 5) unless the detector misses it; returns how many."
+    from PIL import Image
     kept = 0
-    for k in range(n):
-        if rng.random() < miss: continue
-        im = face_image(spk, np.clip(base + level[k] * expr + np.array([0, talk[k], 0, 0, 0]), 0, 1))
-        im = np.roll(im, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) * spk['light'] * (0.2 if dark or rng.random() < 0.03 else 1.0)
-        if o0 <= k < o1: im[oy:oy + 16, 6:42] = np.asarray(spk['skin']) * 0.8
-        im = np.clip(im + 0.03 * rng.standard_normal(im.shape), 0, 1)
-        Image.fromarray((im * 255).astype(np.uint8)).save(out/f'{k + 1:05d}.jpg', quality=85); kept += 1
-    return dict(face_drift=round(drift, 4), face_frames=kept, face_miss=round(miss, 3), face_dark=int(dark), face_occluded=int(o1 - o0))
+    for k, x in enumerate(poses):
+        if rng.random() < f['miss']: continue
+        im = _face_frame(rng, spk, x, f['dark'], f['o0'] <= k < f['o1'], f['oy'])
+        Image.fromarray((im * 255).astype(np.uint8)).save(out/f'{k + 1:05d}.jpg', quality=85)
+        kept += 1
+    return kept
+
+# %% ../nbs/03_synth.ipynb #baa16bba
+def render_faces(rng, # numpy Generator
+                 out:Path, # folder of the crops (created)
+                 seconds:float, # clip length
+                 spk:dict, # speaker traits with the face parameters (`mechanism_draws`)
+                 e:np.ndarray, # expressed intensities (6,)
+                 window:tuple=(0.0, math.inf), # the episode, s
+                 w_out:float=1.0) -> dict: # expression outside the episode, as a share of the episode's
+    "Write the face crops of one clip into `out` (JPEG, numbered); returns what happened (counts, failure modes)."
+    out.mkdir(parents=True, exist_ok=True)
+    drift = float(np.clip(rng.normal(1.0, 0.04), 0.88, 1.12))
+    n = int(round(seconds * 6 * drift))
+    f = _face_faults(rng, n)
+    rest, apex = _face_pose(spk, e)
+    level, talk = _face_levels(rng, spk, n, drift, window, w_out)
+    poses = np.clip(rest + level[:, None] * apex + np.outer(talk, [0, 1, 0, 0, 0]), 0, 1)  # (n, 5)
+    kept = _write_crops(rng, out, spk, poses[:n], f)
+    return dict(face_drift=round(drift, 4), face_frames=kept, face_miss=round(f['miss'], 3), face_dark=int(f['dark']),
+                face_occluded=int(f['o1'] - f['o0']))
 
 # %% ../nbs/03_synth.ipynb #f507e73d
-def write_video(rng, path:Path, seconds:float, fps, thumb:np.ndarray) -> int:
+def _frame_pts(rng, seconds:float, rate:Fraction, vfr:bool) -> np.ndarray:
+    "Frame presentation times: one every 1/`rate` s, or (`vfr`) on a 1 ms time base, 22 to 44 ms apart."
+    if not vfr: return np.arange(max(1, int(round(seconds * float(rate)))))
+    pts = np.cumsum(np.r_[0, rng.integers(22, 45, int(seconds * 50) + 2)])
+    return pts[pts < max(1, seconds * 1000)]
+
+# %% ../nbs/03_synth.ipynb #9523b3da
+def write_video(rng, # numpy Generator (the jitter of variable-rate clips)
+                path:Path, # the .mp4 to write
+                seconds:float, # clip length
+                fps, # frame rate (int or Fraction), 1000 = variable rate
+                thumb:np.ndarray, # (16, 16, 3) uint8 frame
+               ) -> int:
     "Write a tiny mp4 of `seconds` at `fps` (1000 = variable rate on a 1 ms time base); returns its frame count."
-    import av
     vfr = fps == 1000
     rate = Fraction(fps).limit_denominator(1000)
-    if vfr: pts = np.cumsum(np.r_[0, rng.integers(22, 45, int(seconds * 50) + 2)]); pts = pts[pts < max(1, seconds * 1000)]
-    else: pts = np.arange(max(1, int(round(seconds * float(rate)))))
+    pts = _frame_pts(rng, seconds, rate, vfr)
     with av.open(str(path), 'w', format='mp4') as c:
-        s = c.add_stream('mpeg4', rate=rate); s.width = s.height = 16; s.pix_fmt = 'yuv420p'
+        s = c.add_stream('mpeg4', rate=rate)
+        s.width = s.height = 16
+        s.pix_fmt = 'yuv420p'
         if vfr: s.codec_context.time_base = Fraction(1, 1000)
         frame = av.VideoFrame.from_ndarray(thumb, format='rgb24')
         for p in pts:
@@ -271,184 +422,257 @@ def write_video(rng, path:Path, seconds:float, fps, thumb:np.ndarray) -> int:
     return len(pts)
 
 # %% ../nbs/03_synth.ipynb #8f2945d3
-def _rng(*key) -> np.random.Generator: return np.random.default_rng([int(k) for k in key])
+def _rng(*key) -> np.random.Generator:
+    "A random generator seeded by the integers `key` alone."
+    return np.random.default_rng([int(k) for k in key])
 
-def render_row(row:dict, root:str, media:bool=True) -> dict:
-    "Render one planned clip into `root`: audio mp3 (+ video and faces when `media`); returns face stats."
-    rng = _rng(row['seed'], SPLIT_CODE[row['split']], row['index'], 7)
-    spk = json.loads(row['speaker_json']); e = np.array([row[f'expressed_{k}'] for k in range(6)])
-    vad = np.array([row['arousal'], row['dominance'], row['valence']])
+def _episode(row:dict, spk:dict, vad:np.ndarray, e:np.ndarray) -> tuple:
+    "(controls inside the episode, controls outside it or None, the episode in s) of a planned row."
     c = voice_controls(spk, vad, e)
     w = row.get('ep_outside', 1.0)
     c_out = voice_controls(spk, 0.5 + w * (vad - 0.5), w * e) if w < 1 else None
     t0 = row.get('ep_start', 0.0) * row['duration']
-    window = (t0, t0 + row.get('ep_len', 1.0) * row['duration'])
+    return c, c_out, (t0, t0 + row.get('ep_len', 1.0) * row['duration'])
+
+# %% ../nbs/03_synth.ipynb #c8115f1e
+def render_row(row:dict, # a planned clip (a row of `plan_split` or `plan_vad_split`)
+               root:str, # the corpus folder
+               media:bool=True, # also write the video and the face crops
+              ) -> dict:
+    "Render one planned clip into `root`: audio mp3 (+ video and faces when `media`); returns face stats."
+    rng = _rng(row['seed'], SPLIT_CODE[row['split']], row['index'], 7)
+    spk = json.loads(row['speaker_json'])
+    e = np.array([row[f'expressed_{k}'] for k in range(6)])
+    vad = np.array([row['arousal'], row['dominance'], row['valence']])
+    c, c_out, window = _episode(row, spk, vad, e)
     wav = render_clip(rng, row['duration'], spk, c, c_out, window, row.get('gain_db', 0.0))
-    root = Path(root); fid = int(row['Filename'])
+    root = Path(root)
     (root/'audio').mkdir(exist_ok=True)
-    import soundfile as sf
-    sf.write(str(root/'audio'/f'{fid:05d}.mp3'), wav, SR, format='MP3')
-    if not media: return {}
+    sf.write(str(root/'audio'/f"{int(row['Filename']):05d}.mp3"), wav, SR, format='MP3')
+    return _render_media(row, root, rng, spk, e, window) if media else {}
+
+# %% ../nbs/03_synth.ipynb #9f1be0e6
+def _render_media(row:dict, root:Path, rng, spk:dict, e:np.ndarray, window:tuple) -> dict:
+    "The face crops (from their own stream) and the video of a row whose audio `rng` rendered; returns face stats."
+    fid = int(row['Filename'])
     frng = _rng(row['seed'], SPLIT_CODE[row['split']], row['index'], 8)
-    res = render_faces(frng, root/'face_images'/f'{fid:05d}', row['duration'], spk, e, window, w)
+    faces = root/'face_images'/f'{fid:05d}'
+    res = render_faces(frng, faces, row['duration'], spk, e, window, row.get('ep_outside', 1.0))
     thumb = (face_image(spk, face_expression(np.zeros(6)))[1::3, 1::3] * 255).astype(np.uint8)
     (root/'raw').mkdir(exist_ok=True)
     res['video_frames'] = write_video(rng, root/'raw'/f'{fid:05d}.mp4', row['duration'], Fraction(row['fps']), thumb)
     return res
 
 # %% ../nbs/03_synth.ipynb #e24e7db4
-def plan_split(corpus:CorpusConfig, split:str, n:int, fids) -> pd.DataFrame:
-    "One row per clip of an EMI split: Filename, labels, latent intensities, state, speaker, duration, fps."
-    seed = corpus.seed
-    rng = _rng(seed, SPLIT_CODE[split], 1)
-    n_spk = max(2, int(math.ceil(n / corpus.speaker_clips)))
+def _participants(corpus:CorpusConfig, split:str, n:int, per:int) -> tuple:
+    "(the split's random generator, each clip's participant (n,), the participants' traits), about `per` clips each."
+    rng = _rng(corpus.seed, SPLIT_CODE[split], 1)
+    n_spk = max(2, int(math.ceil(n / per)))
     spk_of = np.sort(rng.integers(0, n_spk, n))
-    spks = [speaker(_rng(seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
-    sd = corpus.speaker_sd
-    y = latent_intensities(rng, n, split, sd * rng.standard_normal((n_spk, 6))[spk_of], sd)
-    lab = rate(rng, y)
+    return rng, spk_of, [speaker(_rng(corpus.seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
+
+def _expressed(rng, spks:list, spk_of:np.ndarray, y:np.ndarray, mood:float) -> tuple:
+    "(what each clip expresses (n, 6), the (arousal, dominance, valence) it implies with mood noise `mood` (n, 3))."
+    n = len(y)
     expr = np.array([spks[s]['expressivity'] for s in spk_of])[:, None] * rng.uniform(0.7, 1.1, (n, 1)) * y
-    vad = np.clip(0.5 + expr @ VAD_FROM_EMOTION.T + 0.08 * rng.standard_normal((n, 3)), 0.02, 0.98)
+    return expr, np.clip(0.5 + expr @ VAD_FROM_EMOTION.T + mood * rng.standard_normal((n, 3)), 0.02, 0.98)
+
+# %% ../nbs/03_synth.ipynb #70f4d2aa
+def _who(split:str, seed:int, spks:list, spk_of:np.ndarray) -> dict:
+    "The columns split, index, seed, speaker and speaker_json (the traits a worker renders) of a split's rows."
+    return dict(split=split, index=np.arange(len(spk_of)), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
+                speaker_json=[json.dumps(spks[s]) for s in spk_of])
+
+def _state(expr:np.ndarray, vad:np.ndarray) -> dict:
+    "The columns expressed_0..5 and arousal, dominance, valence, rounded as the CSVs keep them."
+    return {**{f'expressed_{j}': expr[:, j].round(4) for j in range(6)},
+            **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)}}
+
+# %% ../nbs/03_synth.ipynb #4c98e7c2
+def plan_split(corpus:CorpusConfig, # sizes, seed and mechanisms of the corpus
+               split:str, # train | valid | test
+               n:int, # clips
+               fids, # (n,) their Filenames
+              ) -> pd.DataFrame:
+    "One row per clip of an EMI split: Filename, labels, latent intensities, state, speaker, duration, fps."
+    rng, spk_of, spks = _participants(corpus, split, n, corpus.speaker_clips)
+    sd = corpus.speaker_sd
+    y = latent_intensities(rng, n, split, sd * rng.standard_normal((len(spks), 6))[spk_of], sd)
+    lab = rate(rng, y)
+    expr, vad = _expressed(rng, spks, spk_of, y, 0.08)
     dur = durations(rng, n, corpus.scale, corpus.long_clip if split == 'train' else None)
     fps = rng.permutation(np.repeat([str(f) for f, _ in FPS_MIX], _exact_counts(n, [p for _, p in FPS_MIX])))
     spks, mech = mechanism_draws(corpus, split, spks, spk_of)
     df = pd.DataFrame({'Filename': fids, **{k: lab[:, j] for j, k in enumerate(EMOTIONS)}})
-    df = df.assign(split=split, index=np.arange(n), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
-                   speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=dur, fps=fps, **mech,
-                   **{f'latent_{k}': y[:, j].round(4) for j, k in enumerate(EMOTIONS)},
-                   **{f'expressed_{j}': expr[:, j].round(4) for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
-    return df
+    latent = {f'latent_{k}': y[:, j].round(4) for j, k in enumerate(EMOTIONS)}
+    who = _who(split, corpus.seed, spks, spk_of)
+    return df.assign(**who, duration=dur, fps=fps, **mech, **latent, **_state(expr, vad))
 
 # %% ../nbs/03_synth.ipynb #6c0bc3be
-def mechanism_draws(corpus:CorpusConfig, split:str, spks:list, spk_of:np.ndarray) -> tuple:
+def _face_params(rf, corpus:CorpusConfig) -> dict:
+    "A participant's face: expression mapping (`face_shared` of it the common one), resting face, talking mouth."
+    sh = corpus.face_shared
+    mapping = sh * FACE_FROM_EMOTION + (1 - sh) * rf.normal(0, 0.45, (5, 6))
+    rest = rf.uniform([0, 0, .1, 0, .3], [.5, .2, .6, .4, .8]) if sh < 1 else NEUTRAL_FACE
+    return dict(face_M=mapping.round(3).tolist(), face_base=rest.round(3).tolist(), face_talk=corpus.face_talk)
+
+# %% ../nbs/03_synth.ipynb #acddd883
+def mechanism_draws(corpus:CorpusConfig, # the mechanisms' switches and sizes
+                    split:str, # whose random streams
+                    spks:list, # the split's participants' traits
+                    spk_of:np.ndarray, # (n,) each clip's participant
+                   ) -> tuple:
     "(participants with their face parameters, per-clip columns gain_db, ep_start, ep_len, ep_outside) of a split."
     r, rf = _rng(corpus.seed, SPLIT_CODE[split], 5), _rng(corpus.seed, SPLIT_CODE[split], 6)
-    sh = corpus.face_shared
-    face = lambda: dict(face_M=(sh * FACE_FROM_EMOTION + (1 - sh) * rf.normal(0, 0.45, (5, 6))).round(3).tolist(),
-                        face_base=(rf.uniform([0, 0, .1, 0, .3], [.5, .2, .6, .4, .8]) if sh < 1 else NEUTRAL_FACE).round(3).tolist(),
-                        face_talk=corpus.face_talk)
-    spks = [dict(s, **face()) for s in spks]
-    gain = r.uniform(-corpus.gain_db, corpus.gain_db, len(spks))[spk_of] + corpus.session_gain_db * r.standard_normal(len(spk_of))
-    ep_len = r.uniform(corpus.episode_min, corpus.episode_max, len(spk_of))
-    ep_start = r.random(len(spk_of)) * (1 - ep_len)
-    whole = corpus.episode_min >= 1
-    return spks, dict(gain_db=gain.round(2), ep_start=ep_start.round(4), ep_len=ep_len.round(4),
-                      ep_outside=np.full(len(spk_of), 1.0 if whole else corpus.outside))
+    spks = [dict(s, **_face_params(rf, corpus)) for s in spks]
+    m = len(spk_of)
+    gain = r.uniform(-corpus.gain_db, corpus.gain_db, len(spks))[spk_of] + corpus.session_gain_db * r.standard_normal(m)
+    ep_len = r.uniform(corpus.episode_min, corpus.episode_max, m)
+    ep_start = r.random(m) * (1 - ep_len)
+    outside = 1.0 if corpus.episode_min >= 1 else corpus.outside
+    episode = dict(ep_start=ep_start.round(4), ep_len=ep_len.round(4), ep_outside=np.full(m, outside))
+    return spks, dict(gain_db=gain.round(2), **episode)
 
 # %% ../nbs/03_synth.ipynb #1530631a
-def plan_vad_split(corpus:CorpusConfig, split:str, n:int) -> pd.DataFrame:
+def _plain_vad(rng, n:int) -> np.ndarray:
+    "(n, 3) states drawn on their own: about uniform in [0.05, 0.95], arousal and dominance correlated (0.5)."
+    z = rng.standard_normal((n, 3))
+    z[:, 1] = 0.5 * z[:, 0] + math.sqrt(0.75) * z[:, 1]
+    return np.clip(norm.cdf(z) * 0.9 + 0.05, 0.02, 0.98)
+
+# %% ../nbs/03_synth.ipynb #6f208833
+def plan_vad_split(corpus:CorpusConfig, # sizes, seed and mechanisms of the corpus
+                   split:str, # vad_train | vad_valid
+                   n:int, # clips
+                  ) -> pd.DataFrame:
     "One row per clip of a VAD split: Filename, arousal, dominance, valence (labels), the true state and its events."
-    seed = corpus.seed
-    rng = _rng(seed, SPLIT_CODE[split], 1)
-    n_spk = max(2, int(math.ceil(n / corpus.vad_speaker_clips)))
-    spk_of = np.sort(rng.integers(0, n_spk, n))
-    spks = [speaker(_rng(seed, SPLIT_CODE[split], 2, s)) for s in range(n_spk)]
+    rng, spk_of, spks = _participants(corpus, split, n, corpus.vad_speaker_clips)
     if corpus.vad_expressive:
-        y = latent_intensities(rng, n, 'vad', SPEAKER_SD * rng.standard_normal((n_spk, 6))[spk_of])
-        expr = np.array([spks[s]['expressivity'] for s in spk_of])[:, None] * rng.uniform(0.7, 1.1, (n, 1)) * y
-        vad = np.clip(0.5 + expr @ VAD_FROM_EMOTION.T + 0.12 * rng.standard_normal((n, 3)), 0.02, 0.98)
-    else:
-        z = rng.standard_normal((n, 3))
-        z[:, 1] = 0.5 * z[:, 0] + math.sqrt(0.75) * z[:, 1]
-        vad, expr = np.clip(norm.cdf(z) * 0.9 + 0.05, 0.02, 0.98), np.zeros((n, 6))
+        y = latent_intensities(rng, n, 'vad', SPEAKER_SD * rng.standard_normal((len(spks), 6))[spk_of])
+        expr, vad = _expressed(rng, spks, spk_of, y, 0.12)
+    else: expr, vad = np.zeros((n, 6)), _plain_vad(rng, n)
     lab = np.clip(vad + 0.05 * rng.standard_normal(vad.shape), 0, 1).round(4)
     first = 1 if split == 'vad_train' else 1 + corpus.vad_train
     dur = rng.uniform(corpus.vad_min_seconds, corpus.vad_max_seconds, n).round(3)
     spks, mech = mechanism_draws(corpus, split, spks, spk_of)
-    df = pd.DataFrame({'Filename': np.arange(first, first + n), **{f'label_{k}': lab[:, j] for j, k in enumerate(VAD_NAMES)}})
-    return df.assign(split=split, index=np.arange(n), seed=seed, speaker=[f'{split}-{s:03d}' for s in spk_of],
-                     speaker_json=[json.dumps(spks[s]) for s in spk_of], duration=dur, **mech,
-                     **{f'expressed_{j}': expr[:, j].round(4) for j in range(6)}, **{k: vad[:, j].round(4) for j, k in enumerate(VAD_NAMES)})
+    labels = {f'label_{k}': lab[:, j] for j, k in enumerate(VAD_NAMES)}
+    df = pd.DataFrame({'Filename': np.arange(first, first + n), **labels})
+    return df.assign(**_who(split, corpus.seed, spks, spk_of), duration=dur, **mech, **_state(expr, vad))
 
 # %% ../nbs/03_synth.ipynb #0a2078b7
+_PLAN_ONLY = ['speaker_json', 'seed', 'index'] + [f'expressed_{j}' for j in range(6)]  # for the workers, not the CSVs
+
 def _render_many(rows:list[dict], root, media:bool, workers:int, desc:str) -> list[dict]:
     "Render rows in `workers` processes (fork), in order; results in row order."
     import multiprocessing as mp
     if workers <= 1: return [render_row(r, root, media) for r in progress(rows, desc=desc, leave=False)]
     ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
     with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-        return list(progress(ex.map(render_row, rows, [str(root)] * len(rows), [media] * len(rows), chunksize=4), total=len(rows), desc=desc, leave=False))
+        done = ex.map(render_row, rows, [str(root)] * len(rows), [media] * len(rows), chunksize=4)
+        return list(progress(done, total=len(rows), desc=desc, leave=False))
 
 def _workers(corpus:CorpusConfig, workers:int|None) -> int:
     "Render processes: `workers`, else the corpus config's, else min(2, cores)."
     return workers or corpus.workers or max(1, min(2, os.cpu_count() or 1))
 
-def as_corpus(corpus) -> CorpusConfig:
+# %% ../nbs/03_synth.ipynb #c82bdd0b
+def as_corpus(corpus # a CorpusConfig, or the name of a profile
+             ) -> CorpusConfig:
     "A CorpusConfig, or the corpus of a profile named by a string."
     return make_config(corpus).corpus if isinstance(corpus, str) else corpus
 
 def _generator_facts(corpus:CorpusConfig, kind:str) -> dict:
     "What makes a corpus of `kind` (emi | vad): the generator version and the corpus fields it reads."
     mech = ('gain_db', 'session_gain_db', 'episode_min', 'episode_max', 'outside', 'face_shared', 'face_talk')
-    keys = ('seed', 'train', 'valid', 'test', 'speaker_clips', 'speaker_sd', 'scale', 'long_clip', *mech) if kind == 'emi' else \
-           ('seed', 'vad_train', 'vad_valid', 'vad_speaker_clips', 'vad_expressive', 'vad_min_seconds', 'vad_max_seconds', *mech)
-    return dict(generator='emi_nb.synth', version=GENERATOR_VERSION, kind=kind, corpus={k: getattr(corpus, k) for k in keys})
+    emi = ('seed', 'train', 'valid', 'test', 'speaker_clips', 'speaker_sd', 'scale', 'long_clip')
+    vad = ('seed', 'vad_train', 'vad_valid', 'vad_speaker_clips', 'vad_expressive', 'vad_min_seconds',
+           'vad_max_seconds')
+    fields = {k: getattr(corpus, k) for k in (*(emi if kind == 'emi' else vad), *mech)}
+    return dict(generator='emi_nb.synth', version=GENERATOR_VERSION, kind=kind, corpus=fields)
 
-# %% ../nbs/03_synth.ipynb #c82bdd0b
-def build_corpus(out, # folder to create (must not exist or be empty)
-                 corpus:CorpusConfig|str='smoke', # the corpus config, or a profile whose corpus to build
-                 workers:int|None=None, # render processes; None = the config's; the bytes do not depend on it
-                ) -> Path:
-    "Build the synthetic EMI corpus in the ABAW layout at `out`; returns `out`."
-    C = as_corpus(corpus)
+# %% ../nbs/03_synth.ipynb #855c3698
+def _new_folder(out) -> Path:
+    "The folder `out`, created; a FileExistsError when it already holds anything."
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()): raise FileExistsError(f"{out}: not empty; build into a new folder")
+    return out
+
+def _emi_plans(C:CorpusConfig) -> dict:
+    "The plan of each EMI split (train, valid, test), with Filenames dealt out from one shuffle of 1..N."
     n = dict(train=C.train, valid=C.valid, test=C.test)
     ids = 1 + _rng(C.seed, 99).permutation(sum(n.values()))
     cuts = np.cumsum([0, *n.values()])
-    plans = {s: plan_split(C, s, n[s], np.sort(ids[cuts[i]:cuts[i + 1]])) for i, s in enumerate(n)}
+    return {s: plan_split(C, s, n[s], np.sort(ids[cuts[i]:cuts[i + 1]])) for i, s in enumerate(n)}
+
+# %% ../nbs/03_synth.ipynb #6fa0fe07
+def build_corpus(out, # folder to create (must not exist or be empty)
+                 corpus:CorpusConfig|str='smoke', # the corpus config, or a profile whose corpus to build
+                 workers:int|None=None, # render processes (None: the config's), the bytes do not depend on it
+                ) -> Path:
+    "Build the synthetic EMI corpus in the ABAW layout at `out`; returns `out`."
+    C = as_corpus(corpus)
+    out = _new_folder(out)
+    plans = _emi_plans(C)
     rows = [r for p in plans.values() for r in p.to_dict('records')]
-    res = pd.DataFrame(_render_many(rows, out, True, _workers(C, workers), f'emi corpus'))
-    meta = pd.concat(plans.values(), ignore_index=True)
-    meta = pd.concat([meta, res], axis=1).drop(columns=['speaker_json', 'seed', 'index'] + [f'expressed_{j}' for j in range(6)])
+    res = pd.DataFrame(_render_many(rows, out, True, _workers(C, workers), 'emi corpus'))
+    meta = pd.concat([pd.concat(plans.values(), ignore_index=True), res], axis=1).drop(columns=_PLAN_ONLY)
     _write_csvs(out, plans, meta)
-    save_json(out/'SYNTHETIC.json', dict(_generator_facts(C, 'emi'), counts=n, near_zero=NEAR_ZERO,
-                                          targets=dict(zero_share=ZERO_SHARE, fps_mix={str(f): p for f, p in FPS_MIX})))
+    targets = dict(zero_share=ZERO_SHARE, fps_mix={str(f): p for f, p in FPS_MIX})
+    counts = {s: getattr(C, s) for s in plans}
+    facts = dict(_generator_facts(C, 'emi'), counts=counts, near_zero=NEAR_ZERO, targets=targets)
+    save_json(out/'SYNTHETIC.json', facts)
     return out
 
+# %% ../nbs/03_synth.ipynb #ba472253
 def _write_csvs(out:Path, plans:dict, meta:pd.DataFrame):
+    "The split CSVs (test without labels), the test labels apart, and the generator's facts of every clip."
     for s, p in plans.items():
         p[['Filename'] + EMOTIONS].to_csv(out/f'{s}_split.csv', index=False, float_format='%.4f')
     plans['test'][['Filename']].to_csv(out/'test_split.csv', index=False)
     plans['test'][['Filename'] + EMOTIONS].to_csv(out/'test_labels.csv', index=False, float_format='%.4f')
     meta.to_csv(out/'SYNTHETIC_clips.csv', index=False, float_format='%.4f')
 
-# %% ../nbs/03_synth.ipynb #f1b98abb
+# %% ../nbs/03_synth.ipynb #ae9bb741
 def build_vad_corpus(out, # folder to create (must not exist or be empty)
                      corpus:CorpusConfig|str='smoke', # the corpus config, or a profile whose corpus to build
-                     workers:int|None=None, # render processes; None = the config's; the bytes do not depend on it
+                     workers:int|None=None, # render processes (None: the config's), the bytes do not depend on it
                     ) -> Path:
     "Build the synthetic VAD corpus (vad_train.csv, vad_valid.csv, audio/) at `out`; returns `out`."
     C = as_corpus(corpus)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()): raise FileExistsError(f"{out}: not empty; build into a new folder")
+    out = _new_folder(out)
     n = dict(vad_train=C.vad_train, vad_valid=C.vad_valid)
     plans = {s: plan_vad_split(C, s, k) for s, k in n.items()}
     rows = [r for p in plans.values() for r in p.to_dict('records')]
     _render_many(rows, out, False, _workers(C, workers), 'vad corpus')
     for s, p in plans.items():
-        p[['Filename'] + [f'label_{k}' for k in VAD_NAMES]].set_axis(['Filename'] + VAD_NAMES, axis=1).to_csv(out/f'{s}.csv', index=False, float_format='%.4f')
-    meta = pd.concat(plans.values(), ignore_index=True).drop(columns=['speaker_json', 'seed', 'index'] + [f'expressed_{j}' for j in range(6)])
+        labels = p[['Filename'] + [f'label_{k}' for k in VAD_NAMES]].set_axis(['Filename'] + VAD_NAMES, axis=1)
+        labels.to_csv(out/f'{s}.csv', index=False, float_format='%.4f')
+    meta = pd.concat(plans.values(), ignore_index=True).drop(columns=_PLAN_ONLY)
     meta.to_csv(out/'SYNTHETIC_clips.csv', index=False, float_format='%.4f')
     save_json(out/'SYNTHETIC.json', dict(_generator_facts(C, 'vad'), counts=n))
     return out
 
 # %% ../nbs/03_synth.ipynb #f485c1e3
-def corpus_checksum(root) -> str:
+def corpus_checksum(root # a corpus folder
+                   ) -> str:
     "sha256 over the relative path and bytes of every file under `root`."
-    root = Path(root); h = hashlib.sha256()
+    root = Path(root)
+    h = hashlib.sha256()
     for p in sorted(q for q in root.rglob('*') if q.is_file()):
-        h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 # %% ../nbs/03_synth.ipynb #c9391b80
-def corpus_name(corpus:CorpusConfig, kind:str) -> str:
+def corpus_name(corpus:CorpusConfig, # the corpus fields
+                kind:str, # emi | vad
+               ) -> str:
     "The cache folder name of a corpus of `kind` (emi | vad): seed, a hash of what makes it, generator version."
     key = hashlib.sha256(json.dumps(_generator_facts(corpus, kind), sort_keys=True).encode()).hexdigest()[:10]
     return f'{kind}-seed{corpus.seed}-{key}-v{GENERATOR_VERSION}'
 
+# %% ../nbs/03_synth.ipynb #e13c8f15
 def _ensure(kind:str, corpus:CorpusConfig, builder, workers=None) -> Path:
     "The cached corpus of `kind`, built (under a lock, into a temporary folder) when missing."
     from filelock import FileLock
@@ -463,32 +687,41 @@ def _ensure(kind:str, corpus:CorpusConfig, builder, workers=None) -> Path:
         print(f"built {kind} corpus {dst.name} in {time.time() - t0:.1f} s")
     return dst
 
-# %% ../nbs/03_synth.ipynb #b765bc06
+# %% ../nbs/03_synth.ipynb #8e54bb85
 def ensure_corpus(corpus:CorpusConfig|str='synthetic', # the corpus config, or a profile whose corpus to use
-                  workers:int|None=None) -> Path:
+                  workers:int|None=None) -> Path: # render processes when it is built (None: the config's)
     "The cached synthetic EMI corpus of `corpus`, built on first use."
     return _ensure('emi', as_corpus(corpus), build_corpus, workers)
 
 def ensure_vad_corpus(corpus:CorpusConfig|str='synthetic', # the corpus config, or a profile whose corpus to use
-                      workers:int|None=None) -> Path:
+                      workers:int|None=None) -> Path: # render processes when it is built (None: the config's)
     "The cached synthetic VAD corpus of `corpus`, built on first use."
     return _ensure('vad', as_corpus(corpus), build_vad_corpus, workers)
 
 # %% ../nbs/03_synth.ipynb #c07bd23c
 def _synth_parser():
     "emi_synth's arguments: the profile and every corpus field, where to build, and what to print."
-    ap = argparse.ArgumentParser(prog='emi_synth', description='Build the deterministic synthetic EMI corpus (ABAW layout) '
-                                 'and the VAD corpus of a profile; the corpus fields are flags.')
+    ap = argparse.ArgumentParser(prog='emi_synth', description='Build the deterministic synthetic EMI corpus '
+                                 '(ABAW layout) and the VAD corpus of a profile; the corpus fields are flags.')
     add_config_flags(ap, only=('profile', 'corpus.'))
     ap.add_argument('--output-dir', help='build the EMI corpus in this new folder')
     ap.add_argument('--vad-output-dir', help='build the VAD corpus in this new folder')
-    ap.add_argument('--cache', action='store_true', help='build both corpora into the cache, where the study reads them')
+    ap.add_argument('--cache', action='store_true',
+                    help='build both corpora into the cache, where the study reads them')
     ap.add_argument('--checksum', action='store_true', help='print the sha256 of each corpus built')
     add_progress_flag(ap)
     return ap
 
 # %% ../nbs/03_synth.ipynb #a2aaa191
-def emi_synth_cli(argv=None):
+def _synth_jobs(a, C:CorpusConfig) -> list:
+    "(kind, build) for each corpus the arguments `a` ask for: the EMI folder, the VAD folder, both into the cache."
+    jobs = [('emi', lambda: build_corpus(a.output_dir, C))] if a.output_dir else []
+    jobs += [('vad', lambda: build_vad_corpus(a.vad_output_dir, C))] if a.vad_output_dir else []
+    return jobs + ([('emi', lambda: ensure_corpus(C)), ('vad', lambda: ensure_vad_corpus(C))] if a.cache else [])
+
+# %% ../nbs/03_synth.ipynb #f66345bc
+def emi_synth_cli(argv=None # the arguments (None: the command line's)
+                 ):
     "emi_synth: build the synthetic EMI corpus (and the VAD corpus) for a profile."
     ap = _synth_parser()
     a = ap.parse_args(argv)
@@ -496,12 +729,12 @@ def emi_synth_cli(argv=None):
     if not (a.output_dir or a.vad_output_dir or a.cache): ap.error('give --output-dir, --vad-output-dir or --cache')
     try: C = config_from_args(a).corpus
     except ConfigError as e: ap.exit(2, f"emi_synth: {e}\n")
-    jobs = ([('emi', lambda: build_corpus(a.output_dir, C))] if a.output_dir else []) + \
-           ([('vad', lambda: build_vad_corpus(a.vad_output_dir, C))] if a.vad_output_dir else []) + \
-           ([('emi', lambda: ensure_corpus(C)), ('vad', lambda: ensure_vad_corpus(C))] if a.cache else [])
-    for kind, job in jobs:
+    for kind, job in _synth_jobs(a, C):
         t0 = time.time()
         try: p = job()
         except (FileExistsError, ConfigError) as e: ap.exit(2, f"emi_synth: {e}\n")
-        print(f"{kind} corpus (seed {C.seed}): {p}  [{time.time() - t0:.1f} s]" + (f"  sha256 {corpus_checksum(p)}" if a.checksum else ''))
-    if a.cache: print(f"the study reads these corpora with the same corpus fields (e.g. emi_study -p corpus.seed={C.seed})")
+        took = time.time() - t0
+        sha = f"  sha256 {corpus_checksum(p)}" if a.checksum else ''
+        print(f"{kind} corpus (seed {C.seed}): {p}  [{took:.1f} s]{sha}")
+    if a.cache:
+        print(f"the study reads these corpora with the same corpus fields (e.g. emi_study -p corpus.seed={C.seed})")

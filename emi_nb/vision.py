@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
-from .config import seed_everything, parallel
-from .data import DataError, face_frames, video_info, media_path, load_pickled_features
+from .config import EMOTIONS, seed_everything, parallel
+from .data import DataError, face_frames, video_info, media_path, load_pickled_features, read_split
 from .paper import SECTION_6_2, t1, paper_str
 from .metrics import pearson, mean_rho, seed_stats, paired_stats, split_stats
 from .loop import LengthBucketSampler, Loop, Recipe
@@ -30,31 +30,46 @@ def _rgb(frame, size=None) -> np.ndarray:
     w, h = size or (frame.width, frame.height)
     return frame.reformat(width=w, height=h, format='rgb24').to_ndarray()
 
+def _fill(out:list, src:list, prev, t0:float, until:float, rate:float, size):
+    "Append the picture of frame `prev` (and its time) for every sample k with (k + 1/2)/`rate` before `until`."
+    arr = None
+    while (len(out) + .5) / rate < until:
+        arr = _rgb(prev, size) if arr is None else arr
+        out.append(arr)
+        src.append(prev.time - t0)
+
+# %% ../nbs/10_vision.ipynb #8f832147
+def _samples(path, c, s, rate:float, size, limit:float) -> tuple:
+    "(pictures, their source times, the last frame, the first frame's time, the last one's offset) up to `limit` s."
+    out, src, prev, t0, t = [], [], None, None, 0.0
+    for f in c.decode(s):
+        if f.time is None: raise DataError(path, "a frame has no presentation time")
+        t0 = f.time if t0 is None else t0
+        t = f.time - t0
+        if prev is not None: _fill(out, src, prev, t0, min(t, limit), rate, size)
+        if (len(out) + .5) / rate >= limit: break
+        prev = f
+    if prev is None: raise DataError(path, "no decodable video frame")
+    return out, src, prev, t0, t
+
+# %% ../nbs/10_vision.ipynb #3945ab83
 def sample_frames(path, # a video file PyAV can read
                   rate:float=6.0, # samples per second
-                  size:tuple|None=None, # (width, height) to scale to; None = as stored
-                  max_seconds:float|None=None) -> dict:
+                  size:tuple|None=None, # (width, height) to scale to (None: as stored)
+                  max_seconds:float|None=None) -> dict: # stop here (None: the whole video)
     "The frame on screen at each (k+1/2)/`rate` s: dict(frames (N,H,W,3) uint8, times, src_times, fps, duration)."
     import av
     try: c = av.open(str(path))
     except Exception as e: raise DataError(path, f"cannot open video: {e}") from None
     with c:
         if not c.streams.video: raise DataError(path, "no video stream")
-        s = c.streams.video[0]; s.thread_type = 'AUTO'
+        s = c.streams.video[0]
+        s.thread_type = 'AUTO'
         fps = float(s.average_rate or s.guessed_rate or 0)
-        out, src, k, prev, arr, t0, t = [], [], 0, None, None, None, 0.0
         limit = max_seconds or math.inf
-        for f in c.decode(s):
-            if f.time is None: raise DataError(path, "a frame has no presentation time")
-            t0 = f.time if t0 is None else t0; t = f.time - t0
-            while prev is not None and (k + .5) / rate < min(t, limit):
-                arr = _rgb(prev, size) if arr is None else arr; out.append(arr); src.append(prev.time - t0); k += 1
-            if (k + .5) / rate >= limit: break
-            prev, arr = f, None
-        if prev is None: raise DataError(path, "no decodable video frame")
+        out, src, prev, t0, t = _samples(path, c, s, rate, size, limit)
         dur = float(s.duration * s.time_base) if s.duration else t + (1 / fps if fps else 0)
-        while (k + .5) / rate < min(dur, limit):
-            arr = _rgb(prev, size) if arr is None else arr; out.append(arr); src.append(prev.time - t0); k += 1
+        _fill(out, src, prev, t0, min(dur, limit), rate, size)
     return dict(frames=np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8),
                 times=(np.arange(len(out)) + .5) / rate, src_times=np.array(src), fps=fps, duration=dur)
 
@@ -63,11 +78,13 @@ def write_index_video(path, # output file (.mp4)
                       n:int, # number of frames
                       rate=30, # nominal frame rate (int or Fraction)
                       times=None, # optional presentation times in seconds (variable frame rate)
-                      bits:int=12, codec:str='mpeg4') -> Path:
+                      bits:int=12, # stripes, the frame number's binary digits
+                      codec:str='mpeg4') -> Path: # PyAV codec name
     "A tiny video whose frame i shows i in binary stripes (8 px per bit)."
     import av
     with av.open(str(path), 'w') as c:
-        s = c.add_stream(codec, rate=Fraction(rate)); s.width, s.height, s.pix_fmt = 8 * bits, 16, 'yuv420p'
+        s = c.add_stream(codec, rate=Fraction(rate))
+        s.width, s.height, s.pix_fmt = 8 * bits, 16, 'yuv420p'
         if times is not None: s.codec_context.time_base = Fraction(1, 10_000)
         for i in range(n):
             img = np.zeros((16, 8 * bits, 3), np.uint8)
@@ -78,7 +95,9 @@ def write_index_video(path, # output file (.mp4)
         for p in s.encode(): c.mux(p)
     return Path(path)
 
-def read_index(frames:np.ndarray, bits:int=12) -> list:
+# %% ../nbs/10_vision.ipynb #1447357d
+def read_index(frames:np.ndarray, # (N, H, W, 3) pictures of `write_index_video`
+               bits:int=12) -> list: # its stripes
     "The frame numbers painted by `write_index_video`, read back from (N, H, W, 3) frames."
     return [int(sum(1 << b for b in range(bits) if f[:, 8*b+2:8*b+6].mean() > 127)) for f in frames]
 
@@ -93,23 +112,31 @@ def frame_timing(found:int, # face frames in the folder
     eff = found / duration if duration > 0 else math.nan
     end = (found - .5) * (1 / rate - duration / found) if found else math.nan
     return dict(expected=expected, found=found, drift=found - expected, effective_fps=eff,
-                sec_per_frame=duration / found if found else math.nan, end_offset_s=end, end_offset_audio_frames=end / AUDIO_HOP)
+                sec_per_frame=duration / found if found else math.nan, end_offset_s=end,
+                end_offset_audio_frames=end / AUDIO_HOP)
 
 # %% ../nbs/10_vision.ipynb #b050d132
+def _clip_video(root, fid:int) -> dict:
+    "fps, frames and duration of clip `fid`'s video; without a video, the audio's duration (NaN fps, 0 frames)."
+    import soundfile as sf
+    v = media_path(root, fid, 'raw', must_exist=False)
+    if v.exists(): return video_info(v)
+    return dict(fps=math.nan, frames=0, duration=sf.info(str(media_path(root, fid, 'audio'))).duration)
+
+# %% ../nbs/10_vision.ipynb #92649c1e
 def timing_table(root, # ABAW-layout data root
                  fids, # clip ids
-                 rate:float=6.0) -> 'pd.DataFrame':
-    "Per clip: video fps, duration and frames, face frames found vs expected at `rate`, effective fps, alignment offset."
-    import pandas as pd, soundfile as sf
+                 rate:float=6.0) -> 'pd.DataFrame': # the nominal face frame rate
+    "Per clip: video fps, duration, frames; face frames found vs expected at `rate`, effective fps, alignment offset."
+    import pandas as pd
     rows = []
     for fid in fids:
-        v = media_path(root, fid, 'raw', must_exist=False)
-        if v.exists(): vi = video_info(v)
-        else: vi = dict(fps=math.nan, frames=0, duration=sf.info(str(media_path(root, fid, 'audio'))).duration)
+        vi = _clip_video(root, fid)
         fs = face_frames(root, fid) if media_path(root, fid, 'faces', must_exist=False).is_dir() else []
         numbered = max((int(p.stem) for p in fs), default=0)
-        rows.append(dict(fid=int(fid), video_fps=vi['fps'], video_frames=vi['frames'], duration=vi['duration'], numbered=numbered,
-                         numbered_fps=numbered / vi['duration'] if vi['duration'] else math.nan, **frame_timing(len(fs), vi['duration'], rate)))
+        per_s = numbered / vi['duration'] if vi['duration'] else math.nan
+        rows.append(dict(fid=int(fid), video_fps=vi['fps'], video_frames=vi['frames'], duration=vi['duration'],
+                         numbered=numbered, numbered_fps=per_s, **frame_timing(len(fs), vi['duration'], rate)))
     return pd.DataFrame(rows)
 
 # %% ../nbs/10_vision.ipynb #5eb1145d
@@ -130,12 +157,15 @@ class FaceCNN(nn.Module):
     "A small CNN image encoder, trained from scratch (no pretrained weights): (N, 3, S, S) uint8 -> (N, d)."
     def __init__(self, d:int=64, # output features per frame
                  width:int=8): # channels of the first block (x2, x4 after)
+        "Three conv blocks (conv, batch norm, ReLU, max pool), global average pooling, a projection to `d`."
         super().__init__()
         layers, c = [], 3
         for w in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]; c = w
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            c = w
         self.body, self.proj, self.d = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(c, d), d
     def forward(self, x):
+        "(N, 3, S, S) frames (uint8 or float in [0, 1]) -> (N, d)."
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         return self.proj(self.body((x - .5) / .25))
 
@@ -143,11 +173,13 @@ class FaceCNN(nn.Module):
 class TimmEncoder(nn.Module):
     "A timm architecture as frame encoder, weights from a local file only (optional: needs timm)."
     def __init__(self, name:str, # timm model name, e.g. convnext_atto
-                 weights:str=''): # local .safetensors/.pth state dict; '' = random init
+                 weights:str=''): # local .safetensors/.pth state dict ('': random init)
+        "Build the architecture, load the local weights when given, keep its input size and normalisation."
         super().__init__()
         try: import timm
-        except ImportError: raise ImportError(f"encoder 'timm:{name}' needs the timm package (pip install timm); "
-                                              "the offline default is encoder='cnn' (FaceCNN, trained from scratch)") from None
+        except ImportError:
+            raise ImportError(f"encoder 'timm:{name}' needs the timm package (pip install timm); the offline "
+                              "default is encoder='cnn' (FaceCNN, trained from scratch)") from None
         self.net = timm.create_model(name, pretrained=False, num_classes=0)
         if weights: self.load_report = self.net.load_state_dict(_read_state(weights), strict=False)
         c = self.net.pretrained_cfg
@@ -155,10 +187,12 @@ class TimmEncoder(nn.Module):
         self.register_buffer('std', torch.tensor(c.get('std', (.5,) * 3)).view(1, 3, 1, 1))
         self.size, self.d = tuple(c.get('input_size', (3, 224, 224))[1:]), self.net.num_features
     def forward(self, x):
+        "(N, 3, S, S) frames, scaled to the model's input size and normalised -> (N, d)."
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         x = nn.functional.interpolate(x, size=self.size, mode='bilinear', align_corners=False)
         return self.net((x - self.mean) / self.std)
 
+# %% ../nbs/10_vision.ipynb #27896c43
 def _read_state(path) -> dict:
     "A state dict from a local safetensors or torch file (tensors only, no pickled code)."
     p = Path(path)
@@ -169,7 +203,8 @@ def _read_state(path) -> dict:
     return torch.load(p, map_location='cpu', weights_only=True)
 
 def make_encoder(spec:str='cnn', # 'cnn' (FaceCNN from scratch) | 'timm:NAME'
-                 d:int=64, weights:str='') -> nn.Module:
+                 d:int=64, # FaceCNN's output features
+                 weights:str='') -> nn.Module: # timm: a local state dict ('': random init)
     "The frame encoder named by `spec`."
     if spec == 'cnn': return FaceCNN(d=d)
     if spec.startswith('timm:'): return TimmEncoder(spec[5:], weights)
@@ -178,14 +213,19 @@ def make_encoder(spec:str='cnn', # 'cnn' (FaceCNN from scratch) | 'timm:NAME'
 # %% ../nbs/10_vision.ipynb #dd3d29c7
 class TemporalGRU(nn.Module):
     "GRU over per-frame features -> (B, hidden), read at each clip's last valid frame (packed) or at the padded end."
-    def __init__(self, d_in:int, hidden:int=64, layers:int=1, dropout:float=0.,
+    def __init__(self, d_in:int, # features per frame
+                 hidden:int=64, # GRU state size, the output
+                 layers:int=1, # stacked GRU layers
+                 dropout:float=0., # between the layers
                  padding:str='packed', # packed | zeros (zero-padded, no mask: the paper's failed variant)
                  pad_to:int=0): # zeros only: pad every batch to this many steps (0 = the batch's longest)
+        "The GRU and how it reads a padded batch."
         super().__init__()
         assert padding in ('packed', 'zeros'), padding
         self.gru = nn.GRU(d_in, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.)
         self.padding, self.pad_to, self.d = padding, pad_to, hidden
-    def forward(self, x, lengths): # x (B, T, d_in) zero-padded, lengths (B,)
+    def forward(self, x, lengths):
+        "x (B, T, d_in) zero-padded, lengths (B,) -> (B, hidden)."
         if self.padding == 'packed':
             _, h = self.gru(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
             return h[-1]  # (B, hidden)
@@ -196,21 +236,32 @@ class TemporalGRU(nn.Module):
 class VisionModel(nn.Module):
     "Frame encoder -> TemporalGRU -> linear head: batch dict(faces (sum T, 3, S, S), face_lengths (B,)) -> (B, 6)."
     def __init__(self, encoder:nn.Module, # maps (N, ...) frames to (N, encoder.d)
-                 hidden:int=64, layers:int=1, padding:str='packed', pad_to:int=0, dropout:float=0.):
+                 hidden:int=64, layers:int=1, # the TemporalGRU's state size and layers
+                 padding:str='packed', pad_to:int=0, # how it reads the batch (see TemporalGRU)
+                 dropout:float=0.): # between its layers
+        "Encoder, temporal model and a linear head to the six intensities."
         super().__init__()
         self.encoder, self.temporal = encoder, TemporalGRU(encoder.d, hidden, layers, dropout, padding, pad_to)
         self.head, self.d = nn.Linear(hidden, 6), hidden
     def features(self, b:dict) -> torch.Tensor:
+        "(B, hidden): every clip's frames encoded in one flat batch, split per clip, read by the GRU."
         f = self.encoder(b['faces'])  # (sum T, d_enc)
         x = pad_sequence(f.split(b['face_lengths'].tolist()), batch_first=True)  # (B, T, d_enc)
         return self.temporal(x, b['face_lengths'])  # (B, hidden)
-    def forward(self, b:dict) -> torch.Tensor: return self.head(self.features(b))
+    def forward(self, b:dict) -> torch.Tensor:
+        "(B, 6) intensities of the batch's clips."
+        return self.head(self.features(b))
 
 # %% ../nbs/10_vision.ipynb #37730477
 class Precomputed(nn.Module):
     "Identity frame encoder for pre-extracted per-frame features of width d."
-    def __init__(self, d:int): super().__init__(); self.d = d
-    def forward(self, x): return x.float()
+    def __init__(self, d:int): # feature width
+        "Only the width: there is nothing to learn."
+        super().__init__()
+        self.d = d
+    def forward(self, x):
+        "The features themselves, as float."
+        return x.float()
 
 def vit_baseline(d_in:int=768, # width of the pre-extracted ViT features
                  hidden:int=128) -> VisionModel:
@@ -225,19 +276,30 @@ def _audio_feats(emi, b:dict) -> dict:
 
 class AudioModel(nn.Module):
     "An EMIModel on the batch dict: audio features (B, d) and its own head's (B, 6)."
-    def __init__(self, emi:nn.Module):
-        super().__init__(); self.emi = emi; self.d = emi.d * (int(emi.use_global) + int(emi.use_lstm))
+    def __init__(self, emi:nn.Module): # an EMIModel
+        "Wrap `emi`; its feature width is that of the parts it uses (global vector, LSTM state)."
+        super().__init__()
+        self.emi = emi
+        self.d = emi.d * (int(emi.use_global) + int(emi.use_lstm))
     def features(self, b:dict) -> torch.Tensor:
+        "(B, d): [global ; last] of the parts the EMIModel uses."
         f = _audio_feats(self.emi, b)
         return torch.cat([f[k] for k, on in (('global', self.emi.use_global), ('last', self.emi.use_lstm)) if on], -1)
-    def forward(self, b:dict) -> torch.Tensor: return self.emi.head_logits(_audio_feats(self.emi, b))
+    def forward(self, b:dict) -> torch.Tensor:
+        "(B, 6) from the EMIModel's own head."
+        return self.emi.head_logits(_audio_feats(self.emi, b))
 
+# %% ../nbs/10_vision.ipynb #009c8f0f
 class JointFusion(nn.Module):
     "Audio and vision features concatenated, one head (Linear k->k, tanh, Linear k->6)."
     def __init__(self, audio:AudioModel, vision:VisionModel):
-        super().__init__(); self.audio, self.vision = audio, vision
-        k = audio.d + vision.d; self.head = nn.Sequential(nn.Linear(k, k), nn.Tanh(), nn.Linear(k, 6))
+        "Both models and one head on their concatenated features."
+        super().__init__()
+        self.audio, self.vision = audio, vision
+        k = audio.d + vision.d
+        self.head = nn.Sequential(nn.Linear(k, k), nn.Tanh(), nn.Linear(k, 6))
     def forward(self, b:dict) -> torch.Tensor:
+        "(B, 6) from the audio and vision features of the batch."
         return self.head(torch.cat([self.audio.features(b), self.vision.features(b)], -1))
 
 # %% ../nbs/10_vision.ipynb #bcc5d7b9
@@ -246,68 +308,101 @@ def _pad(xs:list) -> tuple:
     n = torch.tensor([len(x) for x in xs])
     return pad_sequence(xs, batch_first=True), torch.arange(int(n.max()))[None] < n[:, None]
 
-def collate_clips(items:list) -> dict:
+def _collate_faces(b:dict, items:list):
+    "Add the clips' frames to batch `b`: faces (sum T, 3, S, S) and face_lengths (B,); every clip must have one."
+    b['face_lengths'] = torch.tensor([len(it['faces']) for it in items])
+    empty = [f for f, n in zip(b['fids'], b['face_lengths']) if n == 0]
+    assert (b['face_lengths'] > 0).all(), f"clips without face frames: {empty}"
+    b['faces'] = torch.cat([it['faces'] for it in items])  # (sum T, 3, S, S)
+
+# %% ../nbs/10_vision.ipynb #5a6a4dd4
+def collate_clips(items:list # clip dicts (fid, labels, and any of faces, hidden+vad, wav)
+                 ) -> dict:
     "Batch of clip dicts (fid, labels, and any of faces, hidden+vad, wav) for the models of this notebook."
     b, it0 = dict(fids=[it['fid'] for it in items]), items[0]
     if 'labels' in it0: b['labels'] = torch.stack([it['labels'] for it in items]).float()  # (B, 6)
-    if 'faces' in it0:
-        b['face_lengths'] = torch.tensor([len(it['faces']) for it in items])
-        assert (b['face_lengths'] > 0).all(), f"clips without face frames: {[f for f, n in zip(b['fids'], b['face_lengths']) if n == 0]}"
-        b['faces'] = torch.cat([it['faces'] for it in items])  # (sum T, 3, S, S)
+    if 'faces' in it0: _collate_faces(b, items)
     if 'hidden' in it0:
-        h, b['audio_mask'] = _pad([it['hidden'] for it in items]); b['hidden'], b['vad'] = h.float(), _pad([it['vad'] for it in items])[0].float()
+        h, b['audio_mask'] = _pad([it['hidden'] for it in items])
+        b['hidden'], b['vad'] = h.float(), _pad([it['vad'] for it in items])[0].float()
     if 'wav' in it0:
-        b['input_values'], m = _pad([it['wav'] for it in items]); b['attention_mask'] = m.long()
+        b['input_values'], m = _pad([it['wav'] for it in items])
+        b['attention_mask'] = m.long()
     return b
 
 # %% ../nbs/10_vision.ipynb #5dfdd0b2
 def _batches(n:int, bs:int, gen:torch.Generator|None, shuffle:bool=True) -> list:
+    "Index lists of `bs` of `n` items, shuffled by `gen` unless not `shuffle`."
     idx = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     return [idx[i:i+bs].tolist() for i in range(0, n, bs)]
 
-def _to(b:dict, device) -> dict: return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+def _to(b:dict, device) -> dict:
+    "The batch with its tensors on `device`."
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 @torch.no_grad()
-def predict_clips(model:nn.Module, items:list, batch_size:int=32, device='cpu') -> np.ndarray:
+def predict_clips(model:nn.Module, # any model of this notebook
+                  items:list, # clip dicts
+                  batch_size:int=32, device='cpu') -> np.ndarray:
     "Predictions (N, 6) of `model` on clip dicts, in their order."
     model.eval()
     return np.concatenate([model(_to(collate_clips([items[i] for i in ix]), device)).float().cpu().numpy()
                            for ix in _batches(len(items), batch_size, None, shuffle=False)])
 
 # %% ../nbs/10_vision.ipynb #5dfb8408
-def _length(it:dict) -> int: return len(it['faces']) if 'faces' in it else len(it['wav']) if 'wav' in it else len(it.get('hidden', [0]))
+def _length(it:dict) -> int:
+    "A clip's length for bucketing: its face frames, else its samples, else its cached frames."
+    return len(it['faces']) if 'faces' in it else len(it['wav']) if 'wav' in it else len(it.get('hidden', [0]))
 
-def fit_predict(model:nn.Module, train:list, # clip dicts with labels
-                evals:dict, # name -> clip dicts to predict after training; the first also selects the epoch
-                epochs:int=6, lr:float=5e-4, batch_size:int=16, seed:int=0, device='cpu',
-                weight_decay:float=0.01, warmup_epochs:float=1.0, grad_clip:float=100.0,
-                backbone_lr:float=0., bucket:bool=True, patience:int=0, min_delta:float=0.005) -> dict:
-    "Train on MSE through the loop (length-bucketed batches, early stopping on the first eval set's ρ); predictions per eval set, the record."
+def _train_steps(model:nn.Module, train:list, sampler, device) -> tuple:
+    "`Loop`'s batches(epoch, start) over `train` in the sampler's order, and its MSE step(batch)."
+    def batches(epoch, start):
+        "The epoch's collated batches from step `start` on, on `device`."
+        sampler.set_epoch(epoch, start)
+        return (_to(collate_clips([train[i] for i in ix]), device) for ix in sampler)
+    def step(b):
+        "The batch's MSE and what the loop records of it."
+        pred = model(b).float()  # (B, 6)
+        return nn.functional.mse_loss(pred, b['labels']), dict(pred=pred, target=b['labels'], n=len(pred))
+    return batches, step
+
+# %% ../nbs/10_vision.ipynb #1d883169
+def fit_predict(model:nn.Module, # a fresh model
+                train:list, # clip dicts with labels
+                evals:dict, # name -> clip dicts to predict after training, the first also selects the epoch
+                epochs:int=6, lr:float=5e-4, batch_size:int=16, # at most `epochs`, AdamW's rate, clips per batch
+                seed:int=0, device='cpu', # the seed of the batches
+                weight_decay:float=0.01, warmup_epochs:float=1.0, grad_clip:float=100.0, # AdamW, schedule, clipping
+                backbone_lr:float=0., bucket:bool=True, # a backbone's rate (0: lr), length-bucketed batches
+                patience:int=0, min_delta:float=0.005) -> dict: # early stopping (0: every epoch)
+    "Train on MSE through the loop (bucketed batches, early stopping on the first eval set's ρ): predictions, record."
     model.to(device)
     sel_name, sel = next(iter(evals.items()))
     y_sel = torch.stack([it['labels'] for it in sel]).numpy()
     sampler = LengthBucketSampler([_length(it) for it in train], batch_size, bucket=bucket, seed=seed)
-    def batches(epoch, start):
-        sampler.set_epoch(epoch, start)
-        return (_to(collate_clips([train[i] for i in ix]), device) for ix in sampler)
-    def step(b):
-        pred = model(b).float()                                                  # (B, 6)
-        return nn.functional.mse_loss(pred, b['labels']), dict(pred=pred, target=b['labels'], n=len(pred))
-    def evaluate(): return dict(val_rho=mean_rho(predict_clips(model, sel, device=device), y_sel, warn=False))
+    batches, step = _train_steps(model, train, sampler, device)
+    def evaluate():
+        "ρ on the first eval set."
+        return dict(val_rho=mean_rho(predict_clips(model, sel, device=device), y_sel, warn=False))
     rec = Recipe(epochs=epochs, patience=patience, min_delta=min_delta, lr=lr, backbone_lr=backbone_lr,
                  weight_decay=weight_decay, warmup_epochs=warmup_epochs, grad_clip=grad_clip)
     r = Loop(model, rec, device, batches, len(sampler.global_batches(0)), step, evaluate, name='vision', log=None).fit()
-    return {**{k: predict_clips(model, v, device=device) for k, v in evals.items()}, 'loss': [c['train_loss'] for c in r['curves']],
-            'record': r, 'selected_on': sel_name}
+    preds = {k: predict_clips(model, v, device=device) for k, v in evals.items()}
+    return {**preds, 'loss': [c['train_loss'] for c in r['curves']], 'record': r, 'selected_on': sel_name}
 
 # %% ../nbs/10_vision.ipynb #15b315b1
 def split_2to1(n:int, # number of clips
-               seed:int=0, groups=None) -> tuple:
+               seed:int=0, # draws the split
+               groups=None) -> tuple: # (n,) each clip's group (speaker), kept on one side (None: clips at random)
     "Indices (two thirds, one third) of n clips, at random or by whole groups."
     rng = np.random.default_rng(seed)
     if groups is None:
-        p = rng.permutation(n); k = round(n * 2 / 3); return np.sort(p[:k]), np.sort(p[k:])
-    g = np.asarray(groups); u = rng.permutation(np.unique(g)); a = set(u[:round(len(u) * 2 / 3)].tolist())
+        p = rng.permutation(n)
+        k = round(n * 2 / 3)
+        return np.sort(p[:k]), np.sort(p[k:])
+    g = np.asarray(groups)
+    u = rng.permutation(np.unique(g))
+    a = set(u[:round(len(u) * 2 / 3)].tolist())
     m = np.array([x in a for x in g.tolist()])
     return np.flatnonzero(m), np.flatnonzero(~m)
 
@@ -320,11 +415,13 @@ def _seed_job(name:str, s:int, make_model, data, kw:dict) -> tuple:
     r = fit_predict(make_model(), train, evals, seed=s, **kw)
     return name, s, {k: r[k] for k in evals}, r['record'], time.time() - t0
 
+# %% ../nbs/10_vision.ipynb #d02cbe07
 def run_jobs(jobs:dict, # name -> (make_model: () -> fresh model, data: (train, evals) or seed -> (train, evals))
-             seeds:list, threads:int=0, # torch threads per training run; 0 = leave as is
-             workers:int=1, # runs at once in worker processes; 1 = one after the other here
-             **fit_kw) -> dict:
-    "Train every (job, seed): name -> dict(eval name -> [(N, 6) per seed], records=[per seed], seconds=summed run time)."
+             seeds:list, # one run per seed and job
+             threads:int=0, # torch threads per training run (0: leave as is)
+             workers:int=1, # runs at once in worker processes (1: one after the other here)
+             **fit_kw) -> dict: # fit_predict's settings
+    "Train every (job, seed): name -> dict(eval name -> [(N, 6) per seed], records=[per seed], seconds=summed)."
     args = [(n, s, m, d, fit_kw) for n, (m, d) in jobs.items() for s in seeds]
     out = {n: dict(seconds=0., records=[]) for n in jobs}
     for n, s, preds, rec, sec in parallel(_seed_job, args, workers, threads):
@@ -333,7 +430,9 @@ def run_jobs(jobs:dict, # name -> (make_model: () -> fresh model, data: (train, 
         out[n]['seconds'] += sec
     return out
 
-def run_seeds(make_model, data, seeds:list, **kw) -> dict:
+def run_seeds(make_model, # () -> a fresh model
+              data, # (train, evals), or seed -> (train, evals)
+              seeds:list, **kw) -> dict: # one run per seed, run_jobs' settings
     "`run_jobs` of one job: eval name -> [(N, 6) per seed], seconds."
     return run_jobs({'job': (make_model, data)}, seeds, **kw)['job']
 
@@ -351,49 +450,69 @@ def _cached(path:Path, make):
     import os, warnings
     if path.exists():
         try: return torch.load(path, weights_only=True)
-        except Exception as e: warnings.warn(f"{path}: cache unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding")
+        except Exception as e:
+            warnings.warn(f"{path}: cache unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding")
     obj = make()
     assert _plain(obj), f"{path}: a cache holds only tensors and plain containers"
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp'); torch.save(obj, tmp); os.replace(tmp, path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
     return obj
+
+# %% ../nbs/10_vision.ipynb #9aa312b5
+def _clip_faces(root, fid:int, size:int, max_frames:int) -> torch.Tensor:
+    "(T, 3, S, S) uint8: the first `max_frames` face crops of clip `fid` at `size` px; none without a face folder."
+    d = media_path(root, fid, 'faces', must_exist=False)
+    if not d.is_dir(): return torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return load_faces(face_frames(root, fid)[:max_frames], size)
 
 def face_items(root, # ABAW-layout data root
                split:str, # train | valid
                size:int=32, # frame side in pixels
                max_frames:int=72, # frames kept per clip (12 s at 6 fps)
-               workers:int=2) -> tuple:
+               workers:int=2) -> tuple: # reading threads
     "Clip dicts (fid, labels (6,), faces (T, 3, S, S) uint8) of a split, and the fids that have no face frame."
     from concurrent.futures import ThreadPoolExecutor
-    from emi_nb.data import read_split
-    from emi_nb.config import EMOTIONS
     df = read_split(root, split)
-    def one(fid):
-        d = media_path(root, fid, 'faces', must_exist=False)
-        return load_faces(face_frames(root, fid)[:max_frames], size) if d.is_dir() else torch.zeros(0, 3, size, size, dtype=torch.uint8)
-    with ThreadPoolExecutor(workers) as ex: faces = list(ex.map(one, df.Filename.tolist()))
+    fids = df.Filename.tolist()
+    with ThreadPoolExecutor(workers) as ex: faces = list(ex.map(lambda f: _clip_faces(root, f, size, max_frames), fids))
     y = torch.tensor(df[EMOTIONS].to_numpy(np.float32))
-    items = [dict(fid=int(f), labels=y[i], faces=x) for i, (f, x) in enumerate(zip(df.Filename.tolist(), faces)) if len(x)]
-    return items, [int(f) for f, x in zip(df.Filename.tolist(), faces) if not len(x)]
+    items = [dict(fid=int(f), labels=y[i], faces=x) for i, (f, x) in enumerate(zip(fids, faces)) if len(x)]
+    return items, [int(f) for f, x in zip(fids, faces) if not len(x)]
 
 # %% ../nbs/10_vision.ipynb #2c1a09ed
 class PixelPCA:
     "Eigenfaces: the top-k principal components of (N, 3, S, S) uint8 frames, whitened; fitted without labels."
-    def __init__(self, k:int=64): self.k = k
-    def fit(self, frames:torch.Tensor, seed:int=0, max_frames:int=8_000):
+    def __init__(self, k:int=64): # components kept
+        "Unfitted: `fit` finds the components."
+        self.k = k
+    def fit(self, frames:torch.Tensor, # (N, 3, S, S) uint8 frames, no labels
+            seed:int=0, # draws the subsample and seeds the randomised SVD
+            max_frames:int=8_000): # frames the components are fitted on
+        "Fit mean, components and scales on a random subsample; `explained` is the share of pixel variance kept."
         g = torch.Generator().manual_seed(seed)
         x = frames[torch.randperm(len(frames), generator=g)[:max_frames]].flatten(1).float() / 255
-        self.mean = x.mean(0); torch.manual_seed(seed)
+        self.mean = x.mean(0)
+        torch.manual_seed(seed)
         _, s, v = torch.svd_lowrank(x - self.mean, q=self.k + 8, niter=3)
         self.comp, self.scale = v[:, :self.k], s[:self.k] / math.sqrt(len(x) - 1)
-        self.explained = float((s[:self.k] ** 2).sum() / ((x - self.mean) ** 2).sum())  # share of pixel variance kept
+        self.explained = float((s[:self.k] ** 2).sum() / ((x - self.mean) ** 2).sum())
         return self
-    def __call__(self, frames:torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, k)
+    def __call__(self, frames:torch.Tensor) -> torch.Tensor:
+        "(N, 3, S, S) frames -> (N, k) whitened component scores."
         return ((frames.flatten(1).float() / 255 - self.mean) @ self.comp) / self.scale
 
+# %% ../nbs/10_vision.ipynb #8dc9d275
 class FrameMLP(nn.Module):
     "Trainable per-frame layer on precomputed frame features: Linear -> ReLU, (N, d_in) -> (N, d)."
-    def __init__(self, d_in:int, d:int=64): super().__init__(); self.net, self.d = nn.Sequential(nn.Linear(d_in, d), nn.ReLU()), d
-    def forward(self, x): return self.net(x.float())
+    def __init__(self, d_in:int, # precomputed features per frame
+                 d:int=64): # output features per frame
+        "One linear layer and a ReLU."
+        super().__init__()
+        self.net, self.d = nn.Sequential(nn.Linear(d_in, d), nn.ReLU()), d
+    def forward(self, x):
+        "(N, d_in) -> (N, d)."
+        return self.net(x.float())
 
 # %% ../nbs/10_vision.ipynb #225a338b
 ROW_QUOTES = {'vision': t1('vision'), 'audio-frozen': t1('frozen'), 'late': t1('baseline-fusion', 'test'),
