@@ -6,12 +6,14 @@
 from __future__ import annotations
 import copy, hashlib, json, math, os, shutil, sys, time, traceback, warnings
 from dataclasses import dataclass, field, asdict
+from functools import partial
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from .config import (EMOTIONS, SR, StudyConfig, make_config, training_view, cache_dir, run_path, get_device,
-                           seed_everything, save_json, save_results, data_fingerprint, data_kind, progress, threads, parallel)
+                           seed_everything, save_json, save_results, data_fingerprint, data_kind, progress, threads,
+                           parallel)
 from .data import EMIDataset, DataError, read_split, media_path
 from .data import resolve_data_root
 from .paper import BACKBONES, TABLE2, RECIPE, SECTION_6_2, t1_splits, t2
@@ -23,7 +25,7 @@ from .train import fit
 
 # %% auto #0
 __all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'AUDIO_CLAIMS', 'Row', 'untrained_backbone', 'table2_backbones',
-           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds',
+           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_seeds', 'row_key',
            'weights_checksum', 'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
            'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores',
            'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
@@ -44,40 +46,57 @@ class Row:
     score: str = 'valid'       # split the row's rho is read on: valid | test
     ref: str = ''              # row it is compared with (paired, same seeds and clips)
     seeds: int = 0             # 0 = every grid seed; k = only the first k (budget)
-    options: dict = field(default_factory=dict)  # runner options: pad='fixed' (no mask), init='collapsed', dtype, source='live'
+    options: dict = field(default_factory=dict)  # runner options: pad='fixed', init='collapsed', dtype, source='live'
     note: str = ''             # what was changed against the paper's recipe
 
 # %% ../nbs/09_ablations.ipynb #a1ad7bf9
+def _write_untrained(d:Path, preset:str, init_seed:int):
+    "Save a random-weight `preset` model drawn from `init_seed` to `d`, through a temporary folder renamed into place."
+    tmp = d.with_name(f'.{d.name}.{os.getpid()}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        load_backbone(f'preset:{preset}').save_pretrained(tmp)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+
 def untrained_backbone(preset:str='small', # geometry: tiny | small | paper
-                       init_seed:int=0) -> str:
+                       init_seed:int=0 # torch seed of the random weights
+                      ) -> str:
     "Dir of a random-weight EmotionModel of `preset`, made once in the cache: the 'no emotion pre-training' stand-in."
     from filelock import FileLock
     d = cache_dir('backbones')/f'untrained-{preset}-init{init_seed}'
     if (d/'config.json').exists(): return str(d)
     with FileLock(str(d.parent/f'.{d.name}.lock')):
         if (d/'config.json').exists(): return str(d)
-        tmp = d.with_name(f'.{d.name}.{os.getpid()}.tmp'); shutil.rmtree(tmp, ignore_errors=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(init_seed); load_backbone(f'preset:{preset}').save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True); os.replace(tmp, d)
+        _write_untrained(d, preset, init_seed)
     return str(d)
 
 # %% ../nbs/09_ablations.ipynb #116b8667
-def table2_backbones(cfg:StudyConfig, asr:str='', xlsr:str='', emotion:str='') -> dict:
+def _emotion_backbone(cfg:StudyConfig, emo:str) -> dict:
+    "Table 2's emotion backbone: `emo` when given (in audeering's place), else the VAD-pretrained stand-in."
+    if emo: label = f"emotion backbone {Path(emo).name} (given, in audeering's place)"
+    else: label = f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)'
+    return dict(path=emo or resolve_backbone(cfg, log=lambda *a: None), label=label, paper=('audeering',))
+
+def table2_backbones(cfg:StudyConfig, # the study config: backbone, backbone_preset
+                     asr:str='', # W2V2-L checkpoint dir, '' = none
+                     xlsr:str='', # XLSR checkpoint dir, '' = none
+                     emotion:str='' # emotion backbone dir, '' = cfg.backbone, else the VAD-pretrained stand-in
+                    ) -> dict:
     "name -> dict(path, label, paper) of Table 2's backbones: real checkpoints by path, else the offline stand-ins."
     emo = emotion or cfg.backbone
-    res = {'audeering' if emo else 'vad': dict(path=emo or resolve_backbone(cfg, log=lambda *a: None),
-           label=f'emotion backbone {Path(emo).name} (given, in audeering\'s place)' if emo else f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)',
-           paper=('audeering',))}
+    res = {'audeering' if emo else 'vad': _emotion_backbone(cfg, emo)}
     if asr: res['w2v2-l'] = dict(path=asr, label=f'W2V2-L {Path(asr).name} (given)', paper=('w2v2-l',))
     if xlsr: res['xlsr'] = dict(path=xlsr, label=f'XLSR {Path(xlsr).name} (given)', paper=('xlsr',))
     if not (asr or xlsr):
-        res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), paper=('w2v2-l', 'xlsr'),
-                                label=f'untrained {cfg.backbone_preset}, no emotion pre-training (stand-in for W2V2-L / XLSR)')
+        label = f'untrained {cfg.backbone_preset}, no emotion pre-training (stand-in for W2V2-L / XLSR)'
+        res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), paper=('w2v2-l', 'xlsr'), label=label)
     return res
 
 # %% ../nbs/09_ablations.ipynb #5521f8b5
-def plan_for(cfg:StudyConfig) -> dict:
+def plan_for(cfg:StudyConfig # the study config and its ablations sub-config
+            ) -> dict:
     "The grid plan of `cfg.ablations` as a dict, with 0 epochs and seeds resolved to the config's values."
     p = asdict(cfg.ablations)
     p['head_epochs'] = p['head_epochs'] or cfg.epochs
@@ -88,26 +107,35 @@ def plan_for(cfg:StudyConfig) -> dict:
 FULL = 'global+head+lstm+vad'
 
 def _t2_quoted(components:str, paper:tuple) -> dict:
-    "{backbone as printed: quoted ρ_VAL} of Table 2's rows `components` on the paper backbones `paper` (those the paper has)."
+    "{backbone as printed: quoted ρ_VAL} of Table 2's `components` row on those backbones of `paper` the paper has."
     return {BACKBONES[b]: t2(components, b).value for b in paper if f'{b}.{components}' in TABLE2.index}
 
 def _short(frozen:bool, epochs, seeds, paper_epochs:int=int(RECIPE['epochs'].value)) -> str:
-    return ', '.join(x for x in ['frozen backbone (paper: fine-tuned)' if frozen else '',
-                                 f'{epochs} epochs (paper: {paper_epochs})' if epochs != paper_epochs else '',
-                                 f'{seeds} seed(s)' if seeds else ''] if x)
+    "What a row shortened against the paper's recipe (frozen backbone, fewer epochs, a seed budget), comma-separated."
+    parts = ['frozen backbone (paper: fine-tuned)' if frozen else '',
+             f'{epochs} epochs (paper: {paper_epochs})' if epochs != paper_epochs else '',
+             f'{seeds} seed(s)' if seeds else '']
+    return ', '.join(x for x in parts if x)
 
-def table2_rows(backbones:dict, plan:dict) -> dict:
+# %% ../nbs/09_ablations.ipynb #9c9bb9c6
+def _t2_row(b:str, c:str, info:dict, emo:str, plan:dict) -> Row:
+    "Table 2's row of components `c` on backbone `b` (info: path, label, paper), referred to the emotion full row."
+    fz = plan['table2_frozen']
+    ep = plan['head_epochs'] if fz else plan['fit_epochs']
+    k = 0 if fz else plan['fit_seeds']
+    ov = {**TABLE2_ROWS[c], 'backbone': info['path'], 'freeze_backbone': fz, 'epochs': ep,
+          **({} if fz else {'max_steps': plan['fit_max_steps']})}
+    opts = {**(dict(test=True) if b == emo and fz else {}), **({} if fz else dict(threads=plan['fit_threads']))}
+    return Row(f't2.{b}.{c}', 'table2', ov, 'head' if fz else 'fit', f"{info['label']}: {c}",
+               _t2_quoted(c, info['paper']), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k), options=opts)
+
+def table2_rows(backbones:dict, # name -> dict(path, label, paper), the emotion backbone first
+                plan:dict # the grid plan (plan_for)
+               ) -> dict:
     "Table 2 as named rows: backbone x component set, frozen (cached) or end to end as the plan says."
-    rows, emo = {}, next(iter(backbones))
-    fz = plan['table2_frozen']; ep = plan['head_epochs'] if fz else plan['fit_epochs']; k = 0 if fz else plan['fit_seeds']
-    for b, info in backbones.items():
-        for c in (plan['table2_rows'] if b == emo else ('global',)):
-            n = f't2.{b}.{c}'
-            rows[n] = Row(n, 'table2', {**TABLE2_ROWS[c], 'backbone': info['path'], 'freeze_backbone': fz, 'epochs': ep,
-                          **({} if fz else {'max_steps': plan['fit_max_steps']})}, 'head' if fz else 'fit', f"{info['label']}: {c}",
-                          _t2_quoted(c, info['paper']), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k),
-                          options={**(dict(test=True) if b == emo and fz else {}), **({} if fz else dict(threads=plan['fit_threads']))})
-    return rows
+    emo = next(iter(backbones))
+    return {f't2.{b}.{c}': _t2_row(b, c, info, emo, plan)
+            for b, info in backbones.items() for c in (plan['table2_rows'] if b == emo else ('global',))}
 
 # %% ../nbs/09_ablations.ipynb #54c4d9b7
 def _t1_quoted(row:str) -> dict:
@@ -118,65 +146,113 @@ _T1 = {'dropout': (dict(lstm_dropout=0.1), 'valid', 'LSTM dropout 0.1'),
        'train+val': (dict(train_on='train+valid'), 'test', 'trained on train+valid, held-out test labels'),
        'train+val-long': (dict(train_on='train+valid'), 'test', 'train+valid, longer training, held-out test labels')}
 
-def table1_rows(emotion:str, plan:dict) -> dict:
+def _t1_frozen(full:dict, plan:dict, ref:str) -> Row:
+    "Table 1's frozen-backbone row: the full model's head on cached features."
+    he = plan['head_epochs']
+    return Row('t1.frozen', 'table1', {**full, 'freeze_backbone': True, 'epochs': he}, 'head', 'frozen backbone',
+               _t1_quoted('frozen'), ref=ref, note=_short(False, he, 0), options=dict(test=True))
+
+def _t1_train(full:dict, plan:dict, ref:str) -> Row:
+    "Table 1's end-to-end row with the plan's epochs, seeds, steps per epoch and threads."
+    fe, k, steps = plan['fit_epochs'], plan['fit_seeds'], plan['fit_max_steps']
+    note = _short(False, fe, k) + (f", {steps} steps per epoch" if steps else '')
+    ov = {**full, 'freeze_backbone': False, 'epochs': fe, 'max_steps': steps}
+    return Row('t1.train', 'table1', ov, 'fit', 'end to end', _t1_quoted('train'), ref=ref, seeds=k,
+               options=dict(threads=plan['fit_threads']), note=note)
+
+# %% ../nbs/09_ablations.ipynb #09e6ec4a
+def _t1_variant(n:str, full:dict, plan:dict, ref:str) -> Row:
+    "Table 1's recipe row `n` (dropout | train+val | train+val-long) on the full model."
+    ov, score, label = _T1[n]
+    fz = plan['t1_frozen']
+    e = (plan['head_epochs'] if fz else plan['fit_epochs']) * (plan['long_factor'] if n.endswith('-long') else 1)
+    e = int(math.ceil(e))
+    k = plan['t1_seeds'] if fz else plan['fit_seeds']
+    rov = {**full, **ov, 'freeze_backbone': fz, 'epochs': e, **({} if fz else {'max_steps': plan['fit_max_steps']})}
+    return Row(f't1.{n}', 'table1', rov, 'head' if fz else 'fit', label, _t1_quoted(n), score=score, ref=ref, seeds=k,
+               note=_short(fz, e, k), options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
+
+def table1_rows(emotion:str, # the emotion backbone (a path)
+                plan:dict # the grid plan (plan_for)
+               ) -> dict:
     "Table 1's audio rows on the emotion backbone `emotion` (a path), as the plan sizes them."
-    full = {**TABLE2_ROWS[FULL], 'backbone': emotion}; he, fe = plan['head_epochs'], plan['fit_epochs']
-    fz, ref = plan['t1_frozen'], ('t1.frozen' if plan['t1_frozen'] else 't1.train')
-    rows = {'t1.frozen': Row('t1.frozen', 'table1', {**full, 'freeze_backbone': True, 'epochs': he}, 'head', 'frozen backbone',
-                             _t1_quoted('frozen'), ref=ref, note=_short(False, he, 0), options=dict(test=True))}
-    if 'train' in plan['t1_rows']:
-        rows['t1.train'] = Row('t1.train', 'table1', {**full, 'freeze_backbone': False, 'epochs': fe, 'max_steps': plan['fit_max_steps']},
-                               'fit', 'end to end', _t1_quoted('train'), ref=ref, seeds=plan['fit_seeds'], options=dict(threads=plan['fit_threads']),
-                               note=_short(False, fe, plan['fit_seeds']) + (f", {plan['fit_max_steps']} steps per epoch" if plan['fit_max_steps'] else ''))
+    full = {**TABLE2_ROWS[FULL], 'backbone': emotion}
+    ref = 't1.frozen' if plan['t1_frozen'] else 't1.train'
+    rows = {'t1.frozen': _t1_frozen(full, plan, ref)}
+    if 'train' in plan['t1_rows']: rows['t1.train'] = _t1_train(full, plan, ref)
     for n in plan['t1_rows']:
-        if n == 'train': continue
-        ov, score, label = _T1[n]
-        e = (he if fz else fe) * (plan['long_factor'] if n.endswith('-long') else 1)
-        e = int(math.ceil(e)); k = plan['t1_seeds'] if fz else plan['fit_seeds']
-        rows[f't1.{n}'] = Row(f't1.{n}', 'table1', {**full, **ov, 'freeze_backbone': fz, 'epochs': e, **({} if fz else {'max_steps': plan['fit_max_steps']})},
-                              'head' if fz else 'fit', label, _t1_quoted(n), score=score, ref=ref, seeds=k, note=_short(fz, e, k),
-                              options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
+        if n != 'train': rows[f't1.{n}'] = _t1_variant(n, full, plan, ref)
     return rows
 
 # %% ../nbs/09_ablations.ipynb #35ba3ff6
-def explore_rows(emotion:str, plan:dict, max_seconds:float=12.0) -> dict:
-    "Section 6.2's rows on the frozen emotion backbone: padding without mask, random batches, CCC and 1-rho losses."
-    ex, rows = plan['explore'], {}
-    base = {'backbone': emotion, 'freeze_backbone': True, 'epochs': plan['head_epochs']}
-    def add(name, table, label, sw, ov=None, ref='', **kw):
-        k = plan['pad_seeds' if table == 'padding' else 'loss_seeds']
-        rows[name] = Row(name, table, {**TABLE2_ROWS[sw], **base, **(ov or {})}, 'head', label, ref=ref, seeds=k,
-                         note=_short(True, plan['head_epochs'], k), **kw)
-    pref, lref, same = 'pad.masked-bucketed', 'loss.mse', plan['pad_cut'] == max_seconds   # same cut: Table 2's full row
-    cut = {} if same else dict(max_seconds=plan['pad_cut'])
-    add(pref, 'padding', f"masked, length-bucketed batches (ours), cut {plan['pad_cut']:g} s", FULL, dict(bucket=True, **cut), pref,
-        options=dict(test=True) if same else {})
-    if 'masked-random' in ex: add('pad.masked-random', 'padding', 'masked, random batches', FULL, dict(bucket=False, **cut), pref)
-    if 'fixed-nomask' in ex: add('pad.fixed-nomask', 'padding', f"zero-padded to {plan['pad_cut']:g} s, no mask", FULL, cut, ref=pref,
-                                 options=dict(pad='fixed'), quoted={'paper (approx.)': SECTION_6_2['padding_rho'].value})
-    add(lref, 'loss', 'MSE (paper)', 'global+head', ref=lref, options=dict(test=True))
-    if 'ccc' in ex: add('loss.ccc', 'loss', 'CCC', 'global+head', dict(loss='ccc'), lref)
-    if 'pearson' in ex: add('loss.pearson', 'loss', '1 - rho', 'global+head', dict(loss='pearson'), lref)
+def _explore_row(base:dict, plan:dict, name:str, table:str, label:str, sw:str, ov:dict|None=None, ref:str='',
+                 **kw) -> Row:
+    "A section 6.2 row: components `sw` on the frozen emotion backbone (`base`), overrides `ov`, its table's seeds."
+    k = plan['pad_seeds' if table == 'padding' else 'loss_seeds']
+    return Row(name, table, {**TABLE2_ROWS[sw], **base, **(ov or {})}, 'head', label, ref=ref, seeds=k,
+               note=_short(True, plan['head_epochs'], k), **kw)
+
+def _padding_rows(base:dict, plan:dict, same:bool) -> list:
+    "The padding rows: masked length-bucketed batches (ours, the reference), masked random, zero-padded without mask."
+    ex, pref, c, row = plan['explore'], 'pad.masked-bucketed', plan['pad_cut'], partial(_explore_row, base, plan)
+    cut = {} if same else dict(max_seconds=c)
+    rows = [row(pref, 'padding', f"masked, length-bucketed batches (ours), cut {c:g} s", FULL, dict(bucket=True, **cut),
+                pref, options=dict(test=True) if same else {})]
+    if 'masked-random' in ex:
+        ov = dict(bucket=False, **cut)
+        rows.append(row('pad.masked-random', 'padding', 'masked, random batches', FULL, ov, pref))
+    if 'fixed-nomask' in ex:
+        rows.append(row('pad.fixed-nomask', 'padding', f"zero-padded to {c:g} s, no mask", FULL, cut, ref=pref,
+                        options=dict(pad='fixed'), quoted={'paper (approx.)': SECTION_6_2['padding_rho'].value}))
+    return rows
+
+# %% ../nbs/09_ablations.ipynb #680f9f07
+def _loss_rows(base:dict, plan:dict) -> list:
+    "The loss rows: MSE (the paper's, the reference), CCC, 1 - rho, and MSE and 1 - rho from a collapsed head."
+    ex, lref, row = plan['explore'], 'loss.mse', partial(_explore_row, base, plan)
+    rows = [row(lref, 'loss', 'MSE (paper)', 'global+head', ref=lref, options=dict(test=True))]
+    if 'ccc' in ex: rows.append(row('loss.ccc', 'loss', 'CCC', 'global+head', dict(loss='ccc'), lref))
+    if 'pearson' in ex: rows.append(row('loss.pearson', 'loss', '1 - rho', 'global+head', dict(loss='pearson'), lref))
     if 'collapsed' in ex:
         for l in ('mse', 'pearson'):
-            add(f'loss.{l}-collapsed', 'loss', f"{'MSE' if l == 'mse' else '1 - rho'} from a constant start", 'global+head', dict(loss=l), lref,
-                options=dict(init='collapsed'))
+            label = f"{'MSE' if l == 'mse' else '1 - rho'} from a constant start"
+            rows.append(row(f'loss.{l}-collapsed', 'loss', label, 'global+head', dict(loss=l), lref,
+                            options=dict(init='collapsed')))
     return rows
+
+def explore_rows(emotion:str, # the emotion backbone (a path)
+                 plan:dict, # the grid plan (plan_for)
+                 max_seconds:float=12.0 # the study's cut: at the padding rows' cut they share Table 2's full row
+                ) -> dict:
+    "Section 6.2's rows on the frozen emotion backbone: padding without mask, random batches, CCC and 1-rho losses."
+    base = {'backbone': emotion, 'freeze_backbone': True, 'epochs': plan['head_epochs']}
+    rows = _padding_rows(base, plan, plan['pad_cut'] == max_seconds) + _loss_rows(base, plan)
+    return {r.name: r for r in rows}
 
 # %% ../nbs/09_ablations.ipynb #372cc66e
 ABLATIONS_VERSION = '1'
-def row_config(cfg:StudyConfig, row:Row, seed:int) -> StudyConfig:
+
+def row_config(cfg:StudyConfig, # the study config
+               row:Row, # the row: its overrides and name
+               seed:int # the seed of this run of the row
+              ) -> StudyConfig:
     "cfg with the row's overrides, its seed and its name as tag."
     return cfg.replace(**row.overrides, seed=seed, tag=row.name)
 
-def row_key(rcfg:StudyConfig, row:Row, data_id:str='') -> str:
+def row_seeds(row:Row, seeds:list) -> list:
+    "The grid's seeds this row runs: all, or the first `row.seeds`."
+    return list(seeds)[:row.seeds] if row.seeds else list(seeds)
+
+# %% ../nbs/09_ablations.ipynb #a4cf0be0
+def row_key(rcfg:StudyConfig, # the row's config (row_config)
+            row:Row, # the row: runner and options
+            data_id:str='' # the data's fingerprint
+           ) -> str:
     "Hash of what a row's result depends on."
     c = training_view(rcfg)
-    s = json.dumps(dict(config=c, runner=row.runner, options=row.options, data=data_id, version=ABLATIONS_VERSION), sort_keys=True, default=str)
+    s = json.dumps(dict(config=c, runner=row.runner, options=row.options, data=data_id, version=ABLATIONS_VERSION),
+                   sort_keys=True, default=str)
     return hashlib.sha256(s.encode()).hexdigest()[:16]
-
-def row_seeds(row:Row, seeds:list) -> list:
-    return list(seeds)[:row.seeds] if row.seeds else list(seeds)
 
 # %% ../nbs/09_ablations.ipynb #f71d82f0
 FEATURE_VERSION = '1'
