@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy, hashlib, json, math, os, shutil, sys, time, traceback, warnings
 from dataclasses import dataclass, field, asdict
 from functools import partial
+from fastcore.basics import patch
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -258,28 +259,39 @@ def row_key(rcfg:StudyConfig, # the row's config (row_config)
 FEATURE_VERSION = '1'
 _VOLATILE = ('_name_or_path', 'transformers_version', 'architectures', 'torch_dtype', 'dtype', '_commit_hash')
 
-def weights_checksum(model:torch.nn.Module) -> str:
+def weights_checksum(model:torch.nn.Module # a model, with or without a transformers config
+                    ) -> str:
     "sha256 of a model's state dict (names, dtypes, shapes, bytes) and its config (what its outputs depend on)."
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous().reshape(-1)
-        h.update(f'{k}:{t.dtype}:{tuple(v.shape)};'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(f'{k}:{t.dtype}:{tuple(v.shape)};'.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
     c = getattr(model, 'config', None)
-    if c is not None: h.update(json.dumps({k: v for k, v in c.to_dict().items() if k not in _VOLATILE}, sort_keys=True, default=str).encode())
+    if c is not None:
+        stable = {k: v for k, v in c.to_dict().items() if k not in _VOLATILE}
+        h.update(json.dumps(stable, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
-def audio_fingerprint(root, fids) -> str:
+# %% ../nbs/09_ablations.ipynb #1b96ed40
+def audio_fingerprint(root, # data root (ABAW layout)
+                      fids # clip ids, in order
+                     ) -> str:
     "sha256 over each clip's id, file name and audio bytes, in order."
     h = hashlib.sha256()
     for f in fids:
-        p = media_path(root, int(f), 'audio'); h.update(f'{int(f)}:{p.name}:'.encode()); h.update(p.read_bytes())
+        p = media_path(root, int(f), 'audio')
+        h.update(f'{int(f)}:{p.name}:'.encode())
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 # %% ../nbs/09_ablations.ipynb #9fe48419
 @torch.no_grad()
-def clip_frames(backbone:EmotionModel, wav:torch.Tensor, # (n,) normalised audio
-                pad_to:int=0, # zero-pad to this many samples, no mask; 0 = the clip alone
-                device='cpu') -> tuple:
+def clip_frames(backbone:EmotionModel, # the frozen backbone, in eval mode
+                wav:torch.Tensor, # (n,) normalised audio
+                pad_to:int=0, # zero-pad to this many samples without mask, 0 = the clip alone
+                device='cpu' # where the backbone runs
+               ) -> tuple:
     "Hidden (T', H) and VAD (T', 3) float32 of one clip through `backbone` in eval mode (one CPU thread)."
     assert not backbone.training, "a frozen feature extractor runs in eval mode"
     x = wav.reshape(1, -1).float()
@@ -287,83 +299,165 @@ def clip_frames(backbone:EmotionModel, wav:torch.Tensor, # (n,) normalised audio
     with threads(1): h, v, _ = backbone.frames(x.to(device))
     return h[0].float().cpu(), v[0].float().cpu()
 
-def n_frames(backbone:EmotionModel, samples:int) -> int:
+def n_frames(backbone:EmotionModel, # the backbone whose conv encoder counts
+             samples:int # clip length in samples
+            ) -> int:
     "Frames the conv encoder makes of `samples`."
     return int(backbone._get_feat_extract_output_lengths(torch.tensor(samples)))
 
 # %% ../nbs/09_ablations.ipynb #8bdf9730
 _DT = {'float16': torch.float16, 'float32': torch.float32}
 
-def _round(x:torch.Tensor, dtype:str) -> torch.Tensor: return x.to(_DT[dtype]).float()
+def _round(x:torch.Tensor, dtype:str) -> torch.Tensor:
+    "`x` rounded to the storage dtype and back to float32."
+    return x.to(_DT[dtype]).float()
 
-def pad_frames(parts:list) -> tuple:
+def pad_frames(parts:list # per clip: (hidden (T_i, H), vad (T_i, 3))
+              ) -> tuple:
     "Clips' (hidden (T_i,H), vad (T_i,3)) -> hidden (B,T,H), vad (B,T,3) float32 zero-padded, mask (B,T) bool."
     T, B = max(len(h) for h, _ in parts), len(parts)
-    H = torch.zeros(B, T, parts[0][0].shape[1]); V = torch.zeros(B, T, parts[0][1].shape[1]); M = torch.zeros(B, T, dtype=torch.bool)
+    H = torch.zeros(B, T, parts[0][0].shape[1])
+    V = torch.zeros(B, T, parts[0][1].shape[1])
+    M = torch.zeros(B, T, dtype=torch.bool)
     for i, (h, v) in enumerate(parts): H[i, :len(h)], V[i, :len(v)], M[i, :len(h)] = h, v, True
     return H, V, M
 
 # %% ../nbs/09_ablations.ipynb #a628d222
 class FrameStore:
     "Cached frozen-backbone outputs of one split: batch(idx) -> hidden (B,T,H), vad (B,T,3), mask (B,T)."
-    def __init__(self, d):
-        self.dir = Path(d); self.meta = json.loads((self.dir/'meta.json').read_text())
+    def __init__(self, d # the store's folder: meta.json, hidden.npy, vad.npy
+                ):
+        "Read the metadata and memory-map the arrays."
+        self.dir = Path(d)
+        self.meta = json.loads((self.dir/'meta.json').read_text())
         self.fids, self.samples = np.array(self.meta['fids']), np.array(self.meta['samples'])
         self.offsets = np.array(self.meta['offsets'])
-        self.hidden, self.vad = np.load(self.dir/'hidden.npy', mmap_mode='r'), np.load(self.dir/'vad.npy', mmap_mode='r')
-    def __len__(self): return len(self.fids)
-    def clip(self, i:int) -> tuple:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return torch.from_numpy(np.asarray(self.hidden[a:b], dtype=np.float32)), torch.from_numpy(np.asarray(self.vad[a:b], dtype=np.float32))
-    def batch(self, idx) -> tuple: return pad_frames([self.clip(int(i)) for i in idx])
-    def __repr__(self): return f"FrameStore({self.meta['split']}: {len(self)} clips, {self.offsets[-1]} frames, {self.meta['dtype']}, {self.dir.name})"
+        self.hidden = np.load(self.dir/'hidden.npy', mmap_mode='r')
+        self.vad = np.load(self.dir/'vad.npy', mmap_mode='r')
+
+    def __len__(self) -> int:
+        "Number of clips."
+        return len(self.fids)
+
+# %% ../nbs/09_ablations.ipynb #6867138b
+@patch
+def clip(self:FrameStore, i:int) -> tuple:
+    "Clip `i`'s hidden (T_i, H) and VAD (T_i, 3) frames as float32 tensors."
+    a, b = self.offsets[i], self.offsets[i + 1]
+    h, v = np.asarray(self.hidden[a:b], dtype=np.float32), np.asarray(self.vad[a:b], dtype=np.float32)
+    return torch.from_numpy(h), torch.from_numpy(v)
+
+@patch
+def batch(self:FrameStore, idx) -> tuple:
+    "The clips `idx` as one zero-padded batch with its mask."
+    return pad_frames([self.clip(int(i)) for i in idx])
+
+@patch
+def __repr__(self:FrameStore) -> str:
+    "The split, its size, storage dtype and folder."
+    m = self.meta
+    return f"FrameStore({m['split']}: {len(self)} clips, {self.offsets[-1]} frames, {m['dtype']}, {self.dir.name})"
 
 # %% ../nbs/09_ablations.ipynb #081ea3b9
-def extract_store(backbone:EmotionModel, ds:EMIDataset, out, dtype:str='float16', pad_to:int=0, device='cpu', meta:dict|None=None) -> FrameStore:
-    "Run every clip of `ds` through the frozen `backbone` once and write the store to `out` (atomically)."
-    out = Path(out); tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp'); shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    backbone = backbone.eval().to(device); t0 = time.time()
+def _frame_layout(backbone:EmotionModel, ds:EMIDataset, pad_to:int) -> tuple:
+    "(frames per clip, offset of each clip's first frame and the total at the end) of `ds` under `backbone`."
     frames = np.array([n_frames(backbone, pad_to or int(n)) for n in ds.lengths], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(frames)])
-    Hs = np.lib.format.open_memmap(tmp/'hidden.npy', 'w+', np.dtype(dtype), (int(offsets[-1]), backbone.config.hidden_size))
-    Vs = np.lib.format.open_memmap(tmp/'vad.npy', 'w+', np.dtype(dtype), (int(offsets[-1]), 3))
+    return frames, np.concatenate([[0], np.cumsum(frames)])
+
+def _write_frames(backbone:EmotionModel, ds:EMIDataset, tmp:Path, dtype:str, pad_to:int, device, frames, offsets):
+    "Run every clip of `ds` through `backbone` and write hidden.npy and vad.npy in `dtype` into `tmp`."
+    n = int(offsets[-1])
+    Hs = np.lib.format.open_memmap(tmp/'hidden.npy', 'w+', np.dtype(dtype), (n, backbone.config.hidden_size))
+    Vs = np.lib.format.open_memmap(tmp/'vad.npy', 'w+', np.dtype(dtype), (n, 3))
     for i in progress(range(len(ds)), desc=f'features {ds.split}', leave=False):
         h, v = clip_frames(backbone, ds[i]['wav'], pad_to, device)
         assert len(h) == frames[i], f"clip {ds.fids[i]}: {len(h)} frames, expected {frames[i]}"
-        Hs[offsets[i]:offsets[i + 1]] = h.to(_DT[dtype]).numpy(); Vs[offsets[i]:offsets[i + 1]] = v.to(_DT[dtype]).numpy()
-    Hs.flush(); Vs.flush(); del Hs, Vs
-    save_json(tmp/'meta.json', dict(meta or {}, split=ds.split, fids=ds.fids, samples=ds.lengths, frames=frames, offsets=offsets,
-                                    dtype=dtype, pad_to=pad_to, hidden_size=backbone.config.hidden_size, seconds=round(time.time() - t0, 2)))
-    shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
-    return FrameStore(out)
+        Hs[offsets[i]:offsets[i + 1]] = h.to(_DT[dtype]).numpy()
+        Vs[offsets[i]:offsets[i + 1]] = v.to(_DT[dtype]).numpy()
+    Hs.flush()
+    Vs.flush()
 
 # %% ../nbs/09_ablations.ipynb #1be0f4a7
-def load_frozen(src:str) -> EmotionModel:
-    "load_backbone in eval mode, with any weights missing from the checkpoint (an ASR model's VAD head) drawn from seed 0."
-    with torch.random.fork_rng():
-        torch.manual_seed(0); return load_backbone(src).eval()
+def extract_store(backbone:EmotionModel, # the frozen backbone
+                  ds:EMIDataset, # the split's clips
+                  out, # the store's folder, replaced as a whole
+                  dtype:str='float16', # storage: float16 | float32
+                  pad_to:int=0, # as for clip_frames
+                  device='cpu', # where the backbone runs
+                  meta:dict|None=None # more fields for meta.json
+                 ) -> FrameStore:
+    "Run every clip of `ds` through the frozen `backbone` once and write the store to `out` (atomically)."
+    out = Path(out)
+    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    backbone, t0 = backbone.eval().to(device), time.time()
+    frames, offsets = _frame_layout(backbone, ds, pad_to)
+    _write_frames(backbone, ds, tmp, dtype, pad_to, device, frames, offsets)
+    save_json(tmp/'meta.json', dict(meta or {}, split=ds.split, fids=ds.fids, samples=ds.lengths, frames=frames,
+                                    offsets=offsets, dtype=dtype, pad_to=pad_to, hidden_size=backbone.config.hidden_size,
+                                    seconds=round(time.time() - t0, 2)))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return FrameStore(out)
 
+# %% ../nbs/09_ablations.ipynb #67eaa20c
+def load_frozen(src:str # a save_pretrained dir
+               ) -> EmotionModel:
+    "load_backbone in eval mode; weights missing from the checkpoint (an ASR model's VAD head) drawn from seed 0."
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return load_backbone(src).eval()
+
+# %% ../nbs/09_ablations.ipynb #ad37f754
 _CHECKSUMS = {}
 
-def backbone_checksum(src:str, model:EmotionModel|None=None) -> str:
+def backbone_checksum(src:str, # a save_pretrained dir (or another load_backbone source)
+                      model:EmotionModel|None=None # the model loaded from `src`, when at hand
+                     ) -> str:
     "weights_checksum of the backbone at `src`, remembered per (path, weights file mtime) within a process."
-    p = Path(src); files = sorted(p.glob('*.safetensors')) + sorted(p.glob('*.bin')) if p.is_dir() else []
-    k = (str(p.resolve()) if p.is_dir() else src, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    p = Path(src)
+    files = sorted(p.glob('*.safetensors')) + sorted(p.glob('*.bin')) if p.is_dir() else []
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    k = (str(p.resolve()) if p.is_dir() else src, stamp)
     if k not in _CHECKSUMS: _CHECKSUMS[k] = weights_checksum(model if model is not None else load_frozen(src))
     return _CHECKSUMS[k]
 
-def feature_key(src:str, root, split:str, max_seconds:float, dtype:str='float16', pad:bool=False, quarantine:bool=False) -> tuple:
+# %% ../nbs/09_ablations.ipynb #da8d2381
+def feature_key(src:str, # backbone save_pretrained dir (not 'preset:')
+                root, # data root
+                split:str, # train | valid | test
+                max_seconds:float, # the cut, s
+                dtype:str='float16', # storage: float16 | float32
+                pad:bool=False, # zero-padded to the cut without mask
+                quarantine:bool=False # quarantined clips left out
+               ) -> tuple:
     "(key, parts) of a store: backbone weights checksum, audio fingerprint of the split, cut, dtype, padding."
-    if str(src).startswith('preset:'): raise ValueError(f"{src}: random weights differ per load, nothing to cache; use untrained_backbone(preset)")
+    if str(src).startswith('preset:'):
+        raise ValueError(f"{src}: random weights differ per load, nothing to cache; use untrained_backbone(preset)")
     fids = read_split(root, split, labels=False).Filename.tolist()
-    parts = dict(version=FEATURE_VERSION, weights=backbone_checksum(src), audio=audio_fingerprint(root, fids), split=split,
-                 max_seconds=float(max_seconds), dtype=dtype, pad='fixed' if pad else 'none', quarantine=bool(quarantine))
+    parts = dict(version=FEATURE_VERSION, weights=backbone_checksum(src), audio=audio_fingerprint(root, fids),
+                 split=split, max_seconds=float(max_seconds), dtype=dtype, pad='fixed' if pad else 'none',
+                 quarantine=bool(quarantine))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
 # %% ../nbs/09_ablations.ipynb #1a1d2d0a
+def _extract_checked(src:str, ds:EMIDataset, d:Path, dtype:str, pad_to:int, device, meta:dict) -> FrameStore:
+    "extract_store from a fresh load of `src`, once its weights are checked to be those the key was made of."
+    bb = load_frozen(src)
+    assert weights_checksum(bb) == meta['parts']['weights'], f"{src}: weights changed while keying"
+    return extract_store(bb, ds, d, dtype, pad_to, get_device(device) if isinstance(device, str) else device, meta)
+
 def feature_store(src:str, # backbone save_pretrained dir (not 'preset:': random weights differ per load)
-                  root, split:str, max_seconds:float=12.0, dtype:str='float16', pad:bool=False, device='cpu',
-                  quarantine:bool=False, log=print) -> FrameStore:
+                  root, # data root
+                  split:str, # train | valid | test
+                  max_seconds:float=12.0, # the cut, s
+                  dtype:str='float16', # storage: float16 | float32
+                  pad:bool=False, # zero-pad every clip to the cut without mask
+                  device='cpu', # where the backbone runs when extracting
+                  quarantine:bool=False, # leave quarantined clips out (named in meta.json)
+                  log=print # one line when extracting, None = quiet
+                 ) -> FrameStore:
     "The cached FrameStore of `split` under backbone `src`, extracted (once, under a lock) when missing."
     from filelock import FileLock
     key, parts = feature_key(src, root, split, max_seconds, dtype, pad, quarantine)
@@ -372,14 +466,17 @@ def feature_store(src:str, # backbone save_pretrained dir (not 'preset:': random
     with FileLock(str(d.parent/f'.{key}.lock')):
         if (d/'meta.json').exists(): return FrameStore(d)
         ds = EMIDataset(root, split, max_seconds=max_seconds, quarantine=quarantine, labels=False)
-        bb = load_frozen(src); assert weights_checksum(bb) == parts['weights'], f"{src}: weights changed while keying"
-        st = extract_store(bb, ds, d, dtype, int(max_seconds * SR) if pad else 0, get_device(device) if isinstance(device, str) else device,
-                           dict(key=key, parts=parts, backbone=str(src), root=str(root), quarantined=ds.report))
-        if log: log(f"features: {split} under {Path(src).name} ({len(st)} clips, pad={parts['pad']}) extracted in {st.meta['seconds']} s -> {d.name}")
+        st = _extract_checked(src, ds, d, dtype, int(max_seconds * SR) if pad else 0, device,
+                              dict(key=key, parts=parts, backbone=str(src), root=str(root), quarantined=ds.report))
+        if log:
+            log(f"features: {split} under {Path(src).name} ({len(st)} clips, pad={parts['pad']}) "
+                f"extracted in {st.meta['seconds']} s -> {d.name}")
         return st
 
 # %% ../nbs/09_ablations.ipynb #2740c585
-def _store_job(kw:dict) -> str: return str(feature_store(**kw, log=None).dir)
+def _store_job(kw:dict) -> str:
+    "The folder of feature_store(**kw), extracted quietly: one worker's job."
+    return str(feature_store(**kw, log=None).dir)
 
 def ensure_stores(specs:list, # feature_store keyword dicts (src, root, split, max_seconds, dtype, pad, device, quarantine)
                   workers:int=1) -> list:
@@ -390,23 +487,57 @@ def ensure_stores(specs:list, # feature_store keyword dicts (src, root, split, m
 # %% ../nbs/09_ablations.ipynb #e3a6c230
 class LiveFrames:
     "FrameStore's interface, recomputing each clip through the frozen backbone (eval mode) on every call."
-    def __init__(self, backbone:EmotionModel, ds:EMIDataset, dtype:str='float16', pad_to:int=0, device='cpu'):
+    def __init__(self, backbone:EmotionModel, # the frozen backbone (a copy is kept, in eval mode)
+                 ds:EMIDataset, # the split's clips
+                 dtype:str='float16', # frames rounded through this dtype, as a store keeps them
+                 pad_to:int=0, # as for clip_frames
+                 device='cpu'): # where the backbone runs
+        "Keep a copy of the backbone in eval mode and the split's clips."
         self.bb, self.ds, self.dtype, self.pad_to, self.device = copy.deepcopy(backbone).eval(), ds, dtype, pad_to, device
         self.fids, self.samples = np.array(ds.fids), np.asarray(ds.lengths)
-    def __len__(self): return len(self.fids)
-    def clip(self, i:int) -> tuple:
-        h, v = clip_frames(self.bb, self.ds[i]['wav'], self.pad_to, self.device)
-        return _round(h, self.dtype), _round(v, self.dtype)
-    def batch(self, idx) -> tuple: return pad_frames([self.clip(int(i)) for i in idx])
 
+    def __len__(self) -> int:
+        "Number of clips."
+        return len(self.fids)
+
+# %% ../nbs/09_ablations.ipynb #a2c6ee0f
+@patch
+def clip(self:LiveFrames, i:int) -> tuple:
+    "Clip `i`'s hidden and VAD frames, recomputed and rounded as a store rounds them."
+    h, v = clip_frames(self.bb, self.ds[i]['wav'], self.pad_to, self.device)
+    return _round(h, self.dtype), _round(v, self.dtype)
+
+@patch
+def batch(self:LiveFrames, idx) -> tuple:
+    "The clips `idx` as one zero-padded batch with its mask."
+    return pad_frames([self.clip(int(i)) for i in idx])
+
+# %% ../nbs/09_ablations.ipynb #314f4aba
 class ConcatFrames:
     "Several stores as one (train+valid)."
-    def __init__(self, parts:list):
-        self.parts = parts; self.fids = np.concatenate([p.fids for p in parts]); self.samples = np.concatenate([p.samples for p in parts])
+    def __init__(self, parts:list # frame sources, in order
+                ):
+        "Index every clip of every part."
+        self.parts = parts
+        self.fids = np.concatenate([p.fids for p in parts])
+        self.samples = np.concatenate([p.samples for p in parts])
         self._where = [(j, i) for j, p in enumerate(parts) for i in range(len(p))]
-    def __len__(self): return len(self.fids)
-    def clip(self, i:int): j, k = self._where[i]; return self.parts[j].clip(k)
-    def batch(self, idx) -> tuple: return pad_frames([self.clip(int(i)) for i in idx])
+
+    def __len__(self) -> int:
+        "Number of clips."
+        return len(self.fids)
+
+# %% ../nbs/09_ablations.ipynb #ad2ac07c
+@patch
+def clip(self:ConcatFrames, i:int) -> tuple:
+    "Clip `i` of the concatenation: the clip of the part it falls in."
+    j, k = self._where[i]
+    return self.parts[j].clip(k)
+
+@patch
+def batch(self:ConcatFrames, idx) -> tuple:
+    "The clips `idx` as one zero-padded batch with its mask."
+    return pad_frames([self.clip(int(i)) for i in idx])
 
 # %% ../nbs/09_ablations.ipynb #15a18207
 def labels_for(root, split:str, fids) -> np.ndarray|None:
