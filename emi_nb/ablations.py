@@ -540,7 +540,10 @@ def batch(self:ConcatFrames, idx) -> tuple:
     return pad_frames([self.clip(int(i)) for i in idx])
 
 # %% ../nbs/09_ablations.ipynb #15a18207
-def labels_for(root, split:str, fids) -> np.ndarray|None:
+def labels_for(root, # data root
+               split:str, # train | valid | test
+               fids # clip ids, in the order wanted
+              ) -> np.ndarray|None:
     "(N, 6) labels of `fids` in that order: the split CSV, or for test the held-out test_labels.csv; None when absent."
     if split == 'test':
         p = Path(root)/'test_labels.csv'
@@ -549,7 +552,12 @@ def labels_for(root, split:str, fids) -> np.ndarray|None:
     else: df = read_split(root, split)
     return df.set_index('Filename').loc[list(map(int, fids)), EMOTIONS].to_numpy(np.float32)
 
-def head_model(cfg:StudyConfig, backbone:EmotionModel, init:str='default', device='cpu') -> EMIModel:
+# %% ../nbs/09_ablations.ipynb #fd8b8e8c
+def head_model(cfg:StudyConfig, # the row's config: switches and seed
+               backbone:EmotionModel, # the frozen backbone
+               init:str='default', # default | collapsed: last layer zeroed, the head predicts a constant
+               device='cpu' # where the model goes
+              ) -> EMIModel:
     "The fusion model of cfg's switches on a frozen backbone; head weights drawn from cfg.seed."
     seed_everything(cfg.seed)
     m = EMIModel.from_config(cfg.replace(freeze_backbone=True), backbone, device=device)
@@ -558,45 +566,65 @@ def head_model(cfg:StudyConfig, backbone:EmotionModel, init:str='default', devic
         with torch.no_grad(): last.weight.zero_()
     return m
 
-# %% ../nbs/09_ablations.ipynb #fd8b8e8c
+# %% ../nbs/09_ablations.ipynb #c2b4eaa3
 @torch.no_grad()
-def predict_frames(model:EMIModel, src, batch_size:int=32, device='cpu') -> np.ndarray:
+def predict_frames(model:EMIModel, # the fusion model (its head is used)
+                   src, # a source of frames: FrameStore | LiveFrames | ConcatFrames
+                   batch_size:int=32, # clips per batch
+                   device='cpu' # where the model is
+                  ) -> np.ndarray:
     "(N, 6) predictions of the head for every clip of `src`, in the source's order (batches bucketed by length)."
-    was = model.training; model.eval(); out = np.zeros((len(src), len(EMOTIONS)), np.float32)
+    was = model.training
+    model.eval()
+    out = np.zeros((len(src), len(EMOTIONS)), np.float32)
     for idx in LengthBucketSampler(src.samples, batch_size, shuffle=False):
         h, v, m = (t.to(device) for t in src.batch(idx))
         out[idx] = model.head_logits(model.fuse(h, v, m)).float().cpu().numpy()
     model.train(was)
     return out
 
+# %% ../nbs/09_ablations.ipynb #84212156
 def _score(p, y, n_boot:int, seed:int) -> dict:
+    "ρ (with its bootstrap interval when n_boot) and MSE of predictions `p` against labels `y`."
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); r = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False))
+        warnings.simplefilter('ignore')
+        r = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False))
     return dict(r, mse=float(((p - y)**2).mean()))
 
 # %% ../nbs/09_ablations.ipynb #e5d0504c
+def _head_step(model:EMIModel, train, y_train:np.ndarray, kind:str, dev, idx) -> tuple:
+    "The loop's step of a head row: the head on the frames of batch `idx`, the loss `kind`."
+    h, v, m = (t.to(dev) for t in train.batch(idx))
+    pred = model.head_logits(model.fuse(h, v, m))                          # (B, 6)
+    y = torch.from_numpy(y_train[idx]).to(dev)
+    loss, info = emi_loss(pred, y, kind)
+    return loss, dict(info, pred=pred, target=y, n=len(idx))
+
+def _head_val(model:EMIModel, valid, y_valid:np.ndarray, batch_size:int, dev) -> dict:
+    "The loop's evaluation of a head row: the mean ρ on the validation frames."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return dict(val_rho=mean_rho(predict_frames(model, valid, batch_size, dev), y_valid, warn=False))
+
+# %% ../nbs/09_ablations.ipynb #4e165600
 def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config and VAD head geometry are used here
                train, valid, # sources of frames (FrameStore | LiveFrames | ConcatFrames) with .fids, .samples, .batch
                y_train:np.ndarray, y_valid:np.ndarray, # (N, 6) labels in the sources' order
-               test=None, y_test:np.ndarray|None=None, init:str='default', log=None) -> dict:
+               test=None, y_test:np.ndarray|None=None, # test frames and labels (None: not predicted, not scored)
+               init:str='default', # default | collapsed (see head_model)
+               log=None # the loop's progress lines, None = quiet
+              ) -> dict:
     "Train the fusion head of cfg on frozen frames through the loop; metrics (fit's shape) and per-clip predictions."
     dev, t0 = get_device(cfg.device), time.time()
     model = head_model(cfg, backbone, init, dev)
     sampler = LengthBucketSampler(train.samples, cfg.batch_size, bucket=cfg.bucket, seed=cfg.seed, pool=cfg.bucket_pool,
                                   max_batches=cfg.max_steps)
     def batches(epoch, start):
+        "The batches of `epoch` from step `start` on."
         sampler.set_epoch(epoch, start)
         return iter(sampler)
-    def step(idx):
-        h, v, m = (t.to(dev) for t in train.batch(idx))
-        pred = model.head_logits(model.fuse(h, v, m))                          # (B, 6)
-        y = torch.from_numpy(y_train[idx]).to(dev)
-        loss, info = emi_loss(pred, y, cfg.loss)
-        return loss, dict(info, pred=pred, target=y, n=len(idx))
-    def evaluate():
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            return dict(val_rho=mean_rho(predict_frames(model, valid, cfg.eval_batch_size, dev), y_valid, warn=False))
+    step = partial(_head_step, model, train, y_train, cfg.loss, dev)
+    evaluate = partial(_head_val, model, valid, y_valid, cfg.eval_batch_size, dev)
     lp = Loop(model, recipe(cfg, select=cfg.train_on == 'train'), dev, batches, len(sampler.global_batches(0)), step,
               evaluate, name=cfg.tag or 'head', log=log)
     return _head_final(cfg, model, lp.fit(), valid, y_valid, test, y_test, dev, t0)
@@ -622,73 +650,114 @@ def _data_root(cfg:StudyConfig) -> Path:
     "The data root of a row's config."
     return Path(resolve_data_root(cfg))
 
-def _needs_test(row:Row, cfg:StudyConfig) -> bool: return row.score == 'test'
+def _needs_test(row:Row, cfg:StudyConfig) -> bool:
+    "Whether the row is scored on the held-out test labels."
+    return row.score == 'test'
 
 def _check_test(root:Path, row:Row):
+    "Raise SkipRow when a test-scored row meets data without test labels."
     if not (root/'test_labels.csv').exists():
-        raise SkipRow(f"{row.name} is scored on the held-out test labels; {root} has none (real data: the test labels are hidden)")
+        raise SkipRow(f"{row.name} is scored on the held-out test labels; {root} has none "
+                      "(real data: the test labels are hidden)")
 
 # %% ../nbs/09_ablations.ipynb #0504be83
-def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
-    root = _data_root(cfg); pad = row.options.get('pad') == 'fixed'
-    if _needs_test(row, cfg): _check_test(root, row)
-    dt, bb = row.options.get('dtype', 'float16'), load_frozen(cfg.backbone)
+def _frame_source(cfg:StudyConfig, row:Row, root:Path, bb:EmotionModel, split:str, log=None):
+    "A split's frames for a head row: its feature store, or (option source='live') recomputed through `bb`."
+    dt, pad = row.options.get('dtype', 'float16'), row.options.get('pad') == 'fixed'
     if row.options.get('source') == 'live':
-        st = lambda s: LiveFrames(bb, EMIDataset(root, s, cfg.max_seconds, cfg.quarantine, labels=False), dt, int(cfg.max_seconds * SR) if pad else 0, get_device(cfg.device))
-    else: st = lambda s: feature_store(cfg.backbone, root, s, cfg.max_seconds, dt, pad, cfg.device, cfg.quarantine, log=log)
+        ds = EMIDataset(root, split, cfg.max_seconds, cfg.quarantine, labels=False)
+        return LiveFrames(bb, ds, dt, int(cfg.max_seconds * SR) if pad else 0, get_device(cfg.device))
+    return feature_store(cfg.backbone, root, split, cfg.max_seconds, dt, pad, cfg.device, cfg.quarantine, log=log)
+
+def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
+    "A head row: its frames (train, valid and the test split when wanted) and labels, then train_head."
+    root = _data_root(cfg)
+    if _needs_test(row, cfg): _check_test(root, row)
+    bb = load_frozen(cfg.backbone)
+    st = partial(_frame_source, cfg, row, root, bb, log=log)
     want_test = _needs_test(row, cfg) or (row.options.get('test') and (root/'test_labels.csv').exists())
-    tr, va = st('train'), st('valid'); te = st('test') if want_test else None
+    tr, va = st('train'), st('valid')
+    te = st('test') if want_test else None
     ytr, yva = labels_for(root, 'train', tr.fids), labels_for(root, 'valid', va.fids)
     if cfg.train_on == 'train+valid': tr, ytr = ConcatFrames([tr, va]), np.concatenate([ytr, yva])
-    return train_head(cfg, bb, tr, va, ytr, yva, te, labels_for(root, 'test', te.fids) if te is not None else None,
-                      row.options.get('init', 'default'))
+    yte = labels_for(root, 'test', te.fids) if te is not None else None
+    return train_head(cfg, bb, tr, va, ytr, yva, te, yte, row.options.get('init', 'default'))
 
 # %% ../nbs/09_ablations.ipynb #96e60b5b
 def _comparable(cfg:StudyConfig, backbone:str) -> dict:
+    "What makes two fits the same: the training view of the config and the backbone."
     return {**training_view(cfg), 'backbone': str(backbone)}
 
-def adopt_fit(cfg:StudyConfig) -> dict|None:
+def _is_fit_result(r) -> bool:
+    "Whether a results JSON is a finished fit's: a config, a backbone, dropout on."
+    return isinstance(r, dict) and isinstance(r.get('config'), dict) and bool(r.get('backbone')) and not r.get('no_dropout')
+
+def adopt_fit(cfg:StudyConfig # the row's config
+             ) -> dict|None:
     "A finished `fit` of exactly cfg already in the run directory (e.g. the training notebook's), or None."
     rd, want = run_path(cfg, 'results'), _comparable(cfg, cfg.backbone)
     for p in sorted(rd.glob('*.json')):
         r = _load(p)
-        if not (isinstance(r, dict) and isinstance(r.get('config'), dict) and r.get('backbone') and not r.get('no_dropout')): continue
+        if not _is_fit_result(r): continue
         try: c = StudyConfig(**r['config'])
         except TypeError: continue
         if _comparable(c, r['backbone']) == want and (rd/f"{r['name']}_valid_preds.csv").exists(): return r
     return None
 
 # %% ../nbs/09_ablations.ipynb #f178ceb3
+def _fit_or_resume(cfg:StudyConfig, name:str, log) -> dict:
+    "fit(cfg) under `name`, resumed from its checkpoint unless that cannot be resumed."
+    try: return fit(cfg, name=name, resume=True, quiet=log is None)
+    except ValueError as e:
+        if 'cannot resume' not in str(e): raise
+        return fit(cfg, name=name, resume=False, quiet=log is None)
+
+def _fit_preds(rd:Path, name:str) -> dict:
+    "Per-clip predictions of fit `name` from its files: valid, and test when it wrote a submission."
+    v = pd.read_csv(rd/f'{name}_valid_preds.csv')
+    preds = {'valid': dict(fids=v.Filename.to_numpy(), pred=v[EMOTIONS].to_numpy(np.float32))}
+    if (rd/f'{name}_test_submission.csv').exists():
+        t = pd.read_csv(rd/f'{name}_test_submission.csv')
+        preds['test'] = dict(fids=t.Filename.to_numpy(), pred=t[EMOTIONS].to_numpy(np.float32))
+    return preds
+
+# %% ../nbs/09_ablations.ipynb #8630727f
 def _run_fit(cfg:StudyConfig, row:Row, seed:int, log=None) -> dict:
+    "An end-to-end row: an identical finished fit adopted, else fit (resumed when it can be), its predictions read."
     root = _data_root(cfg)
     if _needs_test(row, cfg): _check_test(root, row)
-    res = adopt_fit(cfg); name = res['name'] if res else f'abl-{row.name}-s{seed}'
-    if res is None:
-        try: res = fit(cfg, name=name, resume=True, quiet=log is None)
-        except ValueError as e:
-            if 'cannot resume' not in str(e): raise
-            res = fit(cfg, name=name, resume=False, quiet=log is None)
-    rd = run_path(cfg, 'results'); preds = {}
-    v = pd.read_csv(rd/f'{name}_valid_preds.csv'); preds['valid'] = dict(fids=v.Filename.to_numpy(), pred=v[EMOTIONS].to_numpy(np.float32))
-    if (rd/f'{name}_test_submission.csv').exists():
-        t = pd.read_csv(rd/f'{name}_test_submission.csv'); preds['test'] = dict(fids=t.Filename.to_numpy(), pred=t[EMOTIONS].to_numpy(np.float32))
+    res = adopt_fit(cfg)
+    name = res['name'] if res else f'abl-{row.name}-s{seed}'
+    if res is None: res = _fit_or_resume(cfg, name, log)
+    preds = _fit_preds(run_path(cfg, 'results'), name)
     return dict(metrics=res['metrics'], preds=preds, seconds=(res.get('timing') or {}).get('train_seconds'),
                 checkpoint=res.get('checkpoint', ''), fit_name=name, adopted=name != f'abl-{row.name}-s{seed}')
 
-def run_row(cfg:StudyConfig, row:Row, seed:int, log=None) -> dict:
+def run_row(cfg:StudyConfig, # the row's config (row_config)
+            row:Row, # the row: its runner and options
+            seed:int, # its seed
+            log=None # progress lines, None = quiet
+           ) -> dict:
     "Run one (row, seed) with cfg = row_config(...): dict(metrics, preds, seconds, ...)."
     if row.runner == 'head': return _run_head(cfg, row, log)
     if row.runner == 'fit': return _run_fit(cfg, row, seed, log)
     raise ValueError(f"row {row.name}: unknown runner {row.runner!r} (head | fit)")
 
 # %% ../nbs/09_ablations.ipynb #050a2645
-def result_path(cfg:StudyConfig, row:str, seed:int) -> Path: return run_path(cfg, 'ablations', row)/f'{seed}.json'
+def result_path(cfg:StudyConfig, # the study config: its run directory
+                row:str, # the row's name
+                seed:int # the seed
+               ) -> Path:
+    "Where the record of (row, seed) is written."
+    return run_path(cfg, 'ablations', row)/f'{seed}.json'
 
 def _load(p:Path) -> dict|None:
+    "The JSON at `p`, or None when it cannot be read."
     try: return json.loads(p.read_text())
     except (OSError, ValueError): return None
 
 def _warn_list(ws) -> list:
+    "Recorded warnings as 'Category: message', each once, in order."
     seen = []
     for w in ws:
         s = f'{w.category.__name__}: {w.message}'
@@ -696,47 +765,97 @@ def _warn_list(ws) -> list:
     return seen
 
 # %% ../nbs/09_ablations.ipynb #bbc95e7a
-def run_job(rcfg:StudyConfig, row:Row|dict, seed:int, key:str, path, runner=None, threads:int=0) -> dict:
-    "Run one (row, seed) and write its record to `path`; exceptions become a failed record, interrupts propagate."
-    if isinstance(row, dict): row = Row(**row)
-    old = torch.get_num_threads(); runner = runner or run_row; t0, c0 = time.time(), time.process_time()
-    if threads: torch.set_num_threads(threads)
-    rec = dict(row=row.name, seed=seed, key=key, runner=row.runner, table=row.table, options=row.options, config=asdict(rcfg))
+def _outcome(runner, rcfg:StudyConfig, row:Row, seed:int) -> tuple:
+    "(the record's status fields, the warnings raised) of one run of the row; interrupts propagate."
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
-        try: rec.update(status='ok', **runner(rcfg, row, seed))
-        except SkipRow as e: rec.update(status='skipped', reason=str(e))
-        except Exception as e: rec.update(status='failed', error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=8))
+        try: out = dict(status='ok', **runner(rcfg, row, seed))
+        except SkipRow as e: out = dict(status='skipped', reason=str(e))
+        except Exception as e:
+            out = dict(status='failed', error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=8))
+    return out, _warn_list(ws)
+
+# %% ../nbs/09_ablations.ipynb #02a0806a
+def run_job(rcfg:StudyConfig, # the row's config (row_config)
+            row:Row|dict, # the row (a dict when it comes from another process)
+            seed:int, # its seed
+            key:str, # its key (row_key)
+            path, # where its record is written
+            runner=None, # (cfg, row, seed) -> dict, default run_row
+            threads:int=0 # torch threads while it runs, 0 = as they are
+           ) -> dict:
+    "Run one (row, seed) and write its record to `path`; exceptions become a failed record, interrupts propagate."
+    if isinstance(row, dict): row = Row(**row)
+    old, runner = torch.get_num_threads(), runner or run_row
+    t0, c0 = time.time(), time.process_time()
+    if threads: torch.set_num_threads(threads)
+    rec = dict(row=row.name, seed=seed, key=key, runner=row.runner, table=row.table, options=row.options,
+               config=asdict(rcfg))
+    out, ws = _outcome(runner, rcfg, row, seed)
+    rec.update(out)
     torch.set_num_threads(old)
-    rec.update(warnings=_warn_list(ws), started=round(t0, 2), wall_seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2), threads=threads or old, finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    rec.update(warnings=ws, started=round(t0, 2), wall_seconds=round(time.time() - t0, 2),
+               cpu_seconds=round(time.process_time() - c0, 2), threads=threads or old,
+               finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
     save_json(path, rec)
     return rec
 
-# %% ../nbs/09_ablations.ipynb #02a0806a
-def plan_jobs(cfg:StudyConfig, rows:dict, seeds:list, data_id:str='', retry_failed:bool=True) -> tuple:
-    "(done records, jobs to run, duplicates) of the grid: reads what is on disk and dedupes rows by key."
+# %% ../nbs/09_ablations.ipynb #434b3709
+def _grid_state(cfg:StudyConfig, rows:dict, seeds:list, data_id:str, retry_failed:bool) -> tuple:
+    "(done records by (row, seed), jobs still to run, key -> (row, seed) of the done ones) from the records on disk."
     done, todo, owner = {}, [], {}
     for name, row in rows.items():
         for s in row_seeds(row, seeds):
-            rc = row_config(cfg, row, s); key = row_key(rc, row, data_id); p = result_path(cfg, name, s)
+            rc = row_config(cfg, row, s)
+            key, p = row_key(rc, row, data_id), result_path(cfg, name, s)
             old = _load(p) if p.exists() else None
             if old and old.get('key') == key and (old['status'] != 'failed' or not retry_failed):
-                done[(name, s)] = old; owner.setdefault(key, (name, s))
+                done[(name, s)] = old
+                owner.setdefault(key, (name, s))
             else: todo.append((rc, row, s, key, p))
+    return done, todo, owner
+
+# %% ../nbs/09_ablations.ipynb #86f7b1f8
+def plan_jobs(cfg:StudyConfig, # the study config
+              rows:dict, # name -> Row
+              seeds:list, # the grid's seeds
+              data_id:str='', # the data's fingerprint
+              retry_failed:bool=True # run failed jobs again
+             ) -> tuple:
+    "(done records, jobs to run, duplicates) of the grid: reads what is on disk and dedupes rows by key."
+    done, todo, owner = _grid_state(cfg, rows, seeds, data_id, retry_failed)
     jobs, dups = [], []
     for j in todo:
         if j[3] in owner: dups.append(((j[1].name, j[2]), owner[j[3]], j[4]))
-        else: owner[j[3]] = (j[1].name, j[2]); jobs.append(j)
+        else:
+            owner[j[3]] = (j[1].name, j[2])
+            jobs.append(j)
     return done, jobs, dups
 
-# %% ../nbs/09_ablations.ipynb #434b3709
+# %% ../nbs/09_ablations.ipynb #343ef010
+def _grid_seeds(cfg:StudyConfig, seeds) -> list:
+    "The seeds as given in a list, or that many (None: cfg.seeds) from cfg.seed on."
+    if isinstance(seeds, (list, tuple)): return list(seeds)
+    return list(range(cfg.seed, cfg.seed + (seeds or cfg.seeds)))
+
+def _share_dups(dups:list, done:dict, rows:dict):
+    "Give each duplicate job the record of the row it shares, under its own name, in `done` and on disk."
+    for (name, s), src, p in dups:
+        if src in done:
+            rec = {**done[src], 'row': name, 'same_as': src[0], 'table': rows[name].table}
+            save_json(p, rec)
+            done[(name, s)] = rec
+
+# %% ../nbs/09_ablations.ipynb #37d72cfa
 def run_grid(cfg:StudyConfig, rows:dict, # name -> Row
-             seeds:list|int|None=None, # seeds, or how many from cfg.seed on; None = cfg.seeds
-             runner=None, # (cfg, row, seed) -> dict; default run_row
+             seeds:list|int|None=None, # seeds, or how many from cfg.seed on, None = cfg.seeds
+             runner=None, # (cfg, row, seed) -> dict, default run_row
              workers:int=1, # processes for head rows (1 = in this process)
-             retry_failed:bool=True, log=print) -> dict:
+             retry_failed:bool=True, # run failed jobs again
+             log=print # progress lines, None = quiet
+            ) -> dict:
     "Run every (row, seed) not finished yet, writing each result as it ends; returns {(row, seed): record}."
-    seeds = list(range(cfg.seed, cfg.seed + (seeds or cfg.seeds))) if not isinstance(seeds, (list, tuple)) else list(seeds)
+    seeds = _grid_seeds(cfg, seeds)
     root = _data_root(cfg) if runner is None else None
     done, jobs, dups = plan_jobs(cfg, rows, seeds, data_fingerprint(root) if root else '', retry_failed)
     if log: log(f"grid: {len(done)} finished, {len(jobs)} to run, {len(dups)} shared with an identical row")
@@ -744,19 +863,21 @@ def run_grid(cfg:StudyConfig, rows:dict, # name -> Row
     seq = [j for j in jobs if not any(j is q for q in par)]
     for rec in _run_parallel(par, runner, workers, log): done[(rec['row'], rec['seed'])] = rec
     for rc, row, s, key, p in seq:
-        rec = run_job(rc, row, s, key, p, runner, _threads_for(row, rc)); done[(row.name, s)] = rec; _log_rec(rec, log)
-    for (name, s), src, p in dups:
-        if src in done:
-            rec = {**done[src], 'row': name, 'same_as': src[0], 'table': rows[name].table}; save_json(p, rec); done[(name, s)] = rec
+        rec = run_job(rc, row, s, key, p, runner, _threads_for(row, rc))
+        done[(row.name, s)] = rec
+        _log_rec(rec, log)
+    _share_dups(dups, done, rows)
     return {k: done[k] for k in sorted(done, key=lambda k: (list(rows).index(k[0]), k[1]))}
 
-# %% ../nbs/09_ablations.ipynb #86f7b1f8
+# %% ../nbs/09_ablations.ipynb #5d699f70
 def _log_rec(rec:dict, log):
+    "Log one finished job: row, seed, status, time, and its ρ, its error or why it was skipped."
     if not log: return
     m = rec.get('metrics') or {}
     what = f"valid rho {m['valid']['rho']:.3f}" if m.get('valid') else ''
     if m.get('test'): what += f", test rho {m['test']['rho']:.3f}"
-    log(f"  {rec['row']} seed {rec['seed']}: {rec['status']} in {rec['wall_seconds']:.0f} s  {what or rec.get('error') or rec.get('reason', '')}")
+    what = what or rec.get('error') or rec.get('reason', '')
+    log(f"  {rec['row']} seed {rec['seed']}: {rec['status']} in {rec['wall_seconds']:.0f} s  {what}")
 
 def _threads_for(row:Row, rcfg:StudyConfig) -> int:
     "CPU threads of a row: head rows 1 (same numbers in any process); end-to-end rows option `threads` (0 = all cores)."
@@ -776,11 +897,25 @@ def _preds(recs:list, split:str, fids) -> tuple:
         pr = (r.get('preds') or {}).get(split)
         if r.get('status') != 'ok' or not pr: continue
         m = dict(zip(map(int, pr['fids']), np.asarray(pr['pred'], np.float32)))
-        if all(int(f) in m for f in fids): seeds.append(r['seed']); P.append(np.stack([m[int(f)] for f in fids]))
+        if all(int(f) in m for f in fids):
+            seeds.append(r['seed'])
+            P.append(np.stack([m[int(f)] for f in fids]))
     return seeds, (np.stack(P) if P else np.zeros((0, len(fids), len(EMOTIONS))))
 
+def _row_records(records:dict, name:str) -> list:
+    "The records of row `name`, over its seeds."
+    return [r for (m, _), r in records.items() if m == name]
+
+def _paired(sa:list, PA:np.ndarray, sb:list, PB:np.ndarray, y:np.ndarray, n_boot:int, seed:int) -> dict|None:
+    "paired_stats of predictions PA (seeds sa) against PB (seeds sb) on their common seeds; None when there are none."
+    common = [k for k in sa if k in sb]
+    if not common: return None
+    return dict(paired_stats(PA[[sa.index(k) for k in common]], PB[[sb.index(k) for k in common]], y, n_boot, seed),
+                seeds=common)
+
 # %% ../nbs/09_ablations.ipynb #49c2f1ba
-def row_convergence(recs:list) -> dict:
+def row_convergence(recs:list # a row's records, one per seed
+                   ) -> dict:
     "How many seeds of a row converged, their best epochs and epochs run, and why the others did not."
     cs = [(r.get('metrics') or {}).get('convergence') for r in recs if r['status'] == 'ok']
     cs = [c for c in cs if c]
@@ -794,28 +929,42 @@ def _labels_of(root, split:str) -> tuple:
     fids = read_split(root, split, labels=False).Filename.to_numpy()
     return fids, labels_for(root, split, fids)
 
-def grid_stats(records:dict, rows:dict, root, n_boot:int=1000, seed:int=0) -> dict:
-    "name -> dict(row info, status counts, stats per scored split, paired comparison with its ref row on the row's split)."
+def _row_info(n:str, row:Row, recs:list) -> dict:
+    "A row's description and what its records say: statuses, errors, warnings, adopted fits, convergence."
+    st = dict(name=n, table=row.table, label=row.label, score=row.score, quoted=row.quoted, ref=row.ref, note=row.note,
+              runner=row.runner, epochs=row.overrides.get('epochs'),
+              status={k: sum(r['status'] == k for r in recs) for k in ('ok', 'failed', 'skipped')},
+              errors=sorted({r.get('error') or r.get('reason') for r in recs if r['status'] != 'ok'}),
+              warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={},
+              adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}), convergence=row_convergence(recs))
+    st['converged'] = bool(st['convergence']['seeds']) and st['convergence']['converged'] == st['convergence']['seeds']
+    return st
+
+# %% ../nbs/09_ablations.ipynb #952842ca
+def _row_splits(st:dict, row:Row, n:str, by:dict, Ys:dict, n_boot:int, seed:int):
+    "Add to `st` the seed statistics of every labelled split, the row's split at the top, and its paired comparison."
+    for split, (fids, y) in Ys.items():
+        seeds, P = _preds(by[n], split, fids) if y is not None else ([], None)
+        if seeds: st['splits'][split] = dict(seeds=seeds, **seed_stats(P, y, n_boot, seed))
+        if split != row.score or not seeds: continue
+        st.update(st['splits'][split])
+        if row.ref and row.ref != n and row.ref in by:
+            vs = _paired(seeds, P, *_preds(by[row.ref], split, fids), y, n_boot, seed)
+            if vs: st['vs_ref'] = vs
+
+def grid_stats(records:dict, # (row, seed) -> record, as run_grid returns them
+               rows:dict, # name -> Row
+               root, # data root: the labels
+               n_boot:int=1000, # bootstrap resamples
+               seed:int=0 # the bootstrap's seed
+              ) -> dict:
+    "name -> dict(row info, status counts, stats per scored split, paired comparison with its ref row on its split)."
     Ys = {s: _labels_of(root, s) for s in ('valid', 'test')}
-    by = {n: [r for (m, _), r in records.items() if m == n] for n in rows}
+    by = {n: _row_records(records, n) for n in rows}
     out = {}
     for n, row in rows.items():
-        recs = by[n]
-        st = dict(name=n, table=row.table, label=row.label, score=row.score, quoted=row.quoted, ref=row.ref, note=row.note, runner=row.runner,
-                  epochs=row.overrides.get('epochs'), status={k: sum(r['status'] == k for r in recs) for k in ('ok', 'failed', 'skipped')},
-                  errors=sorted({r.get('error') or r.get('reason') for r in recs if r['status'] != 'ok'}),
-                  warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={},
-                  adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}), convergence=row_convergence(recs))
-        st['converged'] = bool(st['convergence']['seeds']) and st['convergence']['converged'] == st['convergence']['seeds']
-        for split, (fids, y) in Ys.items():
-            seeds, P = _preds(recs, split, fids) if y is not None else ([], None)
-            if seeds: st['splits'][split] = dict(seeds=seeds, **seed_stats(P, y, n_boot, seed))
-            if split != row.score or not seeds: continue
-            st.update(st['splits'][split])
-            if row.ref and row.ref != n and row.ref in by:
-                rs, RP = _preds(by[row.ref], split, fids); common = [s for s in seeds if s in rs]
-                if common: st['vs_ref'] = dict(paired_stats(P[[seeds.index(s) for s in common]], RP[[rs.index(s) for s in common]], y, n_boot, seed), seeds=common)
-        out[n] = st
+        out[n] = _row_info(n, row, by[n])
+        _row_splits(out[n], row, n, by, Ys, n_boot, seed)
     return out
 
 # %% ../nbs/09_ablations.ipynb #fd8ad403
