@@ -968,7 +968,9 @@ def grid_stats(records:dict, # (row, seed) -> record, as run_grid returns them
     return out
 
 # %% ../nbs/09_ablations.ipynb #fd8ad403
-def _f(x, d=3) -> str: return '–' if x is None or (isinstance(x, float) and not np.isfinite(x)) else f'{x:.{d}f}'
+def _f(x, d=3) -> str:
+    "`x` with `d` decimals, '–' when it is missing or not finite."
+    return '–' if x is None or (isinstance(x, float) and not np.isfinite(x)) else f'{x:.{d}f}'
 
 def _conv_text(s:dict) -> str:
     "'yes', or 'NO (k of n seeds)' with the epochs run, for a row's convergence."
@@ -977,24 +979,33 @@ def _conv_text(s:dict) -> str:
     if s.get('converged'): return f"yes (best epochs {', '.join(map(str, c['best_epochs']))})"
     return f"NO ({c['converged']} of {c['seeds']} seeds; ran {', '.join(map(str, c['epochs_run']))} epochs)"
 
-def stats_table(stats:dict, table:str) -> pd.DataFrame:
+def _rho_text(s:dict) -> str:
+    "A row's 'mean ± sd' over seeds, the note that it is undefined, or its first error."
+    if 'mean' not in s: return s['errors'][0] if s['errors'] else '–'
+    if not np.isfinite(s['mean']): return 'undefined: constant predictions (NaN)'
+    return f"{_f(s.get('mean'))} ± {_f(s.get('sd'))}"
+
+# %% ../nbs/09_ablations.ipynb #f46ee963
+def _table_row(n:str, s:dict) -> dict:
+    "One row of stats_table from row `n`'s statistics `s`."
+    v = s.get('vs_ref')
+    what = s['label'] + (f" (run of {', '.join(s['adopted'])}, reused)" if s.get('adopted') else '')
+    delta = f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v and np.isfinite(v['delta']) else ''
+    other = '; '.join(f"{k}: {_f(x['mean'])} ± {_f(x['sd'])}" for k, x in s.get('splits', {}).items() if k != s['score'])
+    return {'row': n, 'what': what, 'split': s['score'], 'seeds': s.get('n_seeds', 0), 'ρ ours (mean ± sd)': _rho_text(s),
+            '95% CI': f"[{_f(s['ci'][0])}, {_f(s['ci'][1])}]" if 'ci' in s else '', "Δρ vs ref [95% CI]": delta,
+            'p': _f(v['p'], 3) if v else '', 'ref': s['ref'] if v else '', 'ρ ours, other split': other,
+            'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–',
+            'converged': _conv_text(s), 'shortened': s['note']}
+
+def stats_table(stats:dict, # grid_stats output
+                table:str # table1 | table2 | padding | loss
+               ) -> pd.DataFrame:
     "The rows of one table: ours (mean ± sd, 95% CI, Δ vs ref, p) beside the paper's (quoted)."
-    rows = []
-    for n, s in stats.items():
-        if s['table'] != table: continue
-        v = s.get('vs_ref')
-        rows.append({'row': n, 'what': s['label'] + (f" (run of {', '.join(s['adopted'])}, reused)" if s.get('adopted') else ''), 'split': s['score'], 'seeds': s.get('n_seeds', 0),
-                     'ρ ours (mean ± sd)': (f"{_f(s.get('mean'))} ± {_f(s.get('sd'))}" if np.isfinite(s['mean']) else 'undefined: constant predictions (NaN)')
-                                           if 'mean' in s else (s['errors'][0] if s['errors'] else '–'),
-                     '95% CI': f"[{_f(s['ci'][0])}, {_f(s['ci'][1])}]" if 'ci' in s else '',
-                     f"Δρ vs ref [95% CI]": f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v and np.isfinite(v['delta']) else '',
-                     'p': _f(v['p'], 3) if v else '', 'ref': s['ref'] if v else '',
-                     'ρ ours, other split': '; '.join(f"{k}: {_f(x['mean'])} ± {_f(x['sd'])}" for k, x in s.get('splits', {}).items() if k != s['score']),
-                     'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–',
-                     'converged': _conv_text(s), 'shortened': s['note']})
+    rows = [_table_row(n, s) for n, s in stats.items() if s['table'] == table]
     return pd.DataFrame(rows).set_index('row') if rows else pd.DataFrame()
 
-# %% ../nbs/09_ablations.ipynb #95af3b3e
+# %% ../nbs/09_ablations.ipynb #577c3c70
 def _quoted_on(s:dict|None, split:str) -> float|None:
     "The paper's number for a row on `split` (ρ_VAL / ρ_TEST keys of Table 1; Table 2 and the rest are validation)."
     q = (s or {}).get('quoted') or {}
@@ -1003,95 +1014,183 @@ def _quoted_on(s:dict|None, split:str) -> float|None:
     if set(q) <= {'ρ_VAL', 'ρ_TEST'}: return q.get(key)
     return next(iter(q.values())) if split == 'valid' else None
 
-def _quoted_one(s:dict) -> float|None: return _quoted_on(s, s['score'])
+def _quoted_one(s:dict) -> float|None:
+    "The paper's number for a row on the split it is scored on."
+    return _quoted_on(s, s['score'])
 
 def _paper_deltas(stats:dict, S:list) -> list:
     "(row, paper's difference to the ref row on the row's split, our paired Δ) where both are quoted on that split."
     out = []
     for s in S:
         q, qr = _quoted_on(s, s['score']), _quoted_on(stats.get(s['ref']), s['score'])
-        if s.get('vs_ref') and np.isfinite(s['vs_ref']['delta']) and q is not None and qr is not None and s['name'] != s['ref']:
-            out.append((s, q - qr, s['vs_ref']))
+        both = s.get('vs_ref') and np.isfinite(s['vs_ref']['delta']) and q is not None and qr is not None
+        if both and s['name'] != s['ref']: out.append((s, q - qr, s['vs_ref']))
     return out
 
-# %% ../nbs/09_ablations.ipynb #f46ee963
-def agreement(stats:dict, table:str) -> str:
-    "Sentences, computed from the numbers, on what agrees with the paper (quoted) in one table and what does not."
-    from scipy.stats import spearmanr
+# %% ../nbs/09_ablations.ipynb #533efb06
+def _judged_rows(stats:dict, table:str) -> tuple:
+    "(rows of `table` with a defined ρ that converged, as did their reference; names of the other rows with one)."
     done = [s for s in stats.values() if s['table'] == table and 'mean' in s and np.isfinite(s['mean'])]
-    ok = lambda s: s.get('converged') and (stats.get(s['ref']) or {}).get('converged', True)
-    S, unconv = [s for s in done if ok(s)], [s['name'] for s in done if not ok(s)]
-    tail = [f"Not converged, so not compared (its ρ or its reference's reflects the budget): {', '.join(unconv)}."] if unconv else []
-    if not S: return f"{table}: no finished, converged rows with a defined ρ." + (' ' + tail[0] if tail else '')
-    out, pairs = [], [(s, _quoted_one(s)) for s in S if _quoted_one(s) is not None]
-    if len(pairs) >= 3 and len({q for _, q in pairs}) > 1:
-        rs = spearmanr([s['mean'] for s, _ in pairs], [q for _, q in pairs]).statistic
-        out.append(f"Order: over the {len(pairs)} rows with a quoted number, the rank correlation of our ρ with the paper's is {rs:+.2f} "
-                   f"({'the order largely agrees' if rs >= 0.6 else 'the order partly agrees' if rs > 0 else 'the order does not agree'}).")
-    hw = lambda v: (v['ci'][1] - v['ci'][0]) / 2
-    res = lambda v: v['ci'][1] < 0 or v['ci'][0] > 0
+    ok = [bool(s.get('converged') and (stats.get(s['ref']) or {}).get('converged', True)) for s in done]
+    return [s for s, o in zip(done, ok) if o], [s['name'] for s, o in zip(done, ok) if not o]
+
+def _half_width(v:dict) -> float:
+    "Half the width of a 95% interval."
+    return (v['ci'][1] - v['ci'][0]) / 2
+
+def _resolved(v:dict) -> bool:
+    "Whether a 95% interval lies on one side of zero."
+    return v['ci'][1] < 0 or v['ci'][0] > 0
+
+# %% ../nbs/09_ablations.ipynb #8d89eb93
+def _order_sentence(S:list) -> list:
+    "[the rank correlation of our ρ with the quoted one over the quoted rows], or [] when it cannot be computed."
+    from scipy.stats import spearmanr
+    pairs = [(s, _quoted_one(s)) for s in S if _quoted_one(s) is not None]
+    if len(pairs) < 3 or len({q for _, q in pairs}) <= 1: return []
+    rs = spearmanr([s['mean'] for s, _ in pairs], [q for _, q in pairs]).statistic
+    how = 'the order largely agrees' if rs >= 0.6 else 'the order partly agrees' if rs > 0 else 'the order does not agree'
+    return [f"Order: over the {len(pairs)} rows with a quoted number, the rank correlation of our ρ with the paper's is "
+            f"{rs:+.2f} ({how})."]
+
+# %% ../nbs/09_ablations.ipynb #66a903d3
+def _resolution_sentence(stats:dict, S:list) -> list:
+    "[the paper's neighbouring differences against our reference's CI half-width and our median sd], or []."
     src = [(s, next(iter(s['quoted'])), _quoted_one(s)) for s in S if _quoted_one(s) is not None]
-    nb = [abs(b[2] - a[2]) for a, b in zip(src, src[1:]) if a[1] == b[1]]   # neighbouring rows quoted from the same source
+    nb = [abs(b[2] - a[2]) for a, b in zip(src, src[1:]) if a[1] == b[1]]
     ref = stats.get(S[0]['ref'])
-    if nb and ref and 'ci' in ref and np.all(np.isfinite(ref['ci'])):
-        h, sds = hw(ref), [s['sd'] for s in S if np.isfinite(s.get('sd', np.nan))]
-        out.append(f"Resolution: the paper's differences between neighbouring rows ({', '.join('%.3f' % d for d in nb)}) against our noise: "
-                   f"{sum(d < h for d in nb)} of {len(nb)} are smaller than the 95% CI half-width of our {ref['name']} ({h:.3f})"
-                   + (f", {sum(d < np.median(sds) for d in nb)} smaller than our median sd over seeds ({np.median(sds):.3f})" if sds else '') + '.')
-    pdl = _paper_deltas(stats, S); small = [x for x in pdl if abs(x[1]) < hw(x[2])]; big = [x for x in pdl if abs(x[1]) >= hw(x[2])]
-    if small:
-        out.append(f"Noise: the paper's differences to {small[0][0]['ref']} of " + ', '.join('%+.3f (%s)' % (d, s['name']) for s, d, _ in small)
-                   + " are smaller than the half-widths of our paired 95% intervals (" + ', '.join('%.3f' % hw(v) for _, _, v in small)
-                   + "): a single run at our resolution could not tell them from zero"
-                   + ('; we resolve a difference there all the same: ' + ', '.join('%s %+.3f' % (s['name'], v['delta']) for s, _, v in small if res(v)) if any(res(v) for _, _, v in small) else '') + '.')
-    if big:
-        agree = [s['name'] for s, d, v in big if res(v) and np.sign(v['delta']) == np.sign(d)]
-        other = [s['name'] for s, d, v in big if s['name'] not in agree]
-        out.append("The paper's larger differences (" + ', '.join('%s %+.3f' % (s['name'], d) for s, d, _ in big) + ") exceed our interval half-widths; "
-                   + (f"ours agree in sign and are resolved for {', '.join(agree)}" if agree else 'none is resolved in the same direction by ours')
-                   + (f"; not for {', '.join(other)}" if agree and other else '') + '.')
+    if not (nb and ref and 'ci' in ref and np.all(np.isfinite(ref['ci']))): return []
+    h, sds = _half_width(ref), [s['sd'] for s in S if np.isfinite(s.get('sd', np.nan))]
+    sd = (f", {sum(d < np.median(sds) for d in nb)} smaller than our median sd over seeds ({np.median(sds):.3f})"
+          if sds else '')
+    return [f"Resolution: the paper's differences between neighbouring rows ({', '.join('%.3f' % d for d in nb)}) "
+            f"against our noise: {sum(d < h for d in nb)} of {len(nb)} are smaller than the 95% CI half-width of our "
+            f"{ref['name']} ({h:.3f})" + sd + '.']
+
+# %% ../nbs/09_ablations.ipynb #598000ea
+def _noise_sentence(small:list) -> list:
+    "[the paper's differences below our paired half-widths, and any we resolve all the same], or [] for none."
+    if not small: return []
+    ds = ', '.join('%+.3f (%s)' % (d, s['name']) for s, d, _ in small)
+    hws = ', '.join('%.3f' % _half_width(v) for _, _, v in small)
+    ours = ', '.join('%s %+.3f' % (s['name'], v['delta']) for s, _, v in small if _resolved(v))
+    extra = '; we resolve a difference there all the same: ' + ours if any(_resolved(v) for _, _, v in small) else ''
+    return [f"Noise: the paper's differences to {small[0][0]['ref']} of {ds} are smaller than the half-widths of our "
+            f"paired 95% intervals ({hws}): a single run at our resolution could not tell them from zero{extra}."]
+
+# %% ../nbs/09_ablations.ipynb #136285b9
+def _larger_sentence(big:list) -> list:
+    "[which of the paper's differences above our half-widths ours resolve with the same sign], or [] for none."
+    if not big: return []
+    agree = [s['name'] for s, d, v in big if _resolved(v) and np.sign(v['delta']) == np.sign(d)]
+    other = [s['name'] for s, d, v in big if s['name'] not in agree]
+    ds = ', '.join('%s %+.3f' % (s['name'], d) for s, d, _ in big)
+    found = (f"ours agree in sign and are resolved for {', '.join(agree)}" if agree
+             else 'none is resolved in the same direction by ours')
+    return [f"The paper's larger differences ({ds}) exceed our interval half-widths; " + found
+            + (f"; not for {', '.join(other)}" if agree and other else '') + '.']
+
+# %% ../nbs/09_ablations.ipynb #91a6e0ac
+def _vs_ref_sentence(S:list) -> list:
+    "[our rows worse than the reference beyond the clip noise, better, or not distinguishable], or [] for none."
     V = [s for s in S if s.get('vs_ref') and np.isfinite(s['vs_ref']['delta'])]
-    worse = [s['name'] for s in V if s['vs_ref']['ci'][1] < 0]; better = [s['name'] for s in V if s['vs_ref']['ci'][0] > 0]
+    if not V: return []
+    worse = [s['name'] for s in V if s['vs_ref']['ci'][1] < 0]
+    better = [s['name'] for s in V if s['vs_ref']['ci'][0] > 0]
     same = [s['name'] for s in V if s['vs_ref']['ci'][0] <= 0 <= s['vs_ref']['ci'][1]]
-    if V: out.append(f"Ours against {V[0]['ref']} (paired, same seeds and clips): " + '; '.join(x for x in [
-        f"worse beyond the clip noise: {', '.join(worse)}" if worse else '', f"better: {', '.join(better)}" if better else '',
-        f"not distinguishable: {', '.join(same)}" if same else ''] if x) + '.')
+    parts = [f"worse beyond the clip noise: {', '.join(worse)}" if worse else '',
+             f"better: {', '.join(better)}" if better else '', f"not distinguishable: {', '.join(same)}" if same else '']
+    return [f"Ours against {V[0]['ref']} (paired, same seeds and clips): " + '; '.join(x for x in parts if x) + '.']
+
+def _undefined_sentence(stats:dict, table:str) -> list:
+    "[the rows of `table` whose ρ is undefined], or [] for none."
     undefined = [s['name'] for s in stats.values() if s['table'] == table and 'mean' in s and not np.isfinite(s['mean'])]
-    if undefined: out.append(f"Undefined ρ (constant predictions, reported as NaN): {', '.join(undefined)}.")
+    return [f"Undefined ρ (constant predictions, reported as NaN): {', '.join(undefined)}."] if undefined else []
+
+# %% ../nbs/09_ablations.ipynb #621a867d
+def agreement(stats:dict, # grid_stats output
+              table:str # table1 | table2 | padding | loss
+             ) -> str:
+    "Sentences, computed from the numbers, on what agrees with the paper (quoted) in one table and what does not."
+    S, unconv = _judged_rows(stats, table)
+    why = "Not converged, so not compared (its ρ or its reference's reflects the budget)"
+    tail = [f"{why}: {', '.join(unconv)}."] if unconv else []
+    if not S: return f"{table}: no finished, converged rows with a defined ρ." + (' ' + tail[0] if tail else '')
+    pdl = _paper_deltas(stats, S)
+    small = [x for x in pdl if abs(x[1]) < _half_width(x[2])]
+    big = [x for x in pdl if abs(x[1]) >= _half_width(x[2])]
+    out = (_order_sentence(S) + _resolution_sentence(stats, S) + _noise_sentence(small) + _larger_sentence(big)
+           + _vs_ref_sentence(S) + _undefined_sentence(stats, table))
     return ' '.join(out + tail)
 
 # %% ../nbs/09_ablations.ipynb #c3cffa6b
-def bar_chart(stats:dict, tables:tuple=('table2', 'table1'), title:str=''):
+def _bar_ours(ax, S:list, y:np.ndarray):
+    "Our bars: mean ρ with its 95% interval as whiskers; a row with an undefined ρ gets a note instead."
+    m = np.array([s['mean'] for s in S], float)
+    ok = np.isfinite(m)
+    err = [[s['mean'] - s['ci'][0], s['ci'][1] - s['mean']] if o else [0.0, 0.0] for s, o in zip(S, ok)]
+    err = np.abs(np.array(err, float).T)
+    ax.barh(y[ok] + 0.2, m[ok], 0.38, xerr=err[:, ok], color='tab:blue', capsize=3,
+            label='ours (mean over seeds, 95% CI over clips)')
+    for yy in y[~ok]: ax.text(0.005, yy + 0.2, 'undefined: constant predictions', va='center', fontsize=7, color='tab:red')
+
+def _bar_quoted(ax, S:list, y:np.ndarray):
+    "The paper's quoted ρ beside ours: hollow hatched bars, the value written beside each."
+    q = [_quoted_one(s) for s in S]
+    ax.barh([yy - 0.2 for yy, v in zip(y, q) if v is not None], [v for v in q if v is not None], 0.38, fill=False,
+            hatch='///', edgecolor='tab:gray', label='paper (quoted, real data, single run)')
+    for yy, v in zip(y, q):
+        if v is not None: ax.text(max(v, 0) + 0.005, yy - 0.2, f'{v:.3f} quoted', va='center', fontsize=7, color='0.35')
+
+# %% ../nbs/09_ablations.ipynb #90862d1b
+def _bar_label(s:dict) -> str:
+    "A bar's label: row, split, seeds, and NOT CONVERGED when it did not converge."
+    n = s.get('n_seeds', 0)
+    return f"{s['name']} ({s['score']}, {n} seed{'s' if n != 1 else ''})" + ('' if s.get('converged') else ' NOT CONVERGED')
+
+def _bar_axes(ax, S:list, y:np.ndarray, title:str):
+    "Row labels (red when not converged), the zero line, axis label, title and the legend below."
+    ax.set_yticks(y, [_bar_label(s) for s in S], fontsize=8)
+    for t, s in zip(ax.get_yticklabels(), S): t.set_color('k' if s.get('converged') else 'tab:red')
+    ax.axvline(0, color='k', lw=0.6)
+    ax.set_xlabel('mean Pearson ρ')
+    ax.set_title(title or 'Ablations: ours vs paper (quoted)', fontsize=10)
+    ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.55 / (0.42 * len(S) + 1.4) - 0.08), ncol=2,
+              frameon=False)
+
+# %% ../nbs/09_ablations.ipynb #045e9d32
+def bar_chart(stats:dict, # grid_stats output
+              tables:tuple=('table2', 'table1'), # the tables whose rows are drawn
+              title:str='' # the figure's title, '' = a default
+             ):
     "Horizontal bars of our rho with 95% CI whiskers per row, the paper's quoted rho beside (hatched, hollow)."
     import matplotlib.pyplot as plt
     S = [s for s in stats.values() if s['table'] in tables and 'mean' in s]
-    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(S) + 1.4)); y = np.arange(len(S))[::-1]
-    m = np.array([s['mean'] for s in S], float); ok = np.isfinite(m)
-    err = np.abs(np.array([[s['mean'] - s['ci'][0], s['ci'][1] - s['mean']] if o else [0.0, 0.0] for s, o in zip(S, ok)], float).T)
-    ax.barh(y[ok] + 0.2, m[ok], 0.38, xerr=err[:, ok], color='tab:blue', capsize=3, label='ours (mean over seeds, 95% CI over clips)')
-    for yy in y[~ok]: ax.text(0.005, yy + 0.2, 'undefined: constant predictions', va='center', fontsize=7, color='tab:red')
-    q = [_quoted_one(s) for s in S]
-    ax.barh([yy - 0.2 for yy, v in zip(y, q) if v is not None], [v for v in q if v is not None], 0.38, fill=False, hatch='///',
-            edgecolor='tab:gray', label='paper (quoted, real data, single run)')
-    for yy, v in zip(y, q):
-        if v is not None: ax.text(max(v, 0) + 0.005, yy - 0.2, f'{v:.3f} quoted', va='center', fontsize=7, color='0.35')
-    lab = lambda s: f"{s['name']} ({s['score']}, {s.get('n_seeds', 0)} seed{'s' if s.get('n_seeds', 0) != 1 else ''})"
-    ax.set_yticks(y, [lab(s) + ('' if s.get('converged') else ' NOT CONVERGED') for s in S], fontsize=8)
-    for t, s in zip(ax.get_yticklabels(), S): t.set_color('k' if s.get('converged') else 'tab:red')
-    ax.axvline(0, color='k', lw=0.6); ax.set_xlabel('mean Pearson ρ'); ax.set_title(title or 'Ablations: ours vs paper (quoted)', fontsize=10)
-    ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.55 / (0.42 * len(S) + 1.4) - 0.08), ncol=2, frameon=False)
-    fig.tight_layout(); return fig
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(S) + 1.4))
+    y = np.arange(len(S))[::-1]
+    _bar_ours(ax, S, y)
+    _bar_quoted(ax, S, y)
+    _bar_axes(ax, S, y, title)
+    fig.tight_layout()
+    return fig
 
-def emotion_heatmap(stats:dict, tables:tuple=('table2', 'table1', 'padding', 'loss')):
+# %% ../nbs/09_ablations.ipynb #0a187836
+def emotion_heatmap(stats:dict, # grid_stats output
+                    tables:tuple=('table2', 'table1', 'padding', 'loss') # the tables whose rows are drawn
+                   ):
     "Per-emotion rho (mean over seeds) of every finished row."
     import matplotlib.pyplot as plt
     S = [s for s in stats.values() if s['table'] in tables and 'per_emotion' in s]
     M = np.array([[s['per_emotion'][e] for e in EMOTIONS] for s in S], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(S) + 1.6)); im = ax.imshow(M, cmap='RdBu_r', vmin=-1, vmax=1, aspect='auto')
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(S) + 1.6))
+    im = ax.imshow(M, cmap='RdBu_r', vmin=-1, vmax=1, aspect='auto')
     for i, j in np.ndindex(M.shape): ax.text(j, i, _f(M[i, j], 2), ha='center', va='center', fontsize=7)
-    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=30, ha='right', fontsize=8); ax.set_yticks(range(len(S)), [s['name'] for s in S], fontsize=8)
-    fig.colorbar(im, ax=ax, shrink=0.8, label='ρ'); ax.set_title('Per-emotion ρ (mean over seeds; split as scored)', fontsize=10)
-    fig.tight_layout(); return fig
+    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=30, ha='right', fontsize=8)
+    ax.set_yticks(range(len(S)), [s['name'] for s in S], fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label='ρ')
+    ax.set_title('Per-emotion ρ (mean over seeds; split as scored)', fontsize=10)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/09_ablations.ipynb #8d60bc8a
 @dataclass
