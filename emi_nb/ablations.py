@@ -6,12 +6,15 @@
 from __future__ import annotations
 import copy, hashlib, json, math, os, shutil, sys, time, traceback, warnings
 from dataclasses import dataclass, field, asdict
+from functools import partial
+from fastcore.basics import patch
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from .config import (EMOTIONS, SR, StudyConfig, make_config, training_view, cache_dir, run_path, get_device,
-                           seed_everything, save_json, save_results, data_fingerprint, data_kind, progress, threads, parallel)
+                           seed_everything, save_json, save_results, data_fingerprint, data_kind, progress, threads,
+                           parallel)
 from .data import EMIDataset, DataError, read_split, media_path
 from .data import resolve_data_root
 from .paper import BACKBONES, TABLE2, RECIPE, SECTION_6_2, t1_splits, t2
@@ -23,7 +26,7 @@ from .train import fit
 
 # %% auto #0
 __all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'AUDIO_CLAIMS', 'Row', 'untrained_backbone', 'table2_backbones',
-           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_key', 'row_seeds',
+           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_seeds', 'row_key',
            'weights_checksum', 'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
            'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores',
            'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
@@ -44,40 +47,57 @@ class Row:
     score: str = 'valid'       # split the row's rho is read on: valid | test
     ref: str = ''              # row it is compared with (paired, same seeds and clips)
     seeds: int = 0             # 0 = every grid seed; k = only the first k (budget)
-    options: dict = field(default_factory=dict)  # runner options: pad='fixed' (no mask), init='collapsed', dtype, source='live'
+    options: dict = field(default_factory=dict)  # runner options: pad='fixed', init='collapsed', dtype, source='live'
     note: str = ''             # what was changed against the paper's recipe
 
 # %% ../nbs/09_ablations.ipynb #a1ad7bf9
+def _write_untrained(d:Path, preset:str, init_seed:int):
+    "Save a random-weight `preset` model drawn from `init_seed` to `d`, through a temporary folder renamed into place."
+    tmp = d.with_name(f'.{d.name}.{os.getpid()}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        load_backbone(f'preset:{preset}').save_pretrained(tmp)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+
 def untrained_backbone(preset:str='small', # geometry: tiny | small | paper
-                       init_seed:int=0) -> str:
+                       init_seed:int=0 # torch seed of the random weights
+                      ) -> str:
     "Dir of a random-weight EmotionModel of `preset`, made once in the cache: the 'no emotion pre-training' stand-in."
     from filelock import FileLock
     d = cache_dir('backbones')/f'untrained-{preset}-init{init_seed}'
     if (d/'config.json').exists(): return str(d)
     with FileLock(str(d.parent/f'.{d.name}.lock')):
         if (d/'config.json').exists(): return str(d)
-        tmp = d.with_name(f'.{d.name}.{os.getpid()}.tmp'); shutil.rmtree(tmp, ignore_errors=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(init_seed); load_backbone(f'preset:{preset}').save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True); os.replace(tmp, d)
+        _write_untrained(d, preset, init_seed)
     return str(d)
 
 # %% ../nbs/09_ablations.ipynb #116b8667
-def table2_backbones(cfg:StudyConfig, asr:str='', xlsr:str='', emotion:str='') -> dict:
+def _emotion_backbone(cfg:StudyConfig, emo:str) -> dict:
+    "Table 2's emotion backbone: `emo` when given (in audeering's place), else the VAD-pretrained stand-in."
+    if emo: label = f"emotion backbone {Path(emo).name} (given, in audeering's place)"
+    else: label = f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)'
+    return dict(path=emo or resolve_backbone(cfg, log=lambda *a: None), label=label, paper=('audeering',))
+
+def table2_backbones(cfg:StudyConfig, # the study config: backbone, backbone_preset
+                     asr:str='', # W2V2-L checkpoint dir, '' = none
+                     xlsr:str='', # XLSR checkpoint dir, '' = none
+                     emotion:str='' # emotion backbone dir, '' = cfg.backbone, else the VAD-pretrained stand-in
+                    ) -> dict:
     "name -> dict(path, label, paper) of Table 2's backbones: real checkpoints by path, else the offline stand-ins."
     emo = emotion or cfg.backbone
-    res = {'audeering' if emo else 'vad': dict(path=emo or resolve_backbone(cfg, log=lambda *a: None),
-           label=f'emotion backbone {Path(emo).name} (given, in audeering\'s place)' if emo else f'VAD-pretrained {cfg.backbone_preset} (stand-in for audeering)',
-           paper=('audeering',))}
+    res = {'audeering' if emo else 'vad': _emotion_backbone(cfg, emo)}
     if asr: res['w2v2-l'] = dict(path=asr, label=f'W2V2-L {Path(asr).name} (given)', paper=('w2v2-l',))
     if xlsr: res['xlsr'] = dict(path=xlsr, label=f'XLSR {Path(xlsr).name} (given)', paper=('xlsr',))
     if not (asr or xlsr):
-        res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), paper=('w2v2-l', 'xlsr'),
-                                label=f'untrained {cfg.backbone_preset}, no emotion pre-training (stand-in for W2V2-L / XLSR)')
+        label = f'untrained {cfg.backbone_preset}, no emotion pre-training (stand-in for W2V2-L / XLSR)'
+        res['untrained'] = dict(path=untrained_backbone(cfg.backbone_preset), paper=('w2v2-l', 'xlsr'), label=label)
     return res
 
 # %% ../nbs/09_ablations.ipynb #5521f8b5
-def plan_for(cfg:StudyConfig) -> dict:
+def plan_for(cfg:StudyConfig # the study config and its ablations sub-config
+            ) -> dict:
     "The grid plan of `cfg.ablations` as a dict, with 0 epochs and seeds resolved to the config's values."
     p = asdict(cfg.ablations)
     p['head_epochs'] = p['head_epochs'] or cfg.epochs
@@ -88,26 +108,35 @@ def plan_for(cfg:StudyConfig) -> dict:
 FULL = 'global+head+lstm+vad'
 
 def _t2_quoted(components:str, paper:tuple) -> dict:
-    "{backbone as printed: quoted ρ_VAL} of Table 2's rows `components` on the paper backbones `paper` (those the paper has)."
+    "{backbone as printed: quoted ρ_VAL} of Table 2's `components` row on those backbones of `paper` the paper has."
     return {BACKBONES[b]: t2(components, b).value for b in paper if f'{b}.{components}' in TABLE2.index}
 
 def _short(frozen:bool, epochs, seeds, paper_epochs:int=int(RECIPE['epochs'].value)) -> str:
-    return ', '.join(x for x in ['frozen backbone (paper: fine-tuned)' if frozen else '',
-                                 f'{epochs} epochs (paper: {paper_epochs})' if epochs != paper_epochs else '',
-                                 f'{seeds} seed(s)' if seeds else ''] if x)
+    "What a row shortened against the paper's recipe (frozen backbone, fewer epochs, a seed budget), comma-separated."
+    parts = ['frozen backbone (paper: fine-tuned)' if frozen else '',
+             f'{epochs} epochs (paper: {paper_epochs})' if epochs != paper_epochs else '',
+             f'{seeds} seed(s)' if seeds else '']
+    return ', '.join(x for x in parts if x)
 
-def table2_rows(backbones:dict, plan:dict) -> dict:
+# %% ../nbs/09_ablations.ipynb #9c9bb9c6
+def _t2_row(b:str, c:str, info:dict, emo:str, plan:dict) -> Row:
+    "Table 2's row of components `c` on backbone `b` (info: path, label, paper), referred to the emotion full row."
+    fz = plan['table2_frozen']
+    ep = plan['head_epochs'] if fz else plan['fit_epochs']
+    k = 0 if fz else plan['fit_seeds']
+    ov = {**TABLE2_ROWS[c], 'backbone': info['path'], 'freeze_backbone': fz, 'epochs': ep,
+          **({} if fz else {'max_steps': plan['fit_max_steps']})}
+    opts = {**(dict(test=True) if b == emo and fz else {}), **({} if fz else dict(threads=plan['fit_threads']))}
+    return Row(f't2.{b}.{c}', 'table2', ov, 'head' if fz else 'fit', f"{info['label']}: {c}",
+               _t2_quoted(c, info['paper']), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k), options=opts)
+
+def table2_rows(backbones:dict, # name -> dict(path, label, paper), the emotion backbone first
+                plan:dict # the grid plan (plan_for)
+               ) -> dict:
     "Table 2 as named rows: backbone x component set, frozen (cached) or end to end as the plan says."
-    rows, emo = {}, next(iter(backbones))
-    fz = plan['table2_frozen']; ep = plan['head_epochs'] if fz else plan['fit_epochs']; k = 0 if fz else plan['fit_seeds']
-    for b, info in backbones.items():
-        for c in (plan['table2_rows'] if b == emo else ('global',)):
-            n = f't2.{b}.{c}'
-            rows[n] = Row(n, 'table2', {**TABLE2_ROWS[c], 'backbone': info['path'], 'freeze_backbone': fz, 'epochs': ep,
-                          **({} if fz else {'max_steps': plan['fit_max_steps']})}, 'head' if fz else 'fit', f"{info['label']}: {c}",
-                          _t2_quoted(c, info['paper']), ref=f't2.{emo}.{FULL}', seeds=k, note=_short(fz, ep, k),
-                          options={**(dict(test=True) if b == emo and fz else {}), **({} if fz else dict(threads=plan['fit_threads']))})
-    return rows
+    emo = next(iter(backbones))
+    return {f't2.{b}.{c}': _t2_row(b, c, info, emo, plan)
+            for b, info in backbones.items() for c in (plan['table2_rows'] if b == emo else ('global',))}
 
 # %% ../nbs/09_ablations.ipynb #54c4d9b7
 def _t1_quoted(row:str) -> dict:
@@ -118,92 +147,151 @@ _T1 = {'dropout': (dict(lstm_dropout=0.1), 'valid', 'LSTM dropout 0.1'),
        'train+val': (dict(train_on='train+valid'), 'test', 'trained on train+valid, held-out test labels'),
        'train+val-long': (dict(train_on='train+valid'), 'test', 'train+valid, longer training, held-out test labels')}
 
-def table1_rows(emotion:str, plan:dict) -> dict:
+def _t1_frozen(full:dict, plan:dict, ref:str) -> Row:
+    "Table 1's frozen-backbone row: the full model's head on cached features."
+    he = plan['head_epochs']
+    return Row('t1.frozen', 'table1', {**full, 'freeze_backbone': True, 'epochs': he}, 'head', 'frozen backbone',
+               _t1_quoted('frozen'), ref=ref, note=_short(False, he, 0), options=dict(test=True))
+
+def _t1_train(full:dict, plan:dict, ref:str) -> Row:
+    "Table 1's end-to-end row with the plan's epochs, seeds, steps per epoch and threads."
+    fe, k, steps = plan['fit_epochs'], plan['fit_seeds'], plan['fit_max_steps']
+    note = _short(False, fe, k) + (f", {steps} steps per epoch" if steps else '')
+    ov = {**full, 'freeze_backbone': False, 'epochs': fe, 'max_steps': steps}
+    return Row('t1.train', 'table1', ov, 'fit', 'end to end', _t1_quoted('train'), ref=ref, seeds=k,
+               options=dict(threads=plan['fit_threads']), note=note)
+
+# %% ../nbs/09_ablations.ipynb #09e6ec4a
+def _t1_variant(n:str, full:dict, plan:dict, ref:str) -> Row:
+    "Table 1's recipe row `n` (dropout | train+val | train+val-long) on the full model."
+    ov, score, label = _T1[n]
+    fz = plan['t1_frozen']
+    e = (plan['head_epochs'] if fz else plan['fit_epochs']) * (plan['long_factor'] if n.endswith('-long') else 1)
+    e = int(math.ceil(e))
+    k = plan['t1_seeds'] if fz else plan['fit_seeds']
+    rov = {**full, **ov, 'freeze_backbone': fz, 'epochs': e, **({} if fz else {'max_steps': plan['fit_max_steps']})}
+    return Row(f't1.{n}', 'table1', rov, 'head' if fz else 'fit', label, _t1_quoted(n), score=score, ref=ref, seeds=k,
+               note=_short(fz, e, k), options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
+
+def table1_rows(emotion:str, # the emotion backbone (a path)
+                plan:dict # the grid plan (plan_for)
+               ) -> dict:
     "Table 1's audio rows on the emotion backbone `emotion` (a path), as the plan sizes them."
-    full = {**TABLE2_ROWS[FULL], 'backbone': emotion}; he, fe = plan['head_epochs'], plan['fit_epochs']
-    fz, ref = plan['t1_frozen'], ('t1.frozen' if plan['t1_frozen'] else 't1.train')
-    rows = {'t1.frozen': Row('t1.frozen', 'table1', {**full, 'freeze_backbone': True, 'epochs': he}, 'head', 'frozen backbone',
-                             _t1_quoted('frozen'), ref=ref, note=_short(False, he, 0), options=dict(test=True))}
-    if 'train' in plan['t1_rows']:
-        rows['t1.train'] = Row('t1.train', 'table1', {**full, 'freeze_backbone': False, 'epochs': fe, 'max_steps': plan['fit_max_steps']},
-                               'fit', 'end to end', _t1_quoted('train'), ref=ref, seeds=plan['fit_seeds'], options=dict(threads=plan['fit_threads']),
-                               note=_short(False, fe, plan['fit_seeds']) + (f", {plan['fit_max_steps']} steps per epoch" if plan['fit_max_steps'] else ''))
+    full = {**TABLE2_ROWS[FULL], 'backbone': emotion}
+    ref = 't1.frozen' if plan['t1_frozen'] else 't1.train'
+    rows = {'t1.frozen': _t1_frozen(full, plan, ref)}
+    if 'train' in plan['t1_rows']: rows['t1.train'] = _t1_train(full, plan, ref)
     for n in plan['t1_rows']:
-        if n == 'train': continue
-        ov, score, label = _T1[n]
-        e = (he if fz else fe) * (plan['long_factor'] if n.endswith('-long') else 1)
-        e = int(math.ceil(e)); k = plan['t1_seeds'] if fz else plan['fit_seeds']
-        rows[f't1.{n}'] = Row(f't1.{n}', 'table1', {**full, **ov, 'freeze_backbone': fz, 'epochs': e, **({} if fz else {'max_steps': plan['fit_max_steps']})},
-                              'head' if fz else 'fit', label, _t1_quoted(n), score=score, ref=ref, seeds=k, note=_short(fz, e, k),
-                              options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
+        if n != 'train': rows[f't1.{n}'] = _t1_variant(n, full, plan, ref)
     return rows
 
 # %% ../nbs/09_ablations.ipynb #35ba3ff6
-def explore_rows(emotion:str, plan:dict, max_seconds:float=12.0) -> dict:
-    "Section 6.2's rows on the frozen emotion backbone: padding without mask, random batches, CCC and 1-rho losses."
-    ex, rows = plan['explore'], {}
-    base = {'backbone': emotion, 'freeze_backbone': True, 'epochs': plan['head_epochs']}
-    def add(name, table, label, sw, ov=None, ref='', **kw):
-        k = plan['pad_seeds' if table == 'padding' else 'loss_seeds']
-        rows[name] = Row(name, table, {**TABLE2_ROWS[sw], **base, **(ov or {})}, 'head', label, ref=ref, seeds=k,
-                         note=_short(True, plan['head_epochs'], k), **kw)
-    pref, lref, same = 'pad.masked-bucketed', 'loss.mse', plan['pad_cut'] == max_seconds   # same cut: Table 2's full row
-    cut = {} if same else dict(max_seconds=plan['pad_cut'])
-    add(pref, 'padding', f"masked, length-bucketed batches (ours), cut {plan['pad_cut']:g} s", FULL, dict(bucket=True, **cut), pref,
-        options=dict(test=True) if same else {})
-    if 'masked-random' in ex: add('pad.masked-random', 'padding', 'masked, random batches', FULL, dict(bucket=False, **cut), pref)
-    if 'fixed-nomask' in ex: add('pad.fixed-nomask', 'padding', f"zero-padded to {plan['pad_cut']:g} s, no mask", FULL, cut, ref=pref,
-                                 options=dict(pad='fixed'), quoted={'paper (approx.)': SECTION_6_2['padding_rho'].value})
-    add(lref, 'loss', 'MSE (paper)', 'global+head', ref=lref, options=dict(test=True))
-    if 'ccc' in ex: add('loss.ccc', 'loss', 'CCC', 'global+head', dict(loss='ccc'), lref)
-    if 'pearson' in ex: add('loss.pearson', 'loss', '1 - rho', 'global+head', dict(loss='pearson'), lref)
+def _explore_row(base:dict, plan:dict, name:str, table:str, label:str, sw:str, ov:dict|None=None, ref:str='',
+                 **kw) -> Row:
+    "A section 6.2 row: components `sw` on the frozen emotion backbone (`base`), overrides `ov`, its table's seeds."
+    k = plan['pad_seeds' if table == 'padding' else 'loss_seeds']
+    return Row(name, table, {**TABLE2_ROWS[sw], **base, **(ov or {})}, 'head', label, ref=ref, seeds=k,
+               note=_short(True, plan['head_epochs'], k), **kw)
+
+def _padding_rows(base:dict, plan:dict, same:bool) -> list:
+    "The padding rows: masked length-bucketed batches (ours, the reference), masked random, zero-padded without mask."
+    ex, pref, c, row = plan['explore'], 'pad.masked-bucketed', plan['pad_cut'], partial(_explore_row, base, plan)
+    cut = {} if same else dict(max_seconds=c)
+    rows = [row(pref, 'padding', f"masked, length-bucketed batches (ours), cut {c:g} s", FULL, dict(bucket=True, **cut),
+                pref, options=dict(test=True) if same else {})]
+    if 'masked-random' in ex:
+        ov = dict(bucket=False, **cut)
+        rows.append(row('pad.masked-random', 'padding', 'masked, random batches', FULL, ov, pref))
+    if 'fixed-nomask' in ex:
+        rows.append(row('pad.fixed-nomask', 'padding', f"zero-padded to {c:g} s, no mask", FULL, cut, ref=pref,
+                        options=dict(pad='fixed'), quoted={'paper (approx.)': SECTION_6_2['padding_rho'].value}))
+    return rows
+
+# %% ../nbs/09_ablations.ipynb #680f9f07
+def _loss_rows(base:dict, plan:dict) -> list:
+    "The loss rows: MSE (the paper's, the reference), CCC, 1 - rho, and MSE and 1 - rho from a collapsed head."
+    ex, lref, row = plan['explore'], 'loss.mse', partial(_explore_row, base, plan)
+    rows = [row(lref, 'loss', 'MSE (paper)', 'global+head', ref=lref, options=dict(test=True))]
+    if 'ccc' in ex: rows.append(row('loss.ccc', 'loss', 'CCC', 'global+head', dict(loss='ccc'), lref))
+    if 'pearson' in ex: rows.append(row('loss.pearson', 'loss', '1 - rho', 'global+head', dict(loss='pearson'), lref))
     if 'collapsed' in ex:
         for l in ('mse', 'pearson'):
-            add(f'loss.{l}-collapsed', 'loss', f"{'MSE' if l == 'mse' else '1 - rho'} from a constant start", 'global+head', dict(loss=l), lref,
-                options=dict(init='collapsed'))
+            label = f"{'MSE' if l == 'mse' else '1 - rho'} from a constant start"
+            rows.append(row(f'loss.{l}-collapsed', 'loss', label, 'global+head', dict(loss=l), lref,
+                            options=dict(init='collapsed')))
     return rows
+
+def explore_rows(emotion:str, # the emotion backbone (a path)
+                 plan:dict, # the grid plan (plan_for)
+                 max_seconds:float=12.0 # the study's cut: at the padding rows' cut they share Table 2's full row
+                ) -> dict:
+    "Section 6.2's rows on the frozen emotion backbone: padding without mask, random batches, CCC and 1-rho losses."
+    base = {'backbone': emotion, 'freeze_backbone': True, 'epochs': plan['head_epochs']}
+    rows = _padding_rows(base, plan, plan['pad_cut'] == max_seconds) + _loss_rows(base, plan)
+    return {r.name: r for r in rows}
 
 # %% ../nbs/09_ablations.ipynb #372cc66e
 ABLATIONS_VERSION = '1'
-def row_config(cfg:StudyConfig, row:Row, seed:int) -> StudyConfig:
+
+def row_config(cfg:StudyConfig, # the study config
+               row:Row, # the row: its overrides and name
+               seed:int # the seed of this run of the row
+              ) -> StudyConfig:
     "cfg with the row's overrides, its seed and its name as tag."
     return cfg.replace(**row.overrides, seed=seed, tag=row.name)
 
-def row_key(rcfg:StudyConfig, row:Row, data_id:str='') -> str:
+def row_seeds(row:Row, seeds:list) -> list:
+    "The grid's seeds this row runs: all, or the first `row.seeds`."
+    return list(seeds)[:row.seeds] if row.seeds else list(seeds)
+
+# %% ../nbs/09_ablations.ipynb #a4cf0be0
+def row_key(rcfg:StudyConfig, # the row's config (row_config)
+            row:Row, # the row: runner and options
+            data_id:str='' # the data's fingerprint
+           ) -> str:
     "Hash of what a row's result depends on."
     c = training_view(rcfg)
-    s = json.dumps(dict(config=c, runner=row.runner, options=row.options, data=data_id, version=ABLATIONS_VERSION), sort_keys=True, default=str)
+    s = json.dumps(dict(config=c, runner=row.runner, options=row.options, data=data_id, version=ABLATIONS_VERSION),
+                   sort_keys=True, default=str)
     return hashlib.sha256(s.encode()).hexdigest()[:16]
-
-def row_seeds(row:Row, seeds:list) -> list:
-    return list(seeds)[:row.seeds] if row.seeds else list(seeds)
 
 # %% ../nbs/09_ablations.ipynb #f71d82f0
 FEATURE_VERSION = '1'
 _VOLATILE = ('_name_or_path', 'transformers_version', 'architectures', 'torch_dtype', 'dtype', '_commit_hash')
 
-def weights_checksum(model:torch.nn.Module) -> str:
+def weights_checksum(model:torch.nn.Module # a model, with or without a transformers config
+                    ) -> str:
     "sha256 of a model's state dict (names, dtypes, shapes, bytes) and its config (what its outputs depend on)."
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous().reshape(-1)
-        h.update(f'{k}:{t.dtype}:{tuple(v.shape)};'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(f'{k}:{t.dtype}:{tuple(v.shape)};'.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
     c = getattr(model, 'config', None)
-    if c is not None: h.update(json.dumps({k: v for k, v in c.to_dict().items() if k not in _VOLATILE}, sort_keys=True, default=str).encode())
+    if c is not None:
+        stable = {k: v for k, v in c.to_dict().items() if k not in _VOLATILE}
+        h.update(json.dumps(stable, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
-def audio_fingerprint(root, fids) -> str:
+# %% ../nbs/09_ablations.ipynb #1b96ed40
+def audio_fingerprint(root, # data root (ABAW layout)
+                      fids # clip ids, in order
+                     ) -> str:
     "sha256 over each clip's id, file name and audio bytes, in order."
     h = hashlib.sha256()
     for f in fids:
-        p = media_path(root, int(f), 'audio'); h.update(f'{int(f)}:{p.name}:'.encode()); h.update(p.read_bytes())
+        p = media_path(root, int(f), 'audio')
+        h.update(f'{int(f)}:{p.name}:'.encode())
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 # %% ../nbs/09_ablations.ipynb #9fe48419
 @torch.no_grad()
-def clip_frames(backbone:EmotionModel, wav:torch.Tensor, # (n,) normalised audio
-                pad_to:int=0, # zero-pad to this many samples, no mask; 0 = the clip alone
-                device='cpu') -> tuple:
+def clip_frames(backbone:EmotionModel, # the frozen backbone, in eval mode
+                wav:torch.Tensor, # (n,) normalised audio
+                pad_to:int=0, # zero-pad to this many samples without mask, 0 = the clip alone
+                device='cpu' # where the backbone runs
+               ) -> tuple:
     "Hidden (T', H) and VAD (T', 3) float32 of one clip through `backbone` in eval mode (one CPU thread)."
     assert not backbone.training, "a frozen feature extractor runs in eval mode"
     x = wav.reshape(1, -1).float()
@@ -211,83 +299,165 @@ def clip_frames(backbone:EmotionModel, wav:torch.Tensor, # (n,) normalised audio
     with threads(1): h, v, _ = backbone.frames(x.to(device))
     return h[0].float().cpu(), v[0].float().cpu()
 
-def n_frames(backbone:EmotionModel, samples:int) -> int:
+def n_frames(backbone:EmotionModel, # the backbone whose conv encoder counts
+             samples:int # clip length in samples
+            ) -> int:
     "Frames the conv encoder makes of `samples`."
     return int(backbone._get_feat_extract_output_lengths(torch.tensor(samples)))
 
 # %% ../nbs/09_ablations.ipynb #8bdf9730
 _DT = {'float16': torch.float16, 'float32': torch.float32}
 
-def _round(x:torch.Tensor, dtype:str) -> torch.Tensor: return x.to(_DT[dtype]).float()
+def _round(x:torch.Tensor, dtype:str) -> torch.Tensor:
+    "`x` rounded to the storage dtype and back to float32."
+    return x.to(_DT[dtype]).float()
 
-def pad_frames(parts:list) -> tuple:
+def pad_frames(parts:list # per clip: (hidden (T_i, H), vad (T_i, 3))
+              ) -> tuple:
     "Clips' (hidden (T_i,H), vad (T_i,3)) -> hidden (B,T,H), vad (B,T,3) float32 zero-padded, mask (B,T) bool."
     T, B = max(len(h) for h, _ in parts), len(parts)
-    H = torch.zeros(B, T, parts[0][0].shape[1]); V = torch.zeros(B, T, parts[0][1].shape[1]); M = torch.zeros(B, T, dtype=torch.bool)
+    H = torch.zeros(B, T, parts[0][0].shape[1])
+    V = torch.zeros(B, T, parts[0][1].shape[1])
+    M = torch.zeros(B, T, dtype=torch.bool)
     for i, (h, v) in enumerate(parts): H[i, :len(h)], V[i, :len(v)], M[i, :len(h)] = h, v, True
     return H, V, M
 
 # %% ../nbs/09_ablations.ipynb #a628d222
 class FrameStore:
     "Cached frozen-backbone outputs of one split: batch(idx) -> hidden (B,T,H), vad (B,T,3), mask (B,T)."
-    def __init__(self, d):
-        self.dir = Path(d); self.meta = json.loads((self.dir/'meta.json').read_text())
+    def __init__(self, d # the store's folder: meta.json, hidden.npy, vad.npy
+                ):
+        "Read the metadata and memory-map the arrays."
+        self.dir = Path(d)
+        self.meta = json.loads((self.dir/'meta.json').read_text())
         self.fids, self.samples = np.array(self.meta['fids']), np.array(self.meta['samples'])
         self.offsets = np.array(self.meta['offsets'])
-        self.hidden, self.vad = np.load(self.dir/'hidden.npy', mmap_mode='r'), np.load(self.dir/'vad.npy', mmap_mode='r')
-    def __len__(self): return len(self.fids)
-    def clip(self, i:int) -> tuple:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return torch.from_numpy(np.asarray(self.hidden[a:b], dtype=np.float32)), torch.from_numpy(np.asarray(self.vad[a:b], dtype=np.float32))
-    def batch(self, idx) -> tuple: return pad_frames([self.clip(int(i)) for i in idx])
-    def __repr__(self): return f"FrameStore({self.meta['split']}: {len(self)} clips, {self.offsets[-1]} frames, {self.meta['dtype']}, {self.dir.name})"
+        self.hidden = np.load(self.dir/'hidden.npy', mmap_mode='r')
+        self.vad = np.load(self.dir/'vad.npy', mmap_mode='r')
+
+    def __len__(self) -> int:
+        "Number of clips."
+        return len(self.fids)
+
+# %% ../nbs/09_ablations.ipynb #6867138b
+@patch
+def clip(self:FrameStore, i:int) -> tuple:
+    "Clip `i`'s hidden (T_i, H) and VAD (T_i, 3) frames as float32 tensors."
+    a, b = self.offsets[i], self.offsets[i + 1]
+    h, v = np.asarray(self.hidden[a:b], dtype=np.float32), np.asarray(self.vad[a:b], dtype=np.float32)
+    return torch.from_numpy(h), torch.from_numpy(v)
+
+@patch
+def batch(self:FrameStore, idx) -> tuple:
+    "The clips `idx` as one zero-padded batch with its mask."
+    return pad_frames([self.clip(int(i)) for i in idx])
+
+@patch
+def __repr__(self:FrameStore) -> str:
+    "The split, its size, storage dtype and folder."
+    m = self.meta
+    return f"FrameStore({m['split']}: {len(self)} clips, {self.offsets[-1]} frames, {m['dtype']}, {self.dir.name})"
 
 # %% ../nbs/09_ablations.ipynb #081ea3b9
-def extract_store(backbone:EmotionModel, ds:EMIDataset, out, dtype:str='float16', pad_to:int=0, device='cpu', meta:dict|None=None) -> FrameStore:
-    "Run every clip of `ds` through the frozen `backbone` once and write the store to `out` (atomically)."
-    out = Path(out); tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp'); shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    backbone = backbone.eval().to(device); t0 = time.time()
+def _frame_layout(backbone:EmotionModel, ds:EMIDataset, pad_to:int) -> tuple:
+    "(frames per clip, offset of each clip's first frame and the total at the end) of `ds` under `backbone`."
     frames = np.array([n_frames(backbone, pad_to or int(n)) for n in ds.lengths], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(frames)])
-    Hs = np.lib.format.open_memmap(tmp/'hidden.npy', 'w+', np.dtype(dtype), (int(offsets[-1]), backbone.config.hidden_size))
-    Vs = np.lib.format.open_memmap(tmp/'vad.npy', 'w+', np.dtype(dtype), (int(offsets[-1]), 3))
+    return frames, np.concatenate([[0], np.cumsum(frames)])
+
+def _write_frames(backbone:EmotionModel, ds:EMIDataset, tmp:Path, dtype:str, pad_to:int, device, frames, offsets):
+    "Run every clip of `ds` through `backbone` and write hidden.npy and vad.npy in `dtype` into `tmp`."
+    n = int(offsets[-1])
+    Hs = np.lib.format.open_memmap(tmp/'hidden.npy', 'w+', np.dtype(dtype), (n, backbone.config.hidden_size))
+    Vs = np.lib.format.open_memmap(tmp/'vad.npy', 'w+', np.dtype(dtype), (n, 3))
     for i in progress(range(len(ds)), desc=f'features {ds.split}', leave=False):
         h, v = clip_frames(backbone, ds[i]['wav'], pad_to, device)
         assert len(h) == frames[i], f"clip {ds.fids[i]}: {len(h)} frames, expected {frames[i]}"
-        Hs[offsets[i]:offsets[i + 1]] = h.to(_DT[dtype]).numpy(); Vs[offsets[i]:offsets[i + 1]] = v.to(_DT[dtype]).numpy()
-    Hs.flush(); Vs.flush(); del Hs, Vs
-    save_json(tmp/'meta.json', dict(meta or {}, split=ds.split, fids=ds.fids, samples=ds.lengths, frames=frames, offsets=offsets,
-                                    dtype=dtype, pad_to=pad_to, hidden_size=backbone.config.hidden_size, seconds=round(time.time() - t0, 2)))
-    shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
-    return FrameStore(out)
+        Hs[offsets[i]:offsets[i + 1]] = h.to(_DT[dtype]).numpy()
+        Vs[offsets[i]:offsets[i + 1]] = v.to(_DT[dtype]).numpy()
+    Hs.flush()
+    Vs.flush()
 
 # %% ../nbs/09_ablations.ipynb #1be0f4a7
-def load_frozen(src:str) -> EmotionModel:
-    "load_backbone in eval mode, with any weights missing from the checkpoint (an ASR model's VAD head) drawn from seed 0."
-    with torch.random.fork_rng():
-        torch.manual_seed(0); return load_backbone(src).eval()
+def extract_store(backbone:EmotionModel, # the frozen backbone
+                  ds:EMIDataset, # the split's clips
+                  out, # the store's folder, replaced as a whole
+                  dtype:str='float16', # storage: float16 | float32
+                  pad_to:int=0, # as for clip_frames
+                  device='cpu', # where the backbone runs
+                  meta:dict|None=None # more fields for meta.json
+                 ) -> FrameStore:
+    "Run every clip of `ds` through the frozen `backbone` once and write the store to `out` (atomically)."
+    out = Path(out)
+    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    backbone, t0 = backbone.eval().to(device), time.time()
+    frames, offsets = _frame_layout(backbone, ds, pad_to)
+    _write_frames(backbone, ds, tmp, dtype, pad_to, device, frames, offsets)
+    save_json(tmp/'meta.json', dict(meta or {}, split=ds.split, fids=ds.fids, samples=ds.lengths, frames=frames,
+                                    offsets=offsets, dtype=dtype, pad_to=pad_to, hidden_size=backbone.config.hidden_size,
+                                    seconds=round(time.time() - t0, 2)))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return FrameStore(out)
 
+# %% ../nbs/09_ablations.ipynb #67eaa20c
+def load_frozen(src:str # a save_pretrained dir
+               ) -> EmotionModel:
+    "load_backbone in eval mode; weights missing from the checkpoint (an ASR model's VAD head) drawn from seed 0."
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return load_backbone(src).eval()
+
+# %% ../nbs/09_ablations.ipynb #ad37f754
 _CHECKSUMS = {}
 
-def backbone_checksum(src:str, model:EmotionModel|None=None) -> str:
+def backbone_checksum(src:str, # a save_pretrained dir (or another load_backbone source)
+                      model:EmotionModel|None=None # the model loaded from `src`, when at hand
+                     ) -> str:
     "weights_checksum of the backbone at `src`, remembered per (path, weights file mtime) within a process."
-    p = Path(src); files = sorted(p.glob('*.safetensors')) + sorted(p.glob('*.bin')) if p.is_dir() else []
-    k = (str(p.resolve()) if p.is_dir() else src, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    p = Path(src)
+    files = sorted(p.glob('*.safetensors')) + sorted(p.glob('*.bin')) if p.is_dir() else []
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    k = (str(p.resolve()) if p.is_dir() else src, stamp)
     if k not in _CHECKSUMS: _CHECKSUMS[k] = weights_checksum(model if model is not None else load_frozen(src))
     return _CHECKSUMS[k]
 
-def feature_key(src:str, root, split:str, max_seconds:float, dtype:str='float16', pad:bool=False, quarantine:bool=False) -> tuple:
+# %% ../nbs/09_ablations.ipynb #da8d2381
+def feature_key(src:str, # backbone save_pretrained dir (not 'preset:')
+                root, # data root
+                split:str, # train | valid | test
+                max_seconds:float, # the cut, s
+                dtype:str='float16', # storage: float16 | float32
+                pad:bool=False, # zero-padded to the cut without mask
+                quarantine:bool=False # quarantined clips left out
+               ) -> tuple:
     "(key, parts) of a store: backbone weights checksum, audio fingerprint of the split, cut, dtype, padding."
-    if str(src).startswith('preset:'): raise ValueError(f"{src}: random weights differ per load, nothing to cache; use untrained_backbone(preset)")
+    if str(src).startswith('preset:'):
+        raise ValueError(f"{src}: random weights differ per load, nothing to cache; use untrained_backbone(preset)")
     fids = read_split(root, split, labels=False).Filename.tolist()
-    parts = dict(version=FEATURE_VERSION, weights=backbone_checksum(src), audio=audio_fingerprint(root, fids), split=split,
-                 max_seconds=float(max_seconds), dtype=dtype, pad='fixed' if pad else 'none', quarantine=bool(quarantine))
+    parts = dict(version=FEATURE_VERSION, weights=backbone_checksum(src), audio=audio_fingerprint(root, fids),
+                 split=split, max_seconds=float(max_seconds), dtype=dtype, pad='fixed' if pad else 'none',
+                 quarantine=bool(quarantine))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
 # %% ../nbs/09_ablations.ipynb #1a1d2d0a
+def _extract_checked(src:str, ds:EMIDataset, d:Path, dtype:str, pad_to:int, device, meta:dict) -> FrameStore:
+    "extract_store from a fresh load of `src`, once its weights are checked to be those the key was made of."
+    bb = load_frozen(src)
+    assert weights_checksum(bb) == meta['parts']['weights'], f"{src}: weights changed while keying"
+    return extract_store(bb, ds, d, dtype, pad_to, get_device(device) if isinstance(device, str) else device, meta)
+
 def feature_store(src:str, # backbone save_pretrained dir (not 'preset:': random weights differ per load)
-                  root, split:str, max_seconds:float=12.0, dtype:str='float16', pad:bool=False, device='cpu',
-                  quarantine:bool=False, log=print) -> FrameStore:
+                  root, # data root
+                  split:str, # train | valid | test
+                  max_seconds:float=12.0, # the cut, s
+                  dtype:str='float16', # storage: float16 | float32
+                  pad:bool=False, # zero-pad every clip to the cut without mask
+                  device='cpu', # where the backbone runs when extracting
+                  quarantine:bool=False, # leave quarantined clips out (named in meta.json)
+                  log=print # one line when extracting, None = quiet
+                 ) -> FrameStore:
     "The cached FrameStore of `split` under backbone `src`, extracted (once, under a lock) when missing."
     from filelock import FileLock
     key, parts = feature_key(src, root, split, max_seconds, dtype, pad, quarantine)
@@ -296,14 +466,17 @@ def feature_store(src:str, # backbone save_pretrained dir (not 'preset:': random
     with FileLock(str(d.parent/f'.{key}.lock')):
         if (d/'meta.json').exists(): return FrameStore(d)
         ds = EMIDataset(root, split, max_seconds=max_seconds, quarantine=quarantine, labels=False)
-        bb = load_frozen(src); assert weights_checksum(bb) == parts['weights'], f"{src}: weights changed while keying"
-        st = extract_store(bb, ds, d, dtype, int(max_seconds * SR) if pad else 0, get_device(device) if isinstance(device, str) else device,
-                           dict(key=key, parts=parts, backbone=str(src), root=str(root), quarantined=ds.report))
-        if log: log(f"features: {split} under {Path(src).name} ({len(st)} clips, pad={parts['pad']}) extracted in {st.meta['seconds']} s -> {d.name}")
+        st = _extract_checked(src, ds, d, dtype, int(max_seconds * SR) if pad else 0, device,
+                              dict(key=key, parts=parts, backbone=str(src), root=str(root), quarantined=ds.report))
+        if log:
+            log(f"features: {split} under {Path(src).name} ({len(st)} clips, pad={parts['pad']}) "
+                f"extracted in {st.meta['seconds']} s -> {d.name}")
         return st
 
 # %% ../nbs/09_ablations.ipynb #2740c585
-def _store_job(kw:dict) -> str: return str(feature_store(**kw, log=None).dir)
+def _store_job(kw:dict) -> str:
+    "The folder of feature_store(**kw), extracted quietly: one worker's job."
+    return str(feature_store(**kw, log=None).dir)
 
 def ensure_stores(specs:list, # feature_store keyword dicts (src, root, split, max_seconds, dtype, pad, device, quarantine)
                   workers:int=1) -> list:
@@ -314,26 +487,63 @@ def ensure_stores(specs:list, # feature_store keyword dicts (src, root, split, m
 # %% ../nbs/09_ablations.ipynb #e3a6c230
 class LiveFrames:
     "FrameStore's interface, recomputing each clip through the frozen backbone (eval mode) on every call."
-    def __init__(self, backbone:EmotionModel, ds:EMIDataset, dtype:str='float16', pad_to:int=0, device='cpu'):
+    def __init__(self, backbone:EmotionModel, # the frozen backbone (a copy is kept, in eval mode)
+                 ds:EMIDataset, # the split's clips
+                 dtype:str='float16', # frames rounded through this dtype, as a store keeps them
+                 pad_to:int=0, # as for clip_frames
+                 device='cpu'): # where the backbone runs
+        "Keep a copy of the backbone in eval mode and the split's clips."
         self.bb, self.ds, self.dtype, self.pad_to, self.device = copy.deepcopy(backbone).eval(), ds, dtype, pad_to, device
         self.fids, self.samples = np.array(ds.fids), np.asarray(ds.lengths)
-    def __len__(self): return len(self.fids)
-    def clip(self, i:int) -> tuple:
-        h, v = clip_frames(self.bb, self.ds[i]['wav'], self.pad_to, self.device)
-        return _round(h, self.dtype), _round(v, self.dtype)
-    def batch(self, idx) -> tuple: return pad_frames([self.clip(int(i)) for i in idx])
 
+    def __len__(self) -> int:
+        "Number of clips."
+        return len(self.fids)
+
+# %% ../nbs/09_ablations.ipynb #a2c6ee0f
+@patch
+def clip(self:LiveFrames, i:int) -> tuple:
+    "Clip `i`'s hidden and VAD frames, recomputed and rounded as a store rounds them."
+    h, v = clip_frames(self.bb, self.ds[i]['wav'], self.pad_to, self.device)
+    return _round(h, self.dtype), _round(v, self.dtype)
+
+@patch
+def batch(self:LiveFrames, idx) -> tuple:
+    "The clips `idx` as one zero-padded batch with its mask."
+    return pad_frames([self.clip(int(i)) for i in idx])
+
+# %% ../nbs/09_ablations.ipynb #314f4aba
 class ConcatFrames:
     "Several stores as one (train+valid)."
-    def __init__(self, parts:list):
-        self.parts = parts; self.fids = np.concatenate([p.fids for p in parts]); self.samples = np.concatenate([p.samples for p in parts])
+    def __init__(self, parts:list # frame sources, in order
+                ):
+        "Index every clip of every part."
+        self.parts = parts
+        self.fids = np.concatenate([p.fids for p in parts])
+        self.samples = np.concatenate([p.samples for p in parts])
         self._where = [(j, i) for j, p in enumerate(parts) for i in range(len(p))]
-    def __len__(self): return len(self.fids)
-    def clip(self, i:int): j, k = self._where[i]; return self.parts[j].clip(k)
-    def batch(self, idx) -> tuple: return pad_frames([self.clip(int(i)) for i in idx])
+
+    def __len__(self) -> int:
+        "Number of clips."
+        return len(self.fids)
+
+# %% ../nbs/09_ablations.ipynb #ad2ac07c
+@patch
+def clip(self:ConcatFrames, i:int) -> tuple:
+    "Clip `i` of the concatenation: the clip of the part it falls in."
+    j, k = self._where[i]
+    return self.parts[j].clip(k)
+
+@patch
+def batch(self:ConcatFrames, idx) -> tuple:
+    "The clips `idx` as one zero-padded batch with its mask."
+    return pad_frames([self.clip(int(i)) for i in idx])
 
 # %% ../nbs/09_ablations.ipynb #15a18207
-def labels_for(root, split:str, fids) -> np.ndarray|None:
+def labels_for(root, # data root
+               split:str, # train | valid | test
+               fids # clip ids, in the order wanted
+              ) -> np.ndarray|None:
     "(N, 6) labels of `fids` in that order: the split CSV, or for test the held-out test_labels.csv; None when absent."
     if split == 'test':
         p = Path(root)/'test_labels.csv'
@@ -342,7 +552,12 @@ def labels_for(root, split:str, fids) -> np.ndarray|None:
     else: df = read_split(root, split)
     return df.set_index('Filename').loc[list(map(int, fids)), EMOTIONS].to_numpy(np.float32)
 
-def head_model(cfg:StudyConfig, backbone:EmotionModel, init:str='default', device='cpu') -> EMIModel:
+# %% ../nbs/09_ablations.ipynb #fd8b8e8c
+def head_model(cfg:StudyConfig, # the row's config: switches and seed
+               backbone:EmotionModel, # the frozen backbone
+               init:str='default', # default | collapsed: last layer zeroed, the head predicts a constant
+               device='cpu' # where the model goes
+              ) -> EMIModel:
     "The fusion model of cfg's switches on a frozen backbone; head weights drawn from cfg.seed."
     seed_everything(cfg.seed)
     m = EMIModel.from_config(cfg.replace(freeze_backbone=True), backbone, device=device)
@@ -351,45 +566,65 @@ def head_model(cfg:StudyConfig, backbone:EmotionModel, init:str='default', devic
         with torch.no_grad(): last.weight.zero_()
     return m
 
-# %% ../nbs/09_ablations.ipynb #fd8b8e8c
+# %% ../nbs/09_ablations.ipynb #c2b4eaa3
 @torch.no_grad()
-def predict_frames(model:EMIModel, src, batch_size:int=32, device='cpu') -> np.ndarray:
+def predict_frames(model:EMIModel, # the fusion model (its head is used)
+                   src, # a source of frames: FrameStore | LiveFrames | ConcatFrames
+                   batch_size:int=32, # clips per batch
+                   device='cpu' # where the model is
+                  ) -> np.ndarray:
     "(N, 6) predictions of the head for every clip of `src`, in the source's order (batches bucketed by length)."
-    was = model.training; model.eval(); out = np.zeros((len(src), len(EMOTIONS)), np.float32)
+    was = model.training
+    model.eval()
+    out = np.zeros((len(src), len(EMOTIONS)), np.float32)
     for idx in LengthBucketSampler(src.samples, batch_size, shuffle=False):
         h, v, m = (t.to(device) for t in src.batch(idx))
         out[idx] = model.head_logits(model.fuse(h, v, m)).float().cpu().numpy()
     model.train(was)
     return out
 
+# %% ../nbs/09_ablations.ipynb #84212156
 def _score(p, y, n_boot:int, seed:int) -> dict:
+    "ρ (with its bootstrap interval when n_boot) and MSE of predictions `p` against labels `y`."
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); r = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False))
+        warnings.simplefilter('ignore')
+        r = rho_report(p, y, n_boot, seed) if n_boot else dict(rho=mean_rho(p, y, warn=False))
     return dict(r, mse=float(((p - y)**2).mean()))
 
 # %% ../nbs/09_ablations.ipynb #e5d0504c
+def _head_step(model:EMIModel, train, y_train:np.ndarray, kind:str, dev, idx) -> tuple:
+    "The loop's step of a head row: the head on the frames of batch `idx`, the loss `kind`."
+    h, v, m = (t.to(dev) for t in train.batch(idx))
+    pred = model.head_logits(model.fuse(h, v, m))                          # (B, 6)
+    y = torch.from_numpy(y_train[idx]).to(dev)
+    loss, info = emi_loss(pred, y, kind)
+    return loss, dict(info, pred=pred, target=y, n=len(idx))
+
+def _head_val(model:EMIModel, valid, y_valid:np.ndarray, batch_size:int, dev) -> dict:
+    "The loop's evaluation of a head row: the mean ρ on the validation frames."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return dict(val_rho=mean_rho(predict_frames(model, valid, batch_size, dev), y_valid, warn=False))
+
+# %% ../nbs/09_ablations.ipynb #4e165600
 def train_head(cfg:StudyConfig, backbone:EmotionModel, # frozen; only its config and VAD head geometry are used here
                train, valid, # sources of frames (FrameStore | LiveFrames | ConcatFrames) with .fids, .samples, .batch
                y_train:np.ndarray, y_valid:np.ndarray, # (N, 6) labels in the sources' order
-               test=None, y_test:np.ndarray|None=None, init:str='default', log=None) -> dict:
+               test=None, y_test:np.ndarray|None=None, # test frames and labels (None: not predicted, not scored)
+               init:str='default', # default | collapsed (see head_model)
+               log=None # the loop's progress lines, None = quiet
+              ) -> dict:
     "Train the fusion head of cfg on frozen frames through the loop; metrics (fit's shape) and per-clip predictions."
     dev, t0 = get_device(cfg.device), time.time()
     model = head_model(cfg, backbone, init, dev)
     sampler = LengthBucketSampler(train.samples, cfg.batch_size, bucket=cfg.bucket, seed=cfg.seed, pool=cfg.bucket_pool,
                                   max_batches=cfg.max_steps)
     def batches(epoch, start):
+        "The batches of `epoch` from step `start` on."
         sampler.set_epoch(epoch, start)
         return iter(sampler)
-    def step(idx):
-        h, v, m = (t.to(dev) for t in train.batch(idx))
-        pred = model.head_logits(model.fuse(h, v, m))                          # (B, 6)
-        y = torch.from_numpy(y_train[idx]).to(dev)
-        loss, info = emi_loss(pred, y, cfg.loss)
-        return loss, dict(info, pred=pred, target=y, n=len(idx))
-    def evaluate():
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            return dict(val_rho=mean_rho(predict_frames(model, valid, cfg.eval_batch_size, dev), y_valid, warn=False))
+    step = partial(_head_step, model, train, y_train, cfg.loss, dev)
+    evaluate = partial(_head_val, model, valid, y_valid, cfg.eval_batch_size, dev)
     lp = Loop(model, recipe(cfg, select=cfg.train_on == 'train'), dev, batches, len(sampler.global_batches(0)), step,
               evaluate, name=cfg.tag or 'head', log=log)
     return _head_final(cfg, model, lp.fit(), valid, y_valid, test, y_test, dev, t0)
@@ -415,73 +650,114 @@ def _data_root(cfg:StudyConfig) -> Path:
     "The data root of a row's config."
     return Path(resolve_data_root(cfg))
 
-def _needs_test(row:Row, cfg:StudyConfig) -> bool: return row.score == 'test'
+def _needs_test(row:Row, cfg:StudyConfig) -> bool:
+    "Whether the row is scored on the held-out test labels."
+    return row.score == 'test'
 
 def _check_test(root:Path, row:Row):
+    "Raise SkipRow when a test-scored row meets data without test labels."
     if not (root/'test_labels.csv').exists():
-        raise SkipRow(f"{row.name} is scored on the held-out test labels; {root} has none (real data: the test labels are hidden)")
+        raise SkipRow(f"{row.name} is scored on the held-out test labels; {root} has none "
+                      "(real data: the test labels are hidden)")
 
 # %% ../nbs/09_ablations.ipynb #0504be83
-def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
-    root = _data_root(cfg); pad = row.options.get('pad') == 'fixed'
-    if _needs_test(row, cfg): _check_test(root, row)
-    dt, bb = row.options.get('dtype', 'float16'), load_frozen(cfg.backbone)
+def _frame_source(cfg:StudyConfig, row:Row, root:Path, bb:EmotionModel, split:str, log=None):
+    "A split's frames for a head row: its feature store, or (option source='live') recomputed through `bb`."
+    dt, pad = row.options.get('dtype', 'float16'), row.options.get('pad') == 'fixed'
     if row.options.get('source') == 'live':
-        st = lambda s: LiveFrames(bb, EMIDataset(root, s, cfg.max_seconds, cfg.quarantine, labels=False), dt, int(cfg.max_seconds * SR) if pad else 0, get_device(cfg.device))
-    else: st = lambda s: feature_store(cfg.backbone, root, s, cfg.max_seconds, dt, pad, cfg.device, cfg.quarantine, log=log)
+        ds = EMIDataset(root, split, cfg.max_seconds, cfg.quarantine, labels=False)
+        return LiveFrames(bb, ds, dt, int(cfg.max_seconds * SR) if pad else 0, get_device(cfg.device))
+    return feature_store(cfg.backbone, root, split, cfg.max_seconds, dt, pad, cfg.device, cfg.quarantine, log=log)
+
+def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
+    "A head row: its frames (train, valid and the test split when wanted) and labels, then train_head."
+    root = _data_root(cfg)
+    if _needs_test(row, cfg): _check_test(root, row)
+    bb = load_frozen(cfg.backbone)
+    st = partial(_frame_source, cfg, row, root, bb, log=log)
     want_test = _needs_test(row, cfg) or (row.options.get('test') and (root/'test_labels.csv').exists())
-    tr, va = st('train'), st('valid'); te = st('test') if want_test else None
+    tr, va = st('train'), st('valid')
+    te = st('test') if want_test else None
     ytr, yva = labels_for(root, 'train', tr.fids), labels_for(root, 'valid', va.fids)
     if cfg.train_on == 'train+valid': tr, ytr = ConcatFrames([tr, va]), np.concatenate([ytr, yva])
-    return train_head(cfg, bb, tr, va, ytr, yva, te, labels_for(root, 'test', te.fids) if te is not None else None,
-                      row.options.get('init', 'default'))
+    yte = labels_for(root, 'test', te.fids) if te is not None else None
+    return train_head(cfg, bb, tr, va, ytr, yva, te, yte, row.options.get('init', 'default'))
 
 # %% ../nbs/09_ablations.ipynb #96e60b5b
 def _comparable(cfg:StudyConfig, backbone:str) -> dict:
+    "What makes two fits the same: the training view of the config and the backbone."
     return {**training_view(cfg), 'backbone': str(backbone)}
 
-def adopt_fit(cfg:StudyConfig) -> dict|None:
+def _is_fit_result(r) -> bool:
+    "Whether a results JSON is a finished fit's: a config, a backbone, dropout on."
+    return isinstance(r, dict) and isinstance(r.get('config'), dict) and bool(r.get('backbone')) and not r.get('no_dropout')
+
+def adopt_fit(cfg:StudyConfig # the row's config
+             ) -> dict|None:
     "A finished `fit` of exactly cfg already in the run directory (e.g. the training notebook's), or None."
     rd, want = run_path(cfg, 'results'), _comparable(cfg, cfg.backbone)
     for p in sorted(rd.glob('*.json')):
         r = _load(p)
-        if not (isinstance(r, dict) and isinstance(r.get('config'), dict) and r.get('backbone') and not r.get('no_dropout')): continue
+        if not _is_fit_result(r): continue
         try: c = StudyConfig(**r['config'])
         except TypeError: continue
         if _comparable(c, r['backbone']) == want and (rd/f"{r['name']}_valid_preds.csv").exists(): return r
     return None
 
 # %% ../nbs/09_ablations.ipynb #f178ceb3
+def _fit_or_resume(cfg:StudyConfig, name:str, log) -> dict:
+    "fit(cfg) under `name`, resumed from its checkpoint unless that cannot be resumed."
+    try: return fit(cfg, name=name, resume=True, quiet=log is None)
+    except ValueError as e:
+        if 'cannot resume' not in str(e): raise
+        return fit(cfg, name=name, resume=False, quiet=log is None)
+
+def _fit_preds(rd:Path, name:str) -> dict:
+    "Per-clip predictions of fit `name` from its files: valid, and test when it wrote a submission."
+    v = pd.read_csv(rd/f'{name}_valid_preds.csv')
+    preds = {'valid': dict(fids=v.Filename.to_numpy(), pred=v[EMOTIONS].to_numpy(np.float32))}
+    if (rd/f'{name}_test_submission.csv').exists():
+        t = pd.read_csv(rd/f'{name}_test_submission.csv')
+        preds['test'] = dict(fids=t.Filename.to_numpy(), pred=t[EMOTIONS].to_numpy(np.float32))
+    return preds
+
+# %% ../nbs/09_ablations.ipynb #8630727f
 def _run_fit(cfg:StudyConfig, row:Row, seed:int, log=None) -> dict:
+    "An end-to-end row: an identical finished fit adopted, else fit (resumed when it can be), its predictions read."
     root = _data_root(cfg)
     if _needs_test(row, cfg): _check_test(root, row)
-    res = adopt_fit(cfg); name = res['name'] if res else f'abl-{row.name}-s{seed}'
-    if res is None:
-        try: res = fit(cfg, name=name, resume=True, quiet=log is None)
-        except ValueError as e:
-            if 'cannot resume' not in str(e): raise
-            res = fit(cfg, name=name, resume=False, quiet=log is None)
-    rd = run_path(cfg, 'results'); preds = {}
-    v = pd.read_csv(rd/f'{name}_valid_preds.csv'); preds['valid'] = dict(fids=v.Filename.to_numpy(), pred=v[EMOTIONS].to_numpy(np.float32))
-    if (rd/f'{name}_test_submission.csv').exists():
-        t = pd.read_csv(rd/f'{name}_test_submission.csv'); preds['test'] = dict(fids=t.Filename.to_numpy(), pred=t[EMOTIONS].to_numpy(np.float32))
+    res = adopt_fit(cfg)
+    name = res['name'] if res else f'abl-{row.name}-s{seed}'
+    if res is None: res = _fit_or_resume(cfg, name, log)
+    preds = _fit_preds(run_path(cfg, 'results'), name)
     return dict(metrics=res['metrics'], preds=preds, seconds=(res.get('timing') or {}).get('train_seconds'),
                 checkpoint=res.get('checkpoint', ''), fit_name=name, adopted=name != f'abl-{row.name}-s{seed}')
 
-def run_row(cfg:StudyConfig, row:Row, seed:int, log=None) -> dict:
+def run_row(cfg:StudyConfig, # the row's config (row_config)
+            row:Row, # the row: its runner and options
+            seed:int, # its seed
+            log=None # progress lines, None = quiet
+           ) -> dict:
     "Run one (row, seed) with cfg = row_config(...): dict(metrics, preds, seconds, ...)."
     if row.runner == 'head': return _run_head(cfg, row, log)
     if row.runner == 'fit': return _run_fit(cfg, row, seed, log)
     raise ValueError(f"row {row.name}: unknown runner {row.runner!r} (head | fit)")
 
 # %% ../nbs/09_ablations.ipynb #050a2645
-def result_path(cfg:StudyConfig, row:str, seed:int) -> Path: return run_path(cfg, 'ablations', row)/f'{seed}.json'
+def result_path(cfg:StudyConfig, # the study config: its run directory
+                row:str, # the row's name
+                seed:int # the seed
+               ) -> Path:
+    "Where the record of (row, seed) is written."
+    return run_path(cfg, 'ablations', row)/f'{seed}.json'
 
 def _load(p:Path) -> dict|None:
+    "The JSON at `p`, or None when it cannot be read."
     try: return json.loads(p.read_text())
     except (OSError, ValueError): return None
 
 def _warn_list(ws) -> list:
+    "Recorded warnings as 'Category: message', each once, in order."
     seen = []
     for w in ws:
         s = f'{w.category.__name__}: {w.message}'
@@ -489,47 +765,97 @@ def _warn_list(ws) -> list:
     return seen
 
 # %% ../nbs/09_ablations.ipynb #bbc95e7a
-def run_job(rcfg:StudyConfig, row:Row|dict, seed:int, key:str, path, runner=None, threads:int=0) -> dict:
-    "Run one (row, seed) and write its record to `path`; exceptions become a failed record, interrupts propagate."
-    if isinstance(row, dict): row = Row(**row)
-    old = torch.get_num_threads(); runner = runner or run_row; t0, c0 = time.time(), time.process_time()
-    if threads: torch.set_num_threads(threads)
-    rec = dict(row=row.name, seed=seed, key=key, runner=row.runner, table=row.table, options=row.options, config=asdict(rcfg))
+def _outcome(runner, rcfg:StudyConfig, row:Row, seed:int) -> tuple:
+    "(the record's status fields, the warnings raised) of one run of the row; interrupts propagate."
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
-        try: rec.update(status='ok', **runner(rcfg, row, seed))
-        except SkipRow as e: rec.update(status='skipped', reason=str(e))
-        except Exception as e: rec.update(status='failed', error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=8))
+        try: out = dict(status='ok', **runner(rcfg, row, seed))
+        except SkipRow as e: out = dict(status='skipped', reason=str(e))
+        except Exception as e:
+            out = dict(status='failed', error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc(limit=8))
+    return out, _warn_list(ws)
+
+# %% ../nbs/09_ablations.ipynb #02a0806a
+def run_job(rcfg:StudyConfig, # the row's config (row_config)
+            row:Row|dict, # the row (a dict when it comes from another process)
+            seed:int, # its seed
+            key:str, # its key (row_key)
+            path, # where its record is written
+            runner=None, # (cfg, row, seed) -> dict, default run_row
+            threads:int=0 # torch threads while it runs, 0 = as they are
+           ) -> dict:
+    "Run one (row, seed) and write its record to `path`; exceptions become a failed record, interrupts propagate."
+    if isinstance(row, dict): row = Row(**row)
+    old, runner = torch.get_num_threads(), runner or run_row
+    t0, c0 = time.time(), time.process_time()
+    if threads: torch.set_num_threads(threads)
+    rec = dict(row=row.name, seed=seed, key=key, runner=row.runner, table=row.table, options=row.options,
+               config=asdict(rcfg))
+    out, ws = _outcome(runner, rcfg, row, seed)
+    rec.update(out)
     torch.set_num_threads(old)
-    rec.update(warnings=_warn_list(ws), started=round(t0, 2), wall_seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2), threads=threads or old, finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+    rec.update(warnings=ws, started=round(t0, 2), wall_seconds=round(time.time() - t0, 2),
+               cpu_seconds=round(time.process_time() - c0, 2), threads=threads or old,
+               finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
     save_json(path, rec)
     return rec
 
-# %% ../nbs/09_ablations.ipynb #02a0806a
-def plan_jobs(cfg:StudyConfig, rows:dict, seeds:list, data_id:str='', retry_failed:bool=True) -> tuple:
-    "(done records, jobs to run, duplicates) of the grid: reads what is on disk and dedupes rows by key."
+# %% ../nbs/09_ablations.ipynb #434b3709
+def _grid_state(cfg:StudyConfig, rows:dict, seeds:list, data_id:str, retry_failed:bool) -> tuple:
+    "(done records by (row, seed), jobs still to run, key -> (row, seed) of the done ones) from the records on disk."
     done, todo, owner = {}, [], {}
     for name, row in rows.items():
         for s in row_seeds(row, seeds):
-            rc = row_config(cfg, row, s); key = row_key(rc, row, data_id); p = result_path(cfg, name, s)
+            rc = row_config(cfg, row, s)
+            key, p = row_key(rc, row, data_id), result_path(cfg, name, s)
             old = _load(p) if p.exists() else None
             if old and old.get('key') == key and (old['status'] != 'failed' or not retry_failed):
-                done[(name, s)] = old; owner.setdefault(key, (name, s))
+                done[(name, s)] = old
+                owner.setdefault(key, (name, s))
             else: todo.append((rc, row, s, key, p))
+    return done, todo, owner
+
+# %% ../nbs/09_ablations.ipynb #86f7b1f8
+def plan_jobs(cfg:StudyConfig, # the study config
+              rows:dict, # name -> Row
+              seeds:list, # the grid's seeds
+              data_id:str='', # the data's fingerprint
+              retry_failed:bool=True # run failed jobs again
+             ) -> tuple:
+    "(done records, jobs to run, duplicates) of the grid: reads what is on disk and dedupes rows by key."
+    done, todo, owner = _grid_state(cfg, rows, seeds, data_id, retry_failed)
     jobs, dups = [], []
     for j in todo:
         if j[3] in owner: dups.append(((j[1].name, j[2]), owner[j[3]], j[4]))
-        else: owner[j[3]] = (j[1].name, j[2]); jobs.append(j)
+        else:
+            owner[j[3]] = (j[1].name, j[2])
+            jobs.append(j)
     return done, jobs, dups
 
-# %% ../nbs/09_ablations.ipynb #434b3709
+# %% ../nbs/09_ablations.ipynb #343ef010
+def _grid_seeds(cfg:StudyConfig, seeds) -> list:
+    "The seeds as given in a list, or that many (None: cfg.seeds) from cfg.seed on."
+    if isinstance(seeds, (list, tuple)): return list(seeds)
+    return list(range(cfg.seed, cfg.seed + (seeds or cfg.seeds)))
+
+def _share_dups(dups:list, done:dict, rows:dict):
+    "Give each duplicate job the record of the row it shares, under its own name, in `done` and on disk."
+    for (name, s), src, p in dups:
+        if src in done:
+            rec = {**done[src], 'row': name, 'same_as': src[0], 'table': rows[name].table}
+            save_json(p, rec)
+            done[(name, s)] = rec
+
+# %% ../nbs/09_ablations.ipynb #37d72cfa
 def run_grid(cfg:StudyConfig, rows:dict, # name -> Row
-             seeds:list|int|None=None, # seeds, or how many from cfg.seed on; None = cfg.seeds
-             runner=None, # (cfg, row, seed) -> dict; default run_row
+             seeds:list|int|None=None, # seeds, or how many from cfg.seed on, None = cfg.seeds
+             runner=None, # (cfg, row, seed) -> dict, default run_row
              workers:int=1, # processes for head rows (1 = in this process)
-             retry_failed:bool=True, log=print) -> dict:
+             retry_failed:bool=True, # run failed jobs again
+             log=print # progress lines, None = quiet
+            ) -> dict:
     "Run every (row, seed) not finished yet, writing each result as it ends; returns {(row, seed): record}."
-    seeds = list(range(cfg.seed, cfg.seed + (seeds or cfg.seeds))) if not isinstance(seeds, (list, tuple)) else list(seeds)
+    seeds = _grid_seeds(cfg, seeds)
     root = _data_root(cfg) if runner is None else None
     done, jobs, dups = plan_jobs(cfg, rows, seeds, data_fingerprint(root) if root else '', retry_failed)
     if log: log(f"grid: {len(done)} finished, {len(jobs)} to run, {len(dups)} shared with an identical row")
@@ -537,19 +863,21 @@ def run_grid(cfg:StudyConfig, rows:dict, # name -> Row
     seq = [j for j in jobs if not any(j is q for q in par)]
     for rec in _run_parallel(par, runner, workers, log): done[(rec['row'], rec['seed'])] = rec
     for rc, row, s, key, p in seq:
-        rec = run_job(rc, row, s, key, p, runner, _threads_for(row, rc)); done[(row.name, s)] = rec; _log_rec(rec, log)
-    for (name, s), src, p in dups:
-        if src in done:
-            rec = {**done[src], 'row': name, 'same_as': src[0], 'table': rows[name].table}; save_json(p, rec); done[(name, s)] = rec
+        rec = run_job(rc, row, s, key, p, runner, _threads_for(row, rc))
+        done[(row.name, s)] = rec
+        _log_rec(rec, log)
+    _share_dups(dups, done, rows)
     return {k: done[k] for k in sorted(done, key=lambda k: (list(rows).index(k[0]), k[1]))}
 
-# %% ../nbs/09_ablations.ipynb #86f7b1f8
+# %% ../nbs/09_ablations.ipynb #5d699f70
 def _log_rec(rec:dict, log):
+    "Log one finished job: row, seed, status, time, and its ρ, its error or why it was skipped."
     if not log: return
     m = rec.get('metrics') or {}
     what = f"valid rho {m['valid']['rho']:.3f}" if m.get('valid') else ''
     if m.get('test'): what += f", test rho {m['test']['rho']:.3f}"
-    log(f"  {rec['row']} seed {rec['seed']}: {rec['status']} in {rec['wall_seconds']:.0f} s  {what or rec.get('error') or rec.get('reason', '')}")
+    what = what or rec.get('error') or rec.get('reason', '')
+    log(f"  {rec['row']} seed {rec['seed']}: {rec['status']} in {rec['wall_seconds']:.0f} s  {what}")
 
 def _threads_for(row:Row, rcfg:StudyConfig) -> int:
     "CPU threads of a row: head rows 1 (same numbers in any process); end-to-end rows option `threads` (0 = all cores)."
@@ -569,11 +897,25 @@ def _preds(recs:list, split:str, fids) -> tuple:
         pr = (r.get('preds') or {}).get(split)
         if r.get('status') != 'ok' or not pr: continue
         m = dict(zip(map(int, pr['fids']), np.asarray(pr['pred'], np.float32)))
-        if all(int(f) in m for f in fids): seeds.append(r['seed']); P.append(np.stack([m[int(f)] for f in fids]))
+        if all(int(f) in m for f in fids):
+            seeds.append(r['seed'])
+            P.append(np.stack([m[int(f)] for f in fids]))
     return seeds, (np.stack(P) if P else np.zeros((0, len(fids), len(EMOTIONS))))
 
+def _row_records(records:dict, name:str) -> list:
+    "The records of row `name`, over its seeds."
+    return [r for (m, _), r in records.items() if m == name]
+
+def _paired(sa:list, PA:np.ndarray, sb:list, PB:np.ndarray, y:np.ndarray, n_boot:int, seed:int) -> dict|None:
+    "paired_stats of predictions PA (seeds sa) against PB (seeds sb) on their common seeds; None when there are none."
+    common = [k for k in sa if k in sb]
+    if not common: return None
+    return dict(paired_stats(PA[[sa.index(k) for k in common]], PB[[sb.index(k) for k in common]], y, n_boot, seed),
+                seeds=common)
+
 # %% ../nbs/09_ablations.ipynb #49c2f1ba
-def row_convergence(recs:list) -> dict:
+def row_convergence(recs:list # a row's records, one per seed
+                   ) -> dict:
     "How many seeds of a row converged, their best epochs and epochs run, and why the others did not."
     cs = [(r.get('metrics') or {}).get('convergence') for r in recs if r['status'] == 'ok']
     cs = [c for c in cs if c]
@@ -587,32 +929,48 @@ def _labels_of(root, split:str) -> tuple:
     fids = read_split(root, split, labels=False).Filename.to_numpy()
     return fids, labels_for(root, split, fids)
 
-def grid_stats(records:dict, rows:dict, root, n_boot:int=1000, seed:int=0) -> dict:
-    "name -> dict(row info, status counts, stats per scored split, paired comparison with its ref row on the row's split)."
+def _row_info(n:str, row:Row, recs:list) -> dict:
+    "A row's description and what its records say: statuses, errors, warnings, adopted fits, convergence."
+    st = dict(name=n, table=row.table, label=row.label, score=row.score, quoted=row.quoted, ref=row.ref, note=row.note,
+              runner=row.runner, epochs=row.overrides.get('epochs'),
+              status={k: sum(r['status'] == k for r in recs) for k in ('ok', 'failed', 'skipped')},
+              errors=sorted({r.get('error') or r.get('reason') for r in recs if r['status'] != 'ok'}),
+              warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={},
+              adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}), convergence=row_convergence(recs))
+    st['converged'] = bool(st['convergence']['seeds']) and st['convergence']['converged'] == st['convergence']['seeds']
+    return st
+
+# %% ../nbs/09_ablations.ipynb #952842ca
+def _row_splits(st:dict, row:Row, n:str, by:dict, Ys:dict, n_boot:int, seed:int):
+    "Add to `st` the seed statistics of every labelled split, the row's split at the top, and its paired comparison."
+    for split, (fids, y) in Ys.items():
+        seeds, P = _preds(by[n], split, fids) if y is not None else ([], None)
+        if seeds: st['splits'][split] = dict(seeds=seeds, **seed_stats(P, y, n_boot, seed))
+        if split != row.score or not seeds: continue
+        st.update(st['splits'][split])
+        if row.ref and row.ref != n and row.ref in by:
+            vs = _paired(seeds, P, *_preds(by[row.ref], split, fids), y, n_boot, seed)
+            if vs: st['vs_ref'] = vs
+
+def grid_stats(records:dict, # (row, seed) -> record, as run_grid returns them
+               rows:dict, # name -> Row
+               root, # data root: the labels
+               n_boot:int=1000, # bootstrap resamples
+               seed:int=0 # the bootstrap's seed
+              ) -> dict:
+    "name -> dict(row info, status counts, stats per scored split, paired comparison with its ref row on its split)."
     Ys = {s: _labels_of(root, s) for s in ('valid', 'test')}
-    by = {n: [r for (m, _), r in records.items() if m == n] for n in rows}
+    by = {n: _row_records(records, n) for n in rows}
     out = {}
     for n, row in rows.items():
-        recs = by[n]
-        st = dict(name=n, table=row.table, label=row.label, score=row.score, quoted=row.quoted, ref=row.ref, note=row.note, runner=row.runner,
-                  epochs=row.overrides.get('epochs'), status={k: sum(r['status'] == k for r in recs) for k in ('ok', 'failed', 'skipped')},
-                  errors=sorted({r.get('error') or r.get('reason') for r in recs if r['status'] != 'ok'}),
-                  warnings=sorted({w for r in recs for w in r.get('warnings', [])}), splits={},
-                  adopted=sorted({r['fit_name'] for r in recs if r.get('adopted')}), convergence=row_convergence(recs))
-        st['converged'] = bool(st['convergence']['seeds']) and st['convergence']['converged'] == st['convergence']['seeds']
-        for split, (fids, y) in Ys.items():
-            seeds, P = _preds(recs, split, fids) if y is not None else ([], None)
-            if seeds: st['splits'][split] = dict(seeds=seeds, **seed_stats(P, y, n_boot, seed))
-            if split != row.score or not seeds: continue
-            st.update(st['splits'][split])
-            if row.ref and row.ref != n and row.ref in by:
-                rs, RP = _preds(by[row.ref], split, fids); common = [s for s in seeds if s in rs]
-                if common: st['vs_ref'] = dict(paired_stats(P[[seeds.index(s) for s in common]], RP[[rs.index(s) for s in common]], y, n_boot, seed), seeds=common)
-        out[n] = st
+        out[n] = _row_info(n, row, by[n])
+        _row_splits(out[n], row, n, by, Ys, n_boot, seed)
     return out
 
 # %% ../nbs/09_ablations.ipynb #fd8ad403
-def _f(x, d=3) -> str: return '–' if x is None or (isinstance(x, float) and not np.isfinite(x)) else f'{x:.{d}f}'
+def _f(x, d=3) -> str:
+    "`x` with `d` decimals, '–' when it is missing or not finite."
+    return '–' if x is None or (isinstance(x, float) and not np.isfinite(x)) else f'{x:.{d}f}'
 
 def _conv_text(s:dict) -> str:
     "'yes', or 'NO (k of n seeds)' with the epochs run, for a row's convergence."
@@ -621,24 +979,33 @@ def _conv_text(s:dict) -> str:
     if s.get('converged'): return f"yes (best epochs {', '.join(map(str, c['best_epochs']))})"
     return f"NO ({c['converged']} of {c['seeds']} seeds; ran {', '.join(map(str, c['epochs_run']))} epochs)"
 
-def stats_table(stats:dict, table:str) -> pd.DataFrame:
+def _rho_text(s:dict) -> str:
+    "A row's 'mean ± sd' over seeds, the note that it is undefined, or its first error."
+    if 'mean' not in s: return s['errors'][0] if s['errors'] else '–'
+    if not np.isfinite(s['mean']): return 'undefined: constant predictions (NaN)'
+    return f"{_f(s.get('mean'))} ± {_f(s.get('sd'))}"
+
+# %% ../nbs/09_ablations.ipynb #f46ee963
+def _table_row(n:str, s:dict) -> dict:
+    "One row of stats_table from row `n`'s statistics `s`."
+    v = s.get('vs_ref')
+    what = s['label'] + (f" (run of {', '.join(s['adopted'])}, reused)" if s.get('adopted') else '')
+    delta = f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v and np.isfinite(v['delta']) else ''
+    other = '; '.join(f"{k}: {_f(x['mean'])} ± {_f(x['sd'])}" for k, x in s.get('splits', {}).items() if k != s['score'])
+    return {'row': n, 'what': what, 'split': s['score'], 'seeds': s.get('n_seeds', 0), 'ρ ours (mean ± sd)': _rho_text(s),
+            '95% CI': f"[{_f(s['ci'][0])}, {_f(s['ci'][1])}]" if 'ci' in s else '', "Δρ vs ref [95% CI]": delta,
+            'p': _f(v['p'], 3) if v else '', 'ref': s['ref'] if v else '', 'ρ ours, other split': other,
+            'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–',
+            'converged': _conv_text(s), 'shortened': s['note']}
+
+def stats_table(stats:dict, # grid_stats output
+                table:str # table1 | table2 | padding | loss
+               ) -> pd.DataFrame:
     "The rows of one table: ours (mean ± sd, 95% CI, Δ vs ref, p) beside the paper's (quoted)."
-    rows = []
-    for n, s in stats.items():
-        if s['table'] != table: continue
-        v = s.get('vs_ref')
-        rows.append({'row': n, 'what': s['label'] + (f" (run of {', '.join(s['adopted'])}, reused)" if s.get('adopted') else ''), 'split': s['score'], 'seeds': s.get('n_seeds', 0),
-                     'ρ ours (mean ± sd)': (f"{_f(s.get('mean'))} ± {_f(s.get('sd'))}" if np.isfinite(s['mean']) else 'undefined: constant predictions (NaN)')
-                                           if 'mean' in s else (s['errors'][0] if s['errors'] else '–'),
-                     '95% CI': f"[{_f(s['ci'][0])}, {_f(s['ci'][1])}]" if 'ci' in s else '',
-                     f"Δρ vs ref [95% CI]": f"{v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v and np.isfinite(v['delta']) else '',
-                     'p': _f(v['p'], 3) if v else '', 'ref': s['ref'] if v else '',
-                     'ρ ours, other split': '; '.join(f"{k}: {_f(x['mean'])} ± {_f(x['sd'])}" for k, x in s.get('splits', {}).items() if k != s['score']),
-                     'ρ paper (quoted)': ', '.join(f'{k} {q:.3f}' for k, q in s['quoted'].items()) or '–',
-                     'converged': _conv_text(s), 'shortened': s['note']})
+    rows = [_table_row(n, s) for n, s in stats.items() if s['table'] == table]
     return pd.DataFrame(rows).set_index('row') if rows else pd.DataFrame()
 
-# %% ../nbs/09_ablations.ipynb #95af3b3e
+# %% ../nbs/09_ablations.ipynb #577c3c70
 def _quoted_on(s:dict|None, split:str) -> float|None:
     "The paper's number for a row on `split` (ρ_VAL / ρ_TEST keys of Table 1; Table 2 and the rest are validation)."
     q = (s or {}).get('quoted') or {}
@@ -647,95 +1014,183 @@ def _quoted_on(s:dict|None, split:str) -> float|None:
     if set(q) <= {'ρ_VAL', 'ρ_TEST'}: return q.get(key)
     return next(iter(q.values())) if split == 'valid' else None
 
-def _quoted_one(s:dict) -> float|None: return _quoted_on(s, s['score'])
+def _quoted_one(s:dict) -> float|None:
+    "The paper's number for a row on the split it is scored on."
+    return _quoted_on(s, s['score'])
 
 def _paper_deltas(stats:dict, S:list) -> list:
     "(row, paper's difference to the ref row on the row's split, our paired Δ) where both are quoted on that split."
     out = []
     for s in S:
         q, qr = _quoted_on(s, s['score']), _quoted_on(stats.get(s['ref']), s['score'])
-        if s.get('vs_ref') and np.isfinite(s['vs_ref']['delta']) and q is not None and qr is not None and s['name'] != s['ref']:
-            out.append((s, q - qr, s['vs_ref']))
+        both = s.get('vs_ref') and np.isfinite(s['vs_ref']['delta']) and q is not None and qr is not None
+        if both and s['name'] != s['ref']: out.append((s, q - qr, s['vs_ref']))
     return out
 
-# %% ../nbs/09_ablations.ipynb #f46ee963
-def agreement(stats:dict, table:str) -> str:
-    "Sentences, computed from the numbers, on what agrees with the paper (quoted) in one table and what does not."
-    from scipy.stats import spearmanr
+# %% ../nbs/09_ablations.ipynb #533efb06
+def _judged_rows(stats:dict, table:str) -> tuple:
+    "(rows of `table` with a defined ρ that converged, as did their reference; names of the other rows with one)."
     done = [s for s in stats.values() if s['table'] == table and 'mean' in s and np.isfinite(s['mean'])]
-    ok = lambda s: s.get('converged') and (stats.get(s['ref']) or {}).get('converged', True)
-    S, unconv = [s for s in done if ok(s)], [s['name'] for s in done if not ok(s)]
-    tail = [f"Not converged, so not compared (its ρ or its reference's reflects the budget): {', '.join(unconv)}."] if unconv else []
-    if not S: return f"{table}: no finished, converged rows with a defined ρ." + (' ' + tail[0] if tail else '')
-    out, pairs = [], [(s, _quoted_one(s)) for s in S if _quoted_one(s) is not None]
-    if len(pairs) >= 3 and len({q for _, q in pairs}) > 1:
-        rs = spearmanr([s['mean'] for s, _ in pairs], [q for _, q in pairs]).statistic
-        out.append(f"Order: over the {len(pairs)} rows with a quoted number, the rank correlation of our ρ with the paper's is {rs:+.2f} "
-                   f"({'the order largely agrees' if rs >= 0.6 else 'the order partly agrees' if rs > 0 else 'the order does not agree'}).")
-    hw = lambda v: (v['ci'][1] - v['ci'][0]) / 2
-    res = lambda v: v['ci'][1] < 0 or v['ci'][0] > 0
+    ok = [bool(s.get('converged') and (stats.get(s['ref']) or {}).get('converged', True)) for s in done]
+    return [s for s, o in zip(done, ok) if o], [s['name'] for s, o in zip(done, ok) if not o]
+
+def _half_width(v:dict) -> float:
+    "Half the width of a 95% interval."
+    return (v['ci'][1] - v['ci'][0]) / 2
+
+def _resolved(v:dict) -> bool:
+    "Whether a 95% interval lies on one side of zero."
+    return v['ci'][1] < 0 or v['ci'][0] > 0
+
+# %% ../nbs/09_ablations.ipynb #8d89eb93
+def _order_sentence(S:list) -> list:
+    "[the rank correlation of our ρ with the quoted one over the quoted rows], or [] when it cannot be computed."
+    from scipy.stats import spearmanr
+    pairs = [(s, _quoted_one(s)) for s in S if _quoted_one(s) is not None]
+    if len(pairs) < 3 or len({q for _, q in pairs}) <= 1: return []
+    rs = spearmanr([s['mean'] for s, _ in pairs], [q for _, q in pairs]).statistic
+    how = 'the order largely agrees' if rs >= 0.6 else 'the order partly agrees' if rs > 0 else 'the order does not agree'
+    return [f"Order: over the {len(pairs)} rows with a quoted number, the rank correlation of our ρ with the paper's is "
+            f"{rs:+.2f} ({how})."]
+
+# %% ../nbs/09_ablations.ipynb #66a903d3
+def _resolution_sentence(stats:dict, S:list) -> list:
+    "[the paper's neighbouring differences against our reference's CI half-width and our median sd], or []."
     src = [(s, next(iter(s['quoted'])), _quoted_one(s)) for s in S if _quoted_one(s) is not None]
-    nb = [abs(b[2] - a[2]) for a, b in zip(src, src[1:]) if a[1] == b[1]]   # neighbouring rows quoted from the same source
+    nb = [abs(b[2] - a[2]) for a, b in zip(src, src[1:]) if a[1] == b[1]]
     ref = stats.get(S[0]['ref'])
-    if nb and ref and 'ci' in ref and np.all(np.isfinite(ref['ci'])):
-        h, sds = hw(ref), [s['sd'] for s in S if np.isfinite(s.get('sd', np.nan))]
-        out.append(f"Resolution: the paper's differences between neighbouring rows ({', '.join('%.3f' % d for d in nb)}) against our noise: "
-                   f"{sum(d < h for d in nb)} of {len(nb)} are smaller than the 95% CI half-width of our {ref['name']} ({h:.3f})"
-                   + (f", {sum(d < np.median(sds) for d in nb)} smaller than our median sd over seeds ({np.median(sds):.3f})" if sds else '') + '.')
-    pdl = _paper_deltas(stats, S); small = [x for x in pdl if abs(x[1]) < hw(x[2])]; big = [x for x in pdl if abs(x[1]) >= hw(x[2])]
-    if small:
-        out.append(f"Noise: the paper's differences to {small[0][0]['ref']} of " + ', '.join('%+.3f (%s)' % (d, s['name']) for s, d, _ in small)
-                   + " are smaller than the half-widths of our paired 95% intervals (" + ', '.join('%.3f' % hw(v) for _, _, v in small)
-                   + "): a single run at our resolution could not tell them from zero"
-                   + ('; we resolve a difference there all the same: ' + ', '.join('%s %+.3f' % (s['name'], v['delta']) for s, _, v in small if res(v)) if any(res(v) for _, _, v in small) else '') + '.')
-    if big:
-        agree = [s['name'] for s, d, v in big if res(v) and np.sign(v['delta']) == np.sign(d)]
-        other = [s['name'] for s, d, v in big if s['name'] not in agree]
-        out.append("The paper's larger differences (" + ', '.join('%s %+.3f' % (s['name'], d) for s, d, _ in big) + ") exceed our interval half-widths; "
-                   + (f"ours agree in sign and are resolved for {', '.join(agree)}" if agree else 'none is resolved in the same direction by ours')
-                   + (f"; not for {', '.join(other)}" if agree and other else '') + '.')
+    if not (nb and ref and 'ci' in ref and np.all(np.isfinite(ref['ci']))): return []
+    h, sds = _half_width(ref), [s['sd'] for s in S if np.isfinite(s.get('sd', np.nan))]
+    sd = (f", {sum(d < np.median(sds) for d in nb)} smaller than our median sd over seeds ({np.median(sds):.3f})"
+          if sds else '')
+    return [f"Resolution: the paper's differences between neighbouring rows ({', '.join('%.3f' % d for d in nb)}) "
+            f"against our noise: {sum(d < h for d in nb)} of {len(nb)} are smaller than the 95% CI half-width of our "
+            f"{ref['name']} ({h:.3f})" + sd + '.']
+
+# %% ../nbs/09_ablations.ipynb #598000ea
+def _noise_sentence(small:list) -> list:
+    "[the paper's differences below our paired half-widths, and any we resolve all the same], or [] for none."
+    if not small: return []
+    ds = ', '.join('%+.3f (%s)' % (d, s['name']) for s, d, _ in small)
+    hws = ', '.join('%.3f' % _half_width(v) for _, _, v in small)
+    ours = ', '.join('%s %+.3f' % (s['name'], v['delta']) for s, _, v in small if _resolved(v))
+    extra = '; we resolve a difference there all the same: ' + ours if any(_resolved(v) for _, _, v in small) else ''
+    return [f"Noise: the paper's differences to {small[0][0]['ref']} of {ds} are smaller than the half-widths of our "
+            f"paired 95% intervals ({hws}): a single run at our resolution could not tell them from zero{extra}."]
+
+# %% ../nbs/09_ablations.ipynb #136285b9
+def _larger_sentence(big:list) -> list:
+    "[which of the paper's differences above our half-widths ours resolve with the same sign], or [] for none."
+    if not big: return []
+    agree = [s['name'] for s, d, v in big if _resolved(v) and np.sign(v['delta']) == np.sign(d)]
+    other = [s['name'] for s, d, v in big if s['name'] not in agree]
+    ds = ', '.join('%s %+.3f' % (s['name'], d) for s, d, _ in big)
+    found = (f"ours agree in sign and are resolved for {', '.join(agree)}" if agree
+             else 'none is resolved in the same direction by ours')
+    return [f"The paper's larger differences ({ds}) exceed our interval half-widths; " + found
+            + (f"; not for {', '.join(other)}" if agree and other else '') + '.']
+
+# %% ../nbs/09_ablations.ipynb #91a6e0ac
+def _vs_ref_sentence(S:list) -> list:
+    "[our rows worse than the reference beyond the clip noise, better, or not distinguishable], or [] for none."
     V = [s for s in S if s.get('vs_ref') and np.isfinite(s['vs_ref']['delta'])]
-    worse = [s['name'] for s in V if s['vs_ref']['ci'][1] < 0]; better = [s['name'] for s in V if s['vs_ref']['ci'][0] > 0]
+    if not V: return []
+    worse = [s['name'] for s in V if s['vs_ref']['ci'][1] < 0]
+    better = [s['name'] for s in V if s['vs_ref']['ci'][0] > 0]
     same = [s['name'] for s in V if s['vs_ref']['ci'][0] <= 0 <= s['vs_ref']['ci'][1]]
-    if V: out.append(f"Ours against {V[0]['ref']} (paired, same seeds and clips): " + '; '.join(x for x in [
-        f"worse beyond the clip noise: {', '.join(worse)}" if worse else '', f"better: {', '.join(better)}" if better else '',
-        f"not distinguishable: {', '.join(same)}" if same else ''] if x) + '.')
+    parts = [f"worse beyond the clip noise: {', '.join(worse)}" if worse else '',
+             f"better: {', '.join(better)}" if better else '', f"not distinguishable: {', '.join(same)}" if same else '']
+    return [f"Ours against {V[0]['ref']} (paired, same seeds and clips): " + '; '.join(x for x in parts if x) + '.']
+
+def _undefined_sentence(stats:dict, table:str) -> list:
+    "[the rows of `table` whose ρ is undefined], or [] for none."
     undefined = [s['name'] for s in stats.values() if s['table'] == table and 'mean' in s and not np.isfinite(s['mean'])]
-    if undefined: out.append(f"Undefined ρ (constant predictions, reported as NaN): {', '.join(undefined)}.")
+    return [f"Undefined ρ (constant predictions, reported as NaN): {', '.join(undefined)}."] if undefined else []
+
+# %% ../nbs/09_ablations.ipynb #621a867d
+def agreement(stats:dict, # grid_stats output
+              table:str # table1 | table2 | padding | loss
+             ) -> str:
+    "Sentences, computed from the numbers, on what agrees with the paper (quoted) in one table and what does not."
+    S, unconv = _judged_rows(stats, table)
+    why = "Not converged, so not compared (its ρ or its reference's reflects the budget)"
+    tail = [f"{why}: {', '.join(unconv)}."] if unconv else []
+    if not S: return f"{table}: no finished, converged rows with a defined ρ." + (' ' + tail[0] if tail else '')
+    pdl = _paper_deltas(stats, S)
+    small = [x for x in pdl if abs(x[1]) < _half_width(x[2])]
+    big = [x for x in pdl if abs(x[1]) >= _half_width(x[2])]
+    out = (_order_sentence(S) + _resolution_sentence(stats, S) + _noise_sentence(small) + _larger_sentence(big)
+           + _vs_ref_sentence(S) + _undefined_sentence(stats, table))
     return ' '.join(out + tail)
 
 # %% ../nbs/09_ablations.ipynb #c3cffa6b
-def bar_chart(stats:dict, tables:tuple=('table2', 'table1'), title:str=''):
+def _bar_ours(ax, S:list, y:np.ndarray):
+    "Our bars: mean ρ with its 95% interval as whiskers; a row with an undefined ρ gets a note instead."
+    m = np.array([s['mean'] for s in S], float)
+    ok = np.isfinite(m)
+    err = [[s['mean'] - s['ci'][0], s['ci'][1] - s['mean']] if o else [0.0, 0.0] for s, o in zip(S, ok)]
+    err = np.abs(np.array(err, float).T)
+    ax.barh(y[ok] + 0.2, m[ok], 0.38, xerr=err[:, ok], color='tab:blue', capsize=3,
+            label='ours (mean over seeds, 95% CI over clips)')
+    for yy in y[~ok]: ax.text(0.005, yy + 0.2, 'undefined: constant predictions', va='center', fontsize=7, color='tab:red')
+
+def _bar_quoted(ax, S:list, y:np.ndarray):
+    "The paper's quoted ρ beside ours: hollow hatched bars, the value written beside each."
+    q = [_quoted_one(s) for s in S]
+    ax.barh([yy - 0.2 for yy, v in zip(y, q) if v is not None], [v for v in q if v is not None], 0.38, fill=False,
+            hatch='///', edgecolor='tab:gray', label='paper (quoted, real data, single run)')
+    for yy, v in zip(y, q):
+        if v is not None: ax.text(max(v, 0) + 0.005, yy - 0.2, f'{v:.3f} quoted', va='center', fontsize=7, color='0.35')
+
+# %% ../nbs/09_ablations.ipynb #90862d1b
+def _bar_label(s:dict) -> str:
+    "A bar's label: row, split, seeds, and NOT CONVERGED when it did not converge."
+    n = s.get('n_seeds', 0)
+    return f"{s['name']} ({s['score']}, {n} seed{'s' if n != 1 else ''})" + ('' if s.get('converged') else ' NOT CONVERGED')
+
+def _bar_axes(ax, S:list, y:np.ndarray, title:str):
+    "Row labels (red when not converged), the zero line, axis label, title and the legend below."
+    ax.set_yticks(y, [_bar_label(s) for s in S], fontsize=8)
+    for t, s in zip(ax.get_yticklabels(), S): t.set_color('k' if s.get('converged') else 'tab:red')
+    ax.axvline(0, color='k', lw=0.6)
+    ax.set_xlabel('mean Pearson ρ')
+    ax.set_title(title or 'Ablations: ours vs paper (quoted)', fontsize=10)
+    ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.55 / (0.42 * len(S) + 1.4) - 0.08), ncol=2,
+              frameon=False)
+
+# %% ../nbs/09_ablations.ipynb #045e9d32
+def bar_chart(stats:dict, # grid_stats output
+              tables:tuple=('table2', 'table1'), # the tables whose rows are drawn
+              title:str='' # the figure's title, '' = a default
+             ):
     "Horizontal bars of our rho with 95% CI whiskers per row, the paper's quoted rho beside (hatched, hollow)."
     import matplotlib.pyplot as plt
     S = [s for s in stats.values() if s['table'] in tables and 'mean' in s]
-    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(S) + 1.4)); y = np.arange(len(S))[::-1]
-    m = np.array([s['mean'] for s in S], float); ok = np.isfinite(m)
-    err = np.abs(np.array([[s['mean'] - s['ci'][0], s['ci'][1] - s['mean']] if o else [0.0, 0.0] for s, o in zip(S, ok)], float).T)
-    ax.barh(y[ok] + 0.2, m[ok], 0.38, xerr=err[:, ok], color='tab:blue', capsize=3, label='ours (mean over seeds, 95% CI over clips)')
-    for yy in y[~ok]: ax.text(0.005, yy + 0.2, 'undefined: constant predictions', va='center', fontsize=7, color='tab:red')
-    q = [_quoted_one(s) for s in S]
-    ax.barh([yy - 0.2 for yy, v in zip(y, q) if v is not None], [v for v in q if v is not None], 0.38, fill=False, hatch='///',
-            edgecolor='tab:gray', label='paper (quoted, real data, single run)')
-    for yy, v in zip(y, q):
-        if v is not None: ax.text(max(v, 0) + 0.005, yy - 0.2, f'{v:.3f} quoted', va='center', fontsize=7, color='0.35')
-    lab = lambda s: f"{s['name']} ({s['score']}, {s.get('n_seeds', 0)} seed{'s' if s.get('n_seeds', 0) != 1 else ''})"
-    ax.set_yticks(y, [lab(s) + ('' if s.get('converged') else ' NOT CONVERGED') for s in S], fontsize=8)
-    for t, s in zip(ax.get_yticklabels(), S): t.set_color('k' if s.get('converged') else 'tab:red')
-    ax.axvline(0, color='k', lw=0.6); ax.set_xlabel('mean Pearson ρ'); ax.set_title(title or 'Ablations: ours vs paper (quoted)', fontsize=10)
-    ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.55 / (0.42 * len(S) + 1.4) - 0.08), ncol=2, frameon=False)
-    fig.tight_layout(); return fig
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(S) + 1.4))
+    y = np.arange(len(S))[::-1]
+    _bar_ours(ax, S, y)
+    _bar_quoted(ax, S, y)
+    _bar_axes(ax, S, y, title)
+    fig.tight_layout()
+    return fig
 
-def emotion_heatmap(stats:dict, tables:tuple=('table2', 'table1', 'padding', 'loss')):
+# %% ../nbs/09_ablations.ipynb #0a187836
+def emotion_heatmap(stats:dict, # grid_stats output
+                    tables:tuple=('table2', 'table1', 'padding', 'loss') # the tables whose rows are drawn
+                   ):
     "Per-emotion rho (mean over seeds) of every finished row."
     import matplotlib.pyplot as plt
     S = [s for s in stats.values() if s['table'] in tables and 'per_emotion' in s]
     M = np.array([[s['per_emotion'][e] for e in EMOTIONS] for s in S], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(S) + 1.6)); im = ax.imshow(M, cmap='RdBu_r', vmin=-1, vmax=1, aspect='auto')
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(S) + 1.6))
+    im = ax.imshow(M, cmap='RdBu_r', vmin=-1, vmax=1, aspect='auto')
     for i, j in np.ndindex(M.shape): ax.text(j, i, _f(M[i, j], 2), ha='center', va='center', fontsize=7)
-    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=30, ha='right', fontsize=8); ax.set_yticks(range(len(S)), [s['name'] for s in S], fontsize=8)
-    fig.colorbar(im, ax=ax, shrink=0.8, label='ρ'); ax.set_title('Per-emotion ρ (mean over seeds; split as scored)', fontsize=10)
-    fig.tight_layout(); return fig
+    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=30, ha='right', fontsize=8)
+    ax.set_yticks(range(len(S)), [s['name'] for s in S], fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label='ρ')
+    ax.set_title('Per-emotion ρ (mean over seeds; split as scored)', fontsize=10)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/09_ablations.ipynb #8d60bc8a
 @dataclass

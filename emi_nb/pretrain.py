@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from dataclasses import asdict
+from fastcore.basics import patch
 from .config import (VAD_NAMES, SR, StudyConfig, PretrainConfig, make_config, cache_dir, get_device, amp_dtype,
                            seed_everything, data_fingerprint, save_json, atomic_path, threads, progress)
 from .data import DataError, load_audio, normalize, media_path, collate
@@ -27,84 +28,154 @@ PRETRAIN_VERSION = '2'
 # %% ../nbs/07_pretrain.ipynb #488a1c9a
 class VADDataset(torch.utils.data.Dataset):
     "Clips of a VAD split (train | valid): dict(fid, wav (n,) normalised, labels (3,) arousal, dominance, valence)."
-    def __init__(self, root, split:str, max_seconds:float=4.0):
+    def __init__(self, root, # VAD corpus: vad_{split}.csv and audio/
+                 split:str, # train | valid
+                 max_seconds:float=4.0): # cut of every clip, s
+        "Read the split's labels, then decode, normalise and keep every clip."
         csv = Path(root)/f'vad_{split}.csv'
         if not csv.exists(): raise DataError(csv, f"missing VAD split file ({split})")
         df = pd.read_csv(csv)
-        if list(df.columns) != ['Filename', *VAD_NAMES]: raise DataError(csv, f"expected columns Filename,{','.join(VAD_NAMES)}; got {list(df.columns)}")
+        if list(df.columns) != ['Filename', *VAD_NAMES]:
+            raise DataError(csv, f"expected columns Filename,{','.join(VAD_NAMES)}; got {list(df.columns)}")
         self.fids, self.labels = df.Filename.astype(int).tolist(), df[VAD_NAMES].to_numpy(np.float32)
-        self.wavs = [torch.from_numpy(normalize(load_audio(media_path(root, f), max_seconds)[0])) for f in progress(self.fids, desc=f'vad {split}', leave=False)]
+        fids = progress(self.fids, desc=f'vad {split}', leave=False)
+        self.wavs = [torch.from_numpy(normalize(load_audio(media_path(root, f), max_seconds)[0])) for f in fids]
         self.lengths = np.array([len(w) for w in self.wavs])
-    def __len__(self): return len(self.fids)
-    def __getitem__(self, i): return dict(fid=self.fids[i], wav=self.wavs[i], labels=torch.from_numpy(self.labels[i]))
+
+# %% ../nbs/07_pretrain.ipynb #50866b9c
+@patch
+def __len__(self:VADDataset) -> int:
+    "Number of clips."
+    return len(self.fids)
+
+@patch
+def __getitem__(self:VADDataset, i:int) -> dict:
+    "Clip `i`: dict(fid, wav, labels)."
+    return dict(fid=self.fids[i], wav=self.wavs[i], labels=torch.from_numpy(self.labels[i]))
 
 # %% ../nbs/07_pretrain.ipynb #5b8a3925
+def _mean_defined(x:np.ndarray) -> float:
+    "Mean over the defined (finite) values; NaN when none is."
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float('nan')
+
+def _vad_scores(P:np.ndarray, # (N, 3) predictions
+               Y:np.ndarray # (N, 3) labels
+              ) -> dict:
+    "Pearson ρ and CCC per dimension (arousal, dominance, valence), their means over the defined ones, and N."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        r, c = pearson(P, Y, VAD_NAMES, warn=False), ccc(P, Y)
+    return dict(rho=dict(zip(VAD_NAMES, r.tolist())), ccc=dict(zip(VAD_NAMES, c.tolist())),
+                mean_rho=_mean_defined(r), mean_ccc=_mean_defined(c), n=len(Y))
+
+# %% ../nbs/07_pretrain.ipynb #fadcb4b3
 @torch.no_grad()
-def evaluate_vad(model:EmotionModel, ds:VADDataset, device, dtype=None, batch_size:int=32) -> dict:
+def evaluate_vad(model:EmotionModel, # backbone with its VAD head
+                 ds:VADDataset, # held-out clips
+                 device, # torch device the model is on
+                 dtype=None, # autocast dtype, None = float32 without autocast
+                 batch_size:int=32 # clips per batch
+                ) -> dict:
     "Held-out Pearson ρ and CCC per dimension (arousal, dominance, valence) of the VAD head."
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=LengthBucketSampler(ds.lengths, batch_size, shuffle=False), collate_fn=collate)
-    was = model.training; model.eval(); P, Y = [], []
+    sampler = LengthBucketSampler(ds.lengths, batch_size, shuffle=False)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    was = model.training
+    model.eval()
+    P, Y = [], []
     for b in dl:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             P.append(model(b['input_values'].to(device), b['attention_mask'].to(device))[1].float().cpu())
         Y.append(b['labels'])
-    model.train(was); P, Y = torch.cat(P).numpy(), torch.cat(Y).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); r, c = pearson(P, Y, VAD_NAMES, warn=False), ccc(P, Y)
-    return dict(rho=dict(zip(VAD_NAMES, r.tolist())), ccc=dict(zip(VAD_NAMES, c.tolist())),
-                mean_rho=float(np.nanmean(r)) if np.isfinite(r).any() else float('nan'), mean_ccc=float(np.nanmean(c)) if np.isfinite(c).any() else float('nan'), n=len(Y))
+    model.train(was)
+    return _vad_scores(torch.cat(P).numpy(), torch.cat(Y).numpy())
 
-# %% ../nbs/07_pretrain.ipynb #5c8f44c9
-def train_vad(model:EmotionModel, train:VADDataset, valid:VADDataset, pc:PretrainConfig, device, log=print) -> dict:
+# %% ../nbs/07_pretrain.ipynb #8c5c5dce
+def _vad_loader(train:VADDataset, pc:PretrainConfig, device) -> tuple:
+    "(sampler, DataLoader) of the training clips, batched by length as the recipe says."
+    s = LengthBucketSampler(train.lengths, pc.batch_size, seed=pc.seed, pool=pc.pool)
+    return s, torch.utils.data.DataLoader(train, batch_sampler=s, collate_fn=collate, pin_memory=device.type == 'cuda',
+                                          generator=torch.Generator())
+
+# %% ../nbs/07_pretrain.ipynb #073060d8
+def train_vad(model:EmotionModel, # backbone with its VAD head, trained in place
+              train:VADDataset, # training clips
+              valid:VADDataset, # held-out clips, for early stopping
+              pc:PretrainConfig, # the recipe
+              device, # torch device the model is on
+              log=print # progress lines, None = quiet
+             ) -> dict:
     "Train the backbone and its VAD head on `train` with recipe `pc` through the loop; returns the loop's record."
     seed_everything(pc.seed)
-    s = LengthBucketSampler(train.lengths, pc.batch_size, seed=pc.seed, pool=pc.pool)
-    dl = torch.utils.data.DataLoader(train, batch_sampler=s, collate_fn=collate, pin_memory=device.type == 'cuda',
-                                     generator=torch.Generator())
+    s, dl = _vad_loader(train, pc, device)
     def batches(epoch, start):
+        "The batches of `epoch` from step `start` on."
         s.set_epoch(epoch, start)
         return iter(dl)
     def step(b):
+        "The recipe's loss of the VAD head on one batch."
         vad = model(b['input_values'].to(device), b['attention_mask'].to(device))[1]   # (B, 3)
         loss, info = emi_loss(vad, b['labels'].to(device), pc.loss)
         return loss, dict(info, n=len(vad))
     def evaluate():
+        "Held-out mean ρ and CCC."
         ev = evaluate_vad(model, valid, device, amp_dtype(device, 'auto'))
         return dict(val_rho=ev['mean_rho'], val_ccc=ev['mean_ccc'])
     lp = Loop(model, recipe(pc), device, batches, len(s), step, evaluate, monitor='val_ccc', name='vad', log=log)
     return lp.fit()
 
 # %% ../nbs/07_pretrain.ipynb #759de6f0
-def pretrain_backbone(cfg:StudyConfig, out, # folder to write (save_pretrained layout + pretrain.json)
-                      vad_root=None, # VAD corpus; None = the cached VAD corpus of cfg.corpus
-                      log=print) -> Path:
-    "Train backbone_preset's EmotionModel on the VAD corpus with cfg.pretrain and save it to `out`; returns `out`."
-    t0, pc, preset = time.time(), cfg.pretrain, cfg.backbone_preset
-    root = Path(vad_root or ensure_vad_corpus(cfg.corpus))
-    dev = get_device(cfg.device)
-    tr, va = VADDataset(root, 'train', pc.max_seconds), VADDataset(root, 'valid', pc.max_seconds)
+def _pretrain_scored(cfg:StudyConfig, tr:VADDataset, va:VADDataset, dev, log) -> tuple:
+    "(model, loop record, held-out scores, untrained scores) of cfg.pretrain on the threads the recipe pins."
+    pc = cfg.pretrain
     with threads(pc.threads if dev.type == 'cpu' else 0):
         seed_everything(pc.seed)
-        m = load_backbone(f'preset:{preset}', device=dev)
+        m = load_backbone(f'preset:{cfg.backbone_preset}', device=dev)
         untrained = evaluate_vad(m, va, dev)
         rec = train_vad(m, tr, va, pc, dev, log)
         held_out = evaluate_vad(m, va, dev)
+    return m, rec, held_out, untrained
+
+# %% ../nbs/07_pretrain.ipynb #b70d5bf9
+def _pretrain_info(cfg:StudyConfig, root:Path, tr:VADDataset, va:VADDataset, rec:dict, held_out:dict, untrained:dict,
+                   t0:float) -> dict:
+    "The contents of pretrain.json; `t0` is when the pre-training started."
+    return dict(preset=cfg.backbone_preset, recipe=asdict(cfg.pretrain), version=PRETRAIN_VERSION, vad_root=str(root),
+                vad_fingerprint=data_fingerprint(root), n_train=len(tr), n_valid=len(va), record=rec,
+                curves=rec['curves'], held_out=held_out, untrained=untrained, seconds=round(time.time() - t0, 1))
+
+# %% ../nbs/07_pretrain.ipynb #4b87924b
+def pretrain_backbone(cfg:StudyConfig, # the profile's config: pretrain recipe, backbone_preset, corpus, device
+                      out, # folder to write (save_pretrained layout + pretrain.json)
+                      vad_root=None, # VAD corpus, None = the cached VAD corpus of cfg.corpus
+                      log=print # progress lines, None = quiet
+                     ) -> Path:
+    "Train backbone_preset's EmotionModel on the VAD corpus with cfg.pretrain and save it to `out`; returns `out`."
+    t0, pc = time.time(), cfg.pretrain
+    root = Path(vad_root or ensure_vad_corpus(cfg.corpus))
+    dev = get_device(cfg.device)
+    tr, va = VADDataset(root, 'train', pc.max_seconds), VADDataset(root, 'valid', pc.max_seconds)
+    m, rec, held_out, untrained = _pretrain_scored(cfg, tr, va, dev, log)
     out = Path(out)
     m.save_pretrained(out)
-    save_json(out/'pretrain.json', dict(preset=preset, recipe=asdict(pc), version=PRETRAIN_VERSION, vad_root=str(root),
-              vad_fingerprint=data_fingerprint(root), n_train=len(tr), n_valid=len(va), record=rec, curves=rec['curves'],
-              held_out=held_out, untrained=untrained, seconds=round(time.time() - t0, 1)))
+    save_json(out/'pretrain.json', _pretrain_info(cfg, root, tr, va, rec, held_out, untrained, t0))
     return out
 
 # %% ../nbs/07_pretrain.ipynb #b77a065e
-def backbone_key(cfg:StudyConfig, vad_root) -> str:
+def backbone_key(cfg:StudyConfig, # the config: backbone_preset and pretrain recipe
+                 vad_root # the VAD corpus
+                ) -> str:
     "Cache key of the pre-trained backbone: geometry, VAD corpus fingerprint, recipe and code version."
     preset = cfg.backbone_preset
-    code = json.dumps(dict(recipe=asdict(cfg.pretrain), version=PRETRAIN_VERSION, geometry=backbone_config(preset).to_dict()),
+    geometry = backbone_config(preset).to_dict()
+    code = json.dumps(dict(recipe=asdict(cfg.pretrain), version=PRETRAIN_VERSION, geometry=geometry),
                       sort_keys=True, default=str)
-    return f"{preset}-{Path(vad_root).name}-{data_fingerprint(vad_root)[:10]}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
+    code_hash = hashlib.sha256(code.encode()).hexdigest()[:8]
+    return f"{preset}-{Path(vad_root).name}-{data_fingerprint(vad_root)[:10]}-{code_hash}"
 
-def resolve_backbone(cfg:StudyConfig, log=print) -> str:
+# %% ../nbs/07_pretrain.ipynb #36302e64
+def resolve_backbone(cfg:StudyConfig, # the config: backbone, or backbone_preset, corpus and pretrain recipe
+                     log=print # says when a backbone is pre-trained, None = quiet
+                    ) -> str:
     "cfg.backbone if set; else the cached VAD-pretrained backbone of cfg.backbone_preset (trained if missing)."
     if cfg.backbone: return cfg.backbone
     from filelock import FileLock
@@ -114,5 +185,6 @@ def resolve_backbone(cfg:StudyConfig, log=print) -> str:
     with FileLock(str(d.parent/f'.{d.name}.lock')):
         if (d/'pretrain.json').exists(): return str(d)
         if log: log(f"pre-training the {cfg.backbone_preset} backbone on the synthetic VAD corpus -> {d}")
-        with atomic_path(d, folder=True) as tmp: pretrain_backbone(cfg, tmp, root, log)
+        with atomic_path(d, folder=True) as tmp:
+            pretrain_backbone(cfg, tmp, root, log)
     return str(d)
