@@ -25,14 +25,14 @@ from .pretrain import resolve_backbone
 from .train import fit
 
 # %% auto #0
-__all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'AUDIO_CLAIMS', 'Row', 'untrained_backbone', 'table2_backbones',
-           'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_seeds', 'row_key',
-           'weights_checksum', 'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
+__all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'AUDIO_CLAIMS', 'CLAIM_LIMITS', 'Row', 'untrained_backbone',
+           'table2_backbones', 'plan_for', 'table2_rows', 'table1_rows', 'explore_rows', 'row_config', 'row_seeds',
+           'row_key', 'weights_checksum', 'audio_fingerprint', 'clip_frames', 'n_frames', 'pad_frames', 'FrameStore',
            'extract_store', 'load_frozen', 'backbone_checksum', 'feature_key', 'feature_store', 'ensure_stores',
            'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
            'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid', 'row_convergence', 'grid_stats',
-           'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap', 'Claim', 'verdict', 'pair_stats', 'audio_claims',
-           'collect_claims']
+           'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap', 'Claim', 'verdict', 'claim_limit', 'pair_stats',
+           'audio_claims', 'collect_claims']
 
 # %% ../nbs/09_ablations.ipynb #d904b4dd
 @dataclass
@@ -1222,6 +1222,42 @@ AUDIO_CLAIMS = [
     Claim('loss', 'MSE beats 1 - rho as the loss (1 - rho collapses)', 'section 6.2', 'loss.mse', 'loss.pearson'),
 ]
 
+# %% ../nbs/09_ablations.ipynb #5d053dc1
+CLAIM_LIMITS = {
+    'pretraining': "the offline backbone is small and pre-trained on synthetic VAD speech only; on that task it trails "
+                   "eGeMAPS + ridge (07_pretrain, 'What a backbone can hear'), so it has less to pass on than the "
+                   "paper's MSP-Podcast model",
+    'head': "the synthetic labels are drawn from each clip's hidden VAD state and its events (03_synth); what a "
+            "non-linear head adds over a linear read of the mean vector depends on how non-linear that map is",
+    'lstm': "an LSTM reading the frozen frames of a small backbone, trained on a few hundred clips at the profile's cut, "
+            "has little data and little time to learn a sequence model; the episodes it could read are in 03_synth",
+    'vad': "the VAD head's three outputs summarise what the global vector already holds; with the small backbone's "
+           "held-out VAD CCC (07_pretrain) they add little new",
+    'global+vad': "as for 'vad': the small backbone's VAD outputs carry little beyond its frames",
+    'finetune': "fine-tuning a small backbone on a few hundred clips at a tenth of the head's rate (the profile) moves "
+                "its weights little and can overfit; the end-to-end fits' curves are in 08_train",
+    'train+val': "the test split is scored by one model per seed; adding valid grows the training data by a third "
+                 "(the corpus' split sizes, 04_data), a small step at this scale",
+    'padding': "at the profile's cut most clips are cut to the same length, so a batch holds little padding to mislead "
+               "the model (the padding table above)",
+    'loss': "1 - rho collapses when a batch's predictions go flat; whether that happens depends on batch size and "
+            "learning rate, the loss rows' curves show it",
+    'pretraining-e2e': "as for 'pretraining', end to end",
+    'vs-mfcc': "the neural model hears the normalised waveform (no absolute level) through a small backbone trained on "
+               "synthetic speech; the functionals see the level and are fitted on the same clips",
+    'vs-egemaps': "as for 'vs-mfcc'; eGeMAPS + ridge also beats the offline backbone on the VAD task it was "
+                  "pre-trained for (07_pretrain)",
+    'vision-alone': "the synthetic faces carry label cues by design (03_synth); how far they transfer across speakers "
+                    "is the corpus' face switches",
+    'audio+vision': "as for 'vision-alone': a vision branch that overfits the training speakers can still add to audio",
+    '2:1': "the speaker-specific expression cues of the synthetic faces (03_synth) set how much a 2:1 split inside "
+           "one split gains over train -> valid",
+}
+
+def claim_limit(key:str, verdict:str) -> str:
+    "The mechanism or limit behind a verdict that is not 'agrees' ('' for agrees)."
+    return '' if verdict == 'agrees' else CLAIM_LIMITS.get(key, '')
+
 # %% ../nbs/09_ablations.ipynb #11ebb8ce
 def pair_stats(records:dict, a:str, b:str, split:str, root, n_boot:int=1000, seed:int=0) -> dict|None:
     "Paired difference (a - b) of two rows on their common seeds and the split's clips; None when either is missing."
@@ -1246,6 +1282,7 @@ def audio_claims(records:dict, stats:dict, root, emo:str, asr:str, n_boot:int=10
         out.append(dict(key=c.key, claim=c.text, source=c.source, a=a, b=b, split=c.split, converged=conv,
                         delta=p['delta'] if p else None, ci=p['ci'] if p else None, seeds=p['seeds'] if p else [],
                         verdict=verdict(p['ci'] if p else None, conv)))
+        out[-1]['limit'] = claim_limit(c.key, out[-1]['verdict'])
     return out
 
 # %% ../nbs/09_ablations.ipynb #b7659072
@@ -1261,6 +1298,7 @@ def collect_claims(results_dir) -> pd.DataFrame:
         rows.append(dict(key=f'vs-{k}', claim=f'the fusion model beats {k} + ridge (the field\'s baseline)', source='this study',
                          delta=v['delta'], ci=v['ci'], verdict=verdict(v['ci'], v.get('converged', False))))
     rows += read('ablations').get('claims', []) + read('vision').get('claims', [])
-    cols = ['claim', 'source', 'ours', 'verdict']
+    cols = ['claim', 'source', 'ours', 'verdict', 'why it can differ here']
     fmt = lambda r: '–' if r.get('delta') is None else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
-    return pd.DataFrame([dict(r, ours=fmt(r)) for r in rows], columns=['key', *cols]).set_index('key')[cols] if rows else pd.DataFrame(columns=cols)
+    rows = [dict(r, ours=fmt(r), **{'why it can differ here': claim_limit(r['key'], r['verdict'])}) for r in rows]
+    return pd.DataFrame(rows, columns=['key', *cols]).set_index('key')[cols] if rows else pd.DataFrame(columns=cols)

@@ -168,12 +168,13 @@ def link_latest(run_dir:Path, # a finished run directory under runs/
 
 # %% ../nbs/14_study.ipynb #63b43068
 def ensure_assets(cfg, # the run's config
+                  log=None, # one line per pre-training epoch when the backbone is built, None = quiet
                  ) -> dict:
     "Build what the run needs once (synthetic corpora, the offline backbone) before any notebook; what and how long."
     t0 = time.time()
     res = dict(data_root=str(resolve_data_root(cfg)))
     if not cfg.data_root: res['vad_corpus'] = str(ensure_vad_corpus(cfg.corpus))
-    res['backbone'] = resolve_backbone(cfg, log=None)
+    res['backbone'] = resolve_backbone(cfg, log=log)
     return dict(res, seconds=round(time.time() - t0, 1))
 
 # %% ../nbs/14_study.ipynb #32b6bf5d
@@ -181,7 +182,8 @@ def _assets(man:dict, profile:str, overrides:dict):
     "Build the run's assets with progress bars off, one line before and after; what and how long go into `man`."
     print("[emi_study] assets (corpora, offline backbone) ...", flush=True)
     os.environ.update(HEADLESS_ENV, EMI_PROGRESS='off')
-    man['assets'] = ensure_assets(make_config(profile, **overrides))
+    log = lambda m: print(f"[emi_study]   {m}", flush=True)
+    man['assets'] = ensure_assets(make_config(profile, **overrides), log)
     print(f"[emi_study] assets ready in {man['assets']['seconds']} s", flush=True)
 
 # %% ../nbs/14_study.ipynb #9342e149
