@@ -32,7 +32,7 @@ __all__ = ['FULL', 'ABLATIONS_VERSION', 'FEATURE_VERSION', 'AUDIO_CLAIMS', 'CLAI
            'LiveFrames', 'ConcatFrames', 'labels_for', 'head_model', 'predict_frames', 'train_head', 'SkipRow',
            'adopt_fit', 'run_row', 'result_path', 'run_job', 'plan_jobs', 'run_grid', 'row_convergence', 'grid_stats',
            'stats_table', 'agreement', 'bar_chart', 'emotion_heatmap', 'Claim', 'verdict', 'claim_limit', 'pair_stats',
-           'audio_claims', 'collect_claims']
+           'audio_claims', 'collect_claims', 'baseline_comparisons']
 
 # %% ../nbs/09_ablations.ipynb #d904b4dd
 @dataclass
@@ -170,8 +170,10 @@ def _t1_variant(n:str, full:dict, plan:dict, ref:str) -> Row:
     e = int(math.ceil(e))
     k = plan['t1_seeds'] if fz else plan['fit_seeds']
     rov = {**full, **ov, 'freeze_backbone': fz, 'epochs': e, **({} if fz else {'max_steps': plan['fit_max_steps']})}
+    refit = plan['long_factor'] if n.endswith('-long') else 1.0
+    opts = dict(test=True, **({'refit': refit} if n.startswith('train+val') else {}))
     return Row(f't1.{n}', 'table1', rov, 'head' if fz else 'fit', label, _t1_quoted(n), score=score, ref=ref, seeds=k,
-               note=_short(fz, e, k), options=dict(test=True) if fz else dict(threads=plan['fit_threads']))
+               note=_short(fz, e, k), options=opts if fz else dict(threads=plan['fit_threads']))
 
 def table1_rows(emotion:str, # the emotion backbone (a path)
                 plan:dict # the grid plan (plan_for)
@@ -679,9 +681,21 @@ def _run_head(cfg:StudyConfig, row:Row, log=None) -> dict:
     tr, va = st('train'), st('valid')
     te = st('test') if want_test else None
     ytr, yva = labels_for(root, 'train', tr.fids), labels_for(root, 'valid', va.fids)
-    if cfg.train_on == 'train+valid': tr, ytr = ConcatFrames([tr, va]), np.concatenate([ytr, yva])
     yte = labels_for(root, 'test', te.fids) if te is not None else None
-    return train_head(cfg, bb, tr, va, ytr, yva, te, yte, row.options.get('init', 'default'))
+    init = row.options.get('init', 'default')
+    if cfg.train_on != 'train+valid': return train_head(cfg, bb, tr, va, ytr, yva, te, yte, init)
+    return _refit_head(cfg, bb, tr, va, ytr, yva, te, yte, init, row.options.get('refit', 1.0))
+
+# %% ../nbs/09_ablations.ipynb #823de7f5
+def _refit_head(cfg:StudyConfig, bb, tr, va, ytr, yva, te, yte, init:str, factor:float) -> dict:
+    "A train+valid head row: epochs chosen by a train-only run early-stopped on valid, times `factor`, then refit."
+    sel = train_head(cfg.replace(train_on='train'), bb, tr, va, ytr, yva, init=init)['metrics']
+    epochs = max(1, int(math.ceil(sel['best_epoch'] * factor)))
+    both, y = ConcatFrames([tr, va]), np.concatenate([ytr, yva])
+    out = train_head(cfg.replace(epochs=epochs), bb, both, va, y, yva, te, yte, init)
+    conv = dict(sel['convergence'], refit_epochs=epochs, refit_factor=factor, refit_loss=out['metrics']['convergence'])
+    out['metrics'].update(convergence=conv, selection=dict(best_epoch=sel['best_epoch'], valid_rho=sel['valid']['rho']))
+    return out
 
 # %% ../nbs/09_ablations.ipynb #96e60b5b
 def _comparable(cfg:StudyConfig, backbone:str) -> dict:
@@ -1200,7 +1214,7 @@ class Claim:
     text: str                  # the claim
     source: str                # where the paper makes it
     a: str                     # the row the claim says is better ('{e}': the emotion backbone, '{u}': the ASR stand-in)
-    b: str                     # the row it beats
+    b: str                     # the row it beats ('{best}': the best other Table 2 row of the emotion backbone)
     split: str = 'valid'       # the split they are compared on
 
 def verdict(ci, converged:bool=True) -> str:
@@ -1216,6 +1230,7 @@ AUDIO_CLAIMS = [
     Claim('lstm', 'the LSTM adds to global vector + head', 'Table 2', 't2.{e}.global+head+lstm', 't2.{e}.global+head'),
     Claim('vad', 'the VAD head adds to global vector + head + LSTM', 'Table 2', f't2.{{e}}.{FULL}', 't2.{e}.global+head+lstm'),
     Claim('global+vad', 'global vector and VAD head together add to head + LSTM', 'Table 2', f't2.{{e}}.{FULL}', 't2.{e}.head+lstm'),
+    Claim('full', 'the full model is the best of Table 2 (against its best other row)', 'Table 2', f't2.{{e}}.{FULL}', '{best}'),
     Claim('finetune', 'fine-tuning the backbone beats a frozen one', 'Table 1', 't1.train', 't1.frozen'),
     Claim('train+val', 'training on train + valid beats train alone on test', 'Table 1', 't1.train+val', 't1.frozen', 'test'),
     Claim('padding', 'zero-padding to a fixed length without a mask hurts', 'section 6.2', 'pad.masked-bucketed', 'pad.fixed-nomask'),
@@ -1234,6 +1249,8 @@ CLAIM_LIMITS = {
     'vad': "the VAD head's three outputs summarise what the global vector already holds; with the small backbone's "
            "held-out VAD CCC (07_pretrain) they add little new",
     'global+vad': "as for 'vad': the small backbone's VAD outputs carry little beyond its frames",
+    'full': "the full model carries the LSTM; where the LSTM does not add (the 'lstm' claim), a row without it can "
+            "come out ahead",
     'finetune': "fine-tuning a small backbone on a few hundred clips at a tenth of the head's rate (the profile) moves "
                 "its weights little and can overfit; the end-to-end fits' curves are in 08_train",
     'train+val': "the test split is scored by one model per seed; adding valid grows the training data by a third "
@@ -1243,10 +1260,11 @@ CLAIM_LIMITS = {
     'loss': "1 - rho collapses when a batch's predictions go flat; whether that happens depends on batch size and "
             "learning rate, the loss rows' curves show it",
     'pretraining-e2e': "as for 'pretraining', end to end",
-    'vs-mfcc': "the neural model hears the normalised waveform (no absolute level) through a small backbone trained on "
-               "synthetic speech; the functionals see the level and are fitted on the same clips",
-    'vs-egemaps': "as for 'vs-mfcc'; eGeMAPS + ridge also beats the offline backbone on the VAD task it was "
-                  "pre-trained for (07_pretrain)",
+    'vs-mfcc': "the fusion model hears the audio only through a small backbone pre-trained on synthetic speech for "
+               "minutes; what that backbone cannot hear of valence, arousal and dominance (07_pretrain, 'What a "
+               "backbone can hear') the head cannot recover, while the functionals are fitted on the same clips",
+    'vs-egemaps': "as for 'vs-mfcc': on the VAD task it was pre-trained for, the offline backbone itself trails "
+                  "eGeMAPS + ridge (07_pretrain), so the fusion model built on it starts behind the functionals",
     'vision-alone': "the synthetic faces carry label cues by design (03_synth); how far they transfer across speakers "
                     "is the corpus' face switches",
     'audio+vision': "as for 'vision-alone': a vision branch that overfits the training speakers can still add to audio",
@@ -1271,11 +1289,18 @@ def pair_stats(records:dict, a:str, b:str, split:str, root, n_boot:int=1000, see
     return dict(paired_stats(PA[[sa.index(k) for k in common]], PB[[sb.index(k) for k in common]], y, n_boot, seed), seeds=common)
 
 # %% ../nbs/09_ablations.ipynb #43f75f10
+def _best_other(stats:dict, a:str, prefix:str) -> str:
+    "The row with the highest mean among the rows named `prefix*` other than `a` ('' when there is none)."
+    others = {k: v['mean'] for k, v in stats.items() if k.startswith(prefix) and k != a and v.get('mean') is not None}
+    return max(others, key=others.get) if others else ''
+
+# %% ../nbs/09_ablations.ipynb #9030b324
 def audio_claims(records:dict, stats:dict, root, emo:str, asr:str, n_boot:int=1000, seed:int=0) -> list:
     "Each audio claim of the paper: its rows, our paired difference with CI, both rows' convergence, the verdict."
     out = []
     for c in AUDIO_CLAIMS:
-        a, b = (x.format(e=emo, u=asr) for x in (c.a, c.b))
+        a, b = (x.format(e=emo, u=asr, best='{best}') for x in (c.a, c.b))
+        if b == '{best}': b = _best_other(stats, a, f't2.{emo}.')
         if c.key == 'train+val' and b not in stats: b = 't1.train'
         p = pair_stats(records, a, b, c.split, root, n_boot, seed) if a in stats and b in stats else None
         conv = bool(stats.get(a, {}).get('converged')) and bool(stats.get(b, {}).get('converged'))
@@ -1287,18 +1312,32 @@ def audio_claims(records:dict, stats:dict, root, emo:str, asr:str, n_boot:int=10
 
 # %% ../nbs/09_ablations.ipynb #b7659072
 def collect_claims(results_dir) -> pd.DataFrame:
-    "Every claim verdict of a run, read from its results JSONs (ablations, vision, train); absent ones are left out."
+    "Every verdict on the paper's claims in a run, read from its results JSONs (ablations, vision, train); absent ones left out."
     rd, rows = Path(results_dir), []
-    read = lambda n: json.loads((rd/f'{n}.json').read_text())['metrics'] if (rd/f'{n}.json').exists() else {}
+    read = partial(_results_metrics, rd)
     eff = read('train').get('pretraining_effect')
     if eff:
         rows.append(dict(key='pretraining-e2e', claim='emotion pre-training beats an untrained backbone (full model, end to end)',
                          source='Table 2, section 5', delta=eff['delta'], ci=eff['ci'], verdict=verdict(eff['ci'], eff.get('converged', False))))
-    for k, v in (read('train').get('vs_baselines') or {}).items():
-        rows.append(dict(key=f'vs-{k}', claim=f'the fusion model beats {k} + ridge (the field\'s baseline)', source='this study',
-                         delta=v['delta'], ci=v['ci'], verdict=verdict(v['ci'], v.get('converged', False))))
     rows += read('ablations').get('claims', []) + read('vision').get('claims', [])
+    return _claims_frame(rows)
+
+def _results_metrics(rd:Path, name:str) -> dict:
+    "The metrics of results/<name>.json, {} when the run has none."
+    return json.loads((rd/f'{name}.json').read_text())['metrics'] if (rd/f'{name}.json').exists() else {}
+
+def _claims_frame(rows:list) -> pd.DataFrame:
+    "Claim rows as a table: claim, source, our paired difference with its CI, verdict and the limit behind it."
     cols = ['claim', 'source', 'ours', 'verdict', 'why it can differ here']
     fmt = lambda r: '–' if r.get('delta') is None else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
     rows = [dict(r, ours=fmt(r), **{'why it can differ here': claim_limit(r['key'], r['verdict'])}) for r in rows]
     return pd.DataFrame(rows, columns=['key', *cols]).set_index('key')[cols] if rows else pd.DataFrame(columns=cols)
+
+# %% ../nbs/09_ablations.ipynb #53a93561
+def baseline_comparisons(results_dir) -> pd.DataFrame:
+    "The fusion model against each acoustic baseline + ridge of a run (paired, valid), as a claims table."
+    rd = Path(results_dir)
+    vs = _results_metrics(rd, 'train').get('vs_baselines') or {}
+    rows = [dict(key=f'vs-{k}', claim=f"the fusion model beats {k} + ridge (the field's baseline)", source='this study',
+                 delta=v['delta'], ci=v['ci'], verdict=verdict(v['ci'], v.get('converged', False))) for k, v in vs.items()]
+    return _claims_frame(rows)

@@ -453,8 +453,9 @@ def end_epoch(self:Loop, ev:dict, # evaluate()'s metrics of the epoch
 def _line(self:Loop, row:dict, better:bool) -> str:
     "One log line per epoch."
     ev = '  '.join(f"{k} {row[k]:.4f}" for k in row if k.startswith('val_') and isinstance(row[k], float))
-    return (f"{self.name} epoch {row['epoch']}/{self.rec.epochs}  loss {row['train_loss']:.4f}  "
-            f"train rho {row['train_rho']:.3f}  {ev}" + ('  *' if better else ''))
+    rho = row.get('train_rho')
+    tr = '' if rho is None or not np.isfinite(rho) else f"train rho {rho:.3f}  "
+    return f"{self.name} epoch {row['epoch']}/{self.rec.epochs}  loss {row['train_loss']:.4f}  {tr}{ev}" + ('  *' if better else '')
 
 # %% ../nbs/06_loop.ipynb #ba792db6
 @patch

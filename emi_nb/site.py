@@ -645,7 +645,7 @@ def quarto_page(run:dict, # the run (`load_run`)
     first = next((i for i, c in enumerate(page.cells) if c.cell_type == 'markdown' and re.match(r'\s*#\s', c.source)),
                  None)
     if first is not None: page.cells.pop(first)
-    front = yaml.safe_dump({'title': title, 'description': desc}, allow_unicode=True).join(['---\n', '---'])
+    front = yaml.safe_dump({'title': title, 'description': desc}, sort_keys=False, allow_unicode=True).join(['---\n', '---'])
     page.cells.insert(0, nbformat.v4.new_raw_cell(front))
     return page
 

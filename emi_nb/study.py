@@ -14,7 +14,7 @@ from .synth import ensure_vad_corpus
 from .data import resolve_data_root
 from .pretrain import resolve_backbone
 from .paper import front_page_md
-from .ablations import collect_claims
+from .ablations import collect_claims, baseline_comparisons
 from .site import render_site, paper_vs_here
 
 # %% auto #0
@@ -260,7 +260,8 @@ def study_summary(run_dir) -> dict:
     return dict(run=run_dir.name, profile=man['profile'], commit=man.get('commit'), ended=man.get('ended'),
                 assets_seconds=(man.get('assets') or {}).get('seconds'), study_seconds=man.get('study_seconds'),
                 notebooks={e['notebook']: e['seconds'] for e in man['notebooks']}, paper_vs_here=md_table(pvh),
-                claims=md_table(claims), verdicts=claims['verdict'].value_counts().to_dict() if len(claims) else {})
+                claims=md_table(claims), verdicts=claims['verdict'].value_counts().to_dict() if len(claims) else {},
+                baselines=md_table(baseline_comparisons(run_dir/'results')))
 
 # %% ../nbs/14_study.ipynb #e242b370
 def publish_study(run_dir, # a finished run directory of `emi_study`
@@ -277,10 +278,11 @@ def publish_study(run_dir, # a finished run directory of `emi_study`
 
 # %% ../nbs/14_study.ipynb #8a2b74f1
 def _published(root:Path, key:str) -> str:
-    "The published run's line and table `key` (paper_vs_here | claims), or a line saying none is published."
+    "The published run's line and table `key` (paper_vs_here | claims | baselines), or a line saying none is published."
     p = root/'study'/'latest.json'
     if not p.exists(): return 'No run is published yet: `make study`, then `make publish`.'
-    return (root/'study'/'latest.md').read_text().strip() + '\n\n' + json.loads(p.read_text())[key]
+    table = json.loads(p.read_text()).get(key, 'Not in the published run: `make study`, then `make publish`.')
+    return (root/'study'/'latest.md').read_text().strip() + '\n\n' + table
 
 def _cell_text(c, root:Path) -> str|None:
     "What a front-page cell contributes to the README: markdown as is, the computed cells' published tables."
@@ -289,6 +291,7 @@ def _cell_text(c, root:Path) -> str|None:
     if 'paper-quotes' in tags: return front_page_md().strip()
     if 'run-summary' in tags: return _published(root, 'paper_vs_here')
     if 'run-claims' in tags: return _published(root, 'claims')
+    if 'run-baselines' in tags: return _published(root, 'baselines')
     return None
 
 def readme_text(root=None, # project folder (default: this project)
