@@ -1253,10 +1253,12 @@ CLAIM_LIMITS = {
             "come out ahead",
     'finetune': "fine-tuning a small backbone on a few hundred clips at a tenth of the head's rate (the profile) moves "
                 "its weights little and can overfit; the end-to-end fits' curves are in 08_train",
-    'train+val': "the test split is scored by one model per seed; adding valid grows the training data by a third "
-                 "(the corpus' split sizes, 04_data), a small step at this scale",
-    'padding': "at the profile's cut most clips are cut to the same length, so a batch holds little padding to mislead "
-               "the model (the padding table above)",
+    'train+val': "one seed per train+valid row (the profile's budget) and a frozen backbone; adding valid grows the "
+                 "head's training data by half (the corpus' split sizes, 04_data), a small step for a head that "
+                 "already saturates on frozen features",
+    'padding': "the padding rows run one seed each (the profile's budget), so their interval is wide; and the head reads "
+               "a frozen backbone, so the padded frames it sees are that backbone's output for silence, not zeros "
+               "inside a network being fine-tuned (the padding share table in 09_ablations)",
     'loss': "1 - rho collapses when a batch's predictions go flat; whether that happens depends on batch size and "
             "learning rate, the loss rows' curves show it",
     'pretraining-e2e': "as for 'pretraining', end to end",
@@ -1338,6 +1340,7 @@ def baseline_comparisons(results_dir) -> pd.DataFrame:
     "The fusion model against each acoustic baseline + ridge of a run (paired, valid), as a claims table."
     rd = Path(results_dir)
     vs = _results_metrics(rd, 'train').get('vs_baselines') or {}
-    rows = [dict(key=f'vs-{k}', claim=f"the fusion model beats {k} + ridge (the field's baseline)", source='this study',
+    names = dict(egemaps='eGeMAPSv02 functionals', mfcc='MFCC statistics')
+    rows = [dict(key=f'vs-{k}', claim=f"the fusion model beats {names.get(k, k)} + ridge (the field's baseline)", source='this study',
                  delta=v['delta'], ci=v['ci'], verdict=verdict(v['ci'], v.get('converged', False))) for k, v in vs.items()]
     return _claims_frame(rows)

@@ -253,7 +253,7 @@ def md_table(df) -> str:
 # %% ../nbs/14_study.ipynb #47c2c2e5
 def study_summary(run_dir) -> dict:
     "What the README shows of a finished run: when, which commit, how long, paper vs here, the claims' verdicts."
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     man = json.loads((run_dir/'manifest.json').read_text())
     if man.get('status') != 'ok': raise ConfigError(f"{run_dir}: the run did not finish (status {man.get('status')!r})")
     pvh, claims = paper_vs_here(run_dir), collect_claims(run_dir/'results')
