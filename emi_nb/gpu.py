@@ -382,13 +382,14 @@ def run_cmd(cmd:list, # the command line
             log, # file for its output (stdout and stderr)
             timeout:float, # seconds until its process group is killed
             check:bool=True, # raise when it exits non-zero
+            env:dict|None=None, # variables added to child_env's
            ) -> dict:
     "Run `cmd` (output to `log`), killing its process group after `timeout` s: dict(cmd, rc, seconds)."
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, 'w') as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(**(env or {})), start_new_session=True)
         rc = _wait(p, timeout, cmd, log)
     res = dict(cmd=' '.join(map(str, cmd)), rc=rc, seconds=round(time.time() - t0, 1), log=str(log))
     if check and rc != 0:
@@ -438,10 +439,10 @@ def _latest(ckpt:Path) -> dict:
     except (OSError, json.JSONDecodeError): return {}
 
 # %% ../nbs/12_gpu.ipynb #15787e8d
-def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float) -> dict|None:
+def _kill_mid_epoch(cmd:list, ckpt:Path, log:Path, steps:int, timeout:float, env:dict|None=None) -> dict|None:
     "Start `cmd`, SIGKILL it at its first mid-epoch checkpoint; the pointer it was killed at (None: it ended first)."
     with open(log, 'w') as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(**(env or {})), start_new_session=True)
         t0, at = time.time(), None
         try:
             while p.poll() is None and time.time() - t0 < timeout:
@@ -478,15 +479,16 @@ def resume_check(work, # an empty folder for the corpus, both runs and their log
     work, t0 = Path(work), time.time()
     corpus = gpu_corpus(work/'corpus', n_train=2 * steps, n_valid=4, n_test=0, cut=2.0)
     amp = dict(amp='fp16') if device.startswith('cuda') else {}  # the CPU runs fp32 whatever amp says
+    env = {} if device.startswith('cuda') else {'OMP_NUM_THREADS': '1'}  # one CPU thread: bit-reproducible kernels
     kw = dict(name='resume', profile='smoke', data_root=corpus, backbone=backbone, device=device, epochs=2,
               ckpt_steps=1, torchrun=False, max_steps=steps, batch_size=2, max_seconds=2.0, **amp)
-    run_cmd(train_command(work/'straight', **kw), work/'straight.log', timeout)
+    run_cmd(train_command(work/'straight', **kw), work/'straight.log', timeout, env=env)
     left = lambda: timeout - (time.time() - t0)
     if left() < 1: raise StageTimeout(f"resume check: no time left after the straight run ({timeout:.0f} s)")
     at = _kill_mid_epoch(train_command(work/'killed', **kw), work/'killed'/'checkpoints'/'resume', work/'killed.log',
-                         steps, left())
+                         steps, left(), env)
     if at is None: return dict(ok=False, interrupted=False, note='the run ended before a mid-epoch checkpoint')
-    run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', left())
+    run_cmd(train_command(work/'killed', resume=True, **kw), work/'resumed.log', left(), env=env)
     dm, rel = _resume_diff(work)
     return dict(ok=dm <= 1e-4 and rel <= 1e-3, interrupted=True, killed_at={k: at.get(k) for k in ('epoch', 'step')},
                 metrics_max_diff=dm, weights_rel_l2=rel, exact=dm == 0 and rel == 0, amp=amp.get('amp', 'fp32'),
