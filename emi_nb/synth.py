@@ -562,9 +562,10 @@ def plan_vad_split(corpus:CorpusConfig, # sizes, seed and mechanisms of the corp
 # %% ../nbs/03_synth.ipynb #0a2078b7
 _PLAN_ONLY = ['speaker_json', 'seed', 'index'] + [f'expressed_{j}' for j in range(6)]  # for the workers, not the CSVs
 
-def _render_many(rows:list[dict], root, media:bool, workers:int, desc:str) -> list[dict]:
-    "Render rows in `workers` processes (fork), in order; results in row order."
+def _render_many(plans:dict, root, media:bool, workers:int, desc:str) -> list[dict]:
+    "Render the rows of every split's plan in `workers` processes (fork), in order; results in row order."
     import multiprocessing as mp
+    rows = [r for p in plans.values() for r in p.to_dict('records')]
     if workers <= 1: return [render_row(r, root, media) for r in progress(rows, desc=desc, leave=False)]
     ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
     with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
@@ -614,8 +615,7 @@ def build_corpus(out, # folder to create (must not exist or be empty)
     C = as_corpus(corpus)
     out = _new_folder(out)
     plans = _emi_plans(C)
-    rows = [r for p in plans.values() for r in p.to_dict('records')]
-    res = pd.DataFrame(_render_many(rows, out, True, _workers(C, workers), 'emi corpus'))
+    res = pd.DataFrame(_render_many(plans, out, True, _workers(C, workers), 'emi corpus'))
     meta = pd.concat([pd.concat(plans.values(), ignore_index=True), res], axis=1).drop(columns=_PLAN_ONLY)
     _write_csvs(out, plans, meta)
     targets = dict(zero_share=ZERO_SHARE, fps_mix={str(f): p for f, p in FPS_MIX})
@@ -643,8 +643,7 @@ def build_vad_corpus(out, # folder to create (must not exist or be empty)
     out = _new_folder(out)
     n = dict(vad_train=C.vad_train, vad_valid=C.vad_valid)
     plans = {s: plan_vad_split(C, s, k) for s, k in n.items()}
-    rows = [r for p in plans.values() for r in p.to_dict('records')]
-    _render_many(rows, out, False, _workers(C, workers), 'vad corpus')
+    _render_many(plans, out, False, _workers(C, workers), 'vad corpus')
     for s, p in plans.items():
         labels = p[['Filename'] + [f'label_{k}' for k in VAD_NAMES]].set_axis(['Filename'] + VAD_NAMES, axis=1)
         labels.to_csv(out/f'{s}.csv', index=False, float_format='%.4f')
