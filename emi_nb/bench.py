@@ -26,10 +26,10 @@ __all__ = ['FIGURE_KEYS', 'PATHS', 'REAL_DURATIONS', 'P3_ROWS', 'TRAIN_CHILD', '
            'bare_backbone', 'bare_network', 'predict_path', 'our_predictor', 'p1_inference', 'padding_share',
            'sampler_batches', 'p2_padding', 'simulate_real_durations', 'duration_summary', 'SubsetFrames',
            'max_abs_diff', 'table2_mix', 'p3_cache', 'p3_paper_components', 'find_study', 'stage_table', 'p4_study',
-           'RSSPeak', 'run_children', 'run_child', 'train_job', 'forward_job', 'lstm_flops', 'count_flops',
-           'p3_flop_estimate', 'flops_per_audio_second', 'epoch_estimate', 'find_gpu_results', 'gpu_projection',
-           'gpu_vs_estimate', 'code_mentions', 'cuda_path_checks', 'profile_step', 'machine', 'plot_bench',
-           'bench_markdown', 'publish_bench']
+           'RSSPeak', 'run_children', 'run_child', 'train_job', 'forward_job', 'p6_strict_check', 'lstm_flops',
+           'count_flops', 'p3_flop_estimate', 'flops_per_audio_second', 'epoch_estimate', 'find_gpu_results',
+           'gpu_projection', 'gpu_vs_estimate', 'code_mentions', 'cuda_path_checks', 'profile_step', 'machine',
+           'plot_bench', 'bench_markdown', 'publish_bench']
 
 # %% ../nbs/11_benchmarks.ipynb #8cb7296e
 def pick_threads(cores:int|None=None, # cores to use (default: all of this machine)
@@ -585,6 +585,40 @@ def forward_job(preset:str='paper', # model geometry
                ) -> tuple:
     "The child job measuring the resident memory a no-grad forward of one clip adds above the loaded model."
     return FORWARD_CHILD, dict(preset=preset, seconds=seconds, reps=reps, threads=threads)
+
+# %% ../nbs/11_benchmarks.ipynb #7587e975
+def _check_cost(root, max_seconds:float, workers:int, cache:Path) -> dict:
+    "Seconds, audio seconds and clips decoded by the check of train + valid, with the clip-check cache at `cache`."
+    from emi_nb.data import check_clips, read_split
+    old = os.environ.get('EMI_CACHE')
+    os.environ['EMI_CACHE'] = str(cache)
+    try: costs = [check_clips(root, read_split(root, s).Filename.tolist(), max_seconds, workers)[1] for s in ('train', 'valid')]
+    finally:
+        if old is None: del os.environ['EMI_CACHE']
+        else: os.environ['EMI_CACHE'] = old
+    return {k: sum(c[k] for c in costs) for k in ('seconds', 'audio_seconds', 'decoded')}
+
+def p6_strict_check(root, # a corpus whose raw/*.mp4 carry the same sound as its audio/
+                    max_seconds:float, # the cut the run decodes to
+                    workers:int=4, # decoding threads (the config's decode_workers)
+                    reps:int=3, # cold measurements per source
+                   ) -> dict:
+    "The check of every train + valid clip from audio/ and from raw/: cold and cached cost, the paper's size at the cold rate."
+    import tempfile
+    paper_audio = (DATA['clips_train'].value + DATA['clips_valid'].value) * DATA['duration_mean_s'].value
+    out = {}
+    with tempfile.TemporaryDirectory() as t:
+        view = Path(t)/'release'
+        view.mkdir()
+        (view/'raw').symlink_to(Path(root).resolve()/'raw')
+        for s in ('train', 'valid'): (view/f'{s}_split.csv').write_bytes((Path(root)/f'{s}_split.csv').read_bytes())
+        for src, r in (('audio', root), ('raw', view)):
+            cold = [_check_cost(r, max_seconds, workers, Path(t)/f'cache-{src}-{i}') for i in range(reps)]
+            warm = _check_cost(r, max_seconds, workers, Path(t)/f'cache-{src}-{reps - 1}')
+            minutes = [paper_audio / (c['audio_seconds'] / c['seconds']) / 60 for c in cold]
+            out[src] = dict(stats(minutes), cold_seconds=[c['seconds'] for c in cold], warm_seconds=warm['seconds'],
+                            warm_decoded=warm['decoded'], clips=cold[0]['decoded'], audio_seconds=cold[0]['audio_seconds'])
+    return out
 
 # %% ../nbs/11_benchmarks.ipynb #0950f453
 def lstm_flops(lstm:torch.nn.LSTM, # a unidirectional LSTM

@@ -298,9 +298,10 @@ def _av_mono16k(path:Path) -> tuple:
     with av.open(str(path)) as c:
         if not c.streams.audio: raise DataError(path, "no audio stream (a video without sound?)")
         s = c.streams.audio[0]
+        as_is = s.rate == SR and s.channels == 1 and s.codec_context.format.name in ('flt', 'fltp')
         rs = av.AudioResampler(format='flt', layout='mono', rate=SR)
-        parts = [f.to_ndarray()[0] for fr in c.decode(s) for f in rs.resample(fr)]
-        parts += [f.to_ndarray()[0] for f in rs.resample(None)]
+        out = (f.to_ndarray()[0] for fr in c.decode(s) for f in ([fr] if as_is else rs.resample(fr)))
+        parts = list(out) + ([] if as_is else [f.to_ndarray()[0] for f in rs.resample(None)])
         promised, codec = (float(s.duration * s.time_base) if s.duration else 0.0), s.codec_context.name
     return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), promised, codec
 

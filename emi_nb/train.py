@@ -170,7 +170,8 @@ def run_data(cfg:StudyConfig, root,
     if cfg.quarantine and write_report: rep = write_quarantine_report([rows], run_path(cfg, 'results'), f'{name}_quarantine')
     checked = check_summary({s: d[s] for s in ('train', 'valid', 'test')})
     if write_report: print(check_line(checked), flush=True)
-    d.update(lengths=d['train'].lengths, quarantine=dict(path=rep['path'], count=len(rows), checked=checked))
+    sources = {s: c['source'] for s, c in checked.items()}
+    d.update(lengths=d['train'].lengths, checked=checked, quarantine=dict(path=rep['path'], count=len(rows), sources=sources))
     if cfg.train_on == 'train+valid':
         d.update(train=torch.utils.data.ConcatDataset([d['train'], d['valid']]),
                  lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))

@@ -200,7 +200,7 @@ def test_release_form_root_checks_trains_and_predicts(clean, tmp_path):
     t = run_cli('emi_train', *TINY, '--data-root', r, '--run-dir', run, '--epochs', 1, '--max-steps', 2, env=ENV)
     assert 'audio      train, valid, test from raw/*.mp4' in t.stdout, t.stdout
     res = json.loads((run/'results/emi.json').read_text())
-    assert {s: c['source'] for s, c in res['quarantine']['checked'].items()} == dict(train='raw', valid='raw', test='raw')
+    assert res['quarantine']['sources'] == dict(train='raw', valid='raw', test='raw')
     assert res['metrics']['epochs_run'] == 1 and len(pd.read_csv(run/'results/emi_test_submission.csv')) == 16
     run_cli('emi_predict', '--checkpoint', run/'checkpoints/emi', r/'raw', '--output', tmp_path/'p.csv', '--speech-check', 'false', env=ENV)
     df = pd.read_csv(tmp_path/'p.csv', dtype={'Filename': str})
