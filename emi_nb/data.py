@@ -279,11 +279,10 @@ def out_len(n:int, # samples at `sr`
     return n if sr == SR else int(math.floor(n * SR / sr + 0.5))
 
 def _probe(path:Path) -> dict:
-    "Header facts of an audio file (frames, samplerate, channels); a video or another container through PyAV."
+    "Header facts of an audio file (frames, samplerate, channels); what libsndfile cannot open goes through PyAV."
     path = Path(path)
     if not path.exists(): raise DataError(path, "missing file")
     if path.stat().st_size == 0: raise DataError(path, "empty file (0 bytes)")
-    if path.suffix.lower() not in AUDIO_EXTS: return _probe_av(path)
     try: i = sf.info(str(path))
     except Exception as e: return _probe_av(path, e)
     if i.frames <= 0 or i.samplerate <= 0:
@@ -305,12 +304,12 @@ def _av_mono16k(path:Path) -> tuple:
         promised, codec = (float(s.duration * s.time_base) if s.duration else 0.0), s.codec_context.name
     return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), promised, codec
 
-def _probe_av(path:Path, err:Exception|None=None) -> dict:
-    "The audio stream of any container PyAV reads, decoded (frames: what the container promises at 16 kHz)."
+def _probe_av(path:Path, err:Exception) -> dict:
+    "The audio stream of a file libsndfile could not open (`err`), decoded by PyAV (frames: what it promises at 16 kHz)."
     try: y, promised, codec = _av_mono16k(path)
     except DataError: raise
     except Exception as e:
-        why = (f"soundfile: {_short(err)}; " if err else '') + f"PyAV: {_short(e) or type(e).__name__}"
+        why = f"soundfile: {_short(err)}; PyAV: {_short(e) or type(e).__name__}"
         raise DataError(path, f"cannot decode audio ({why})") from None
     frames = max(len(y), int(round(promised * SR)))
     return dict(frames=frames, orig_sr=SR, channels=1, format=codec, decoder='pyav', _data=y[:, None])
