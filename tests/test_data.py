@@ -242,3 +242,13 @@ def test_reference_test_layout_refused_with_what_to_do(clean, tmp_path):
     subprocess.run(['bash', '-c', out.split('`')[1]], check=True)   # the command emi_check gives, as it stands
     code, out = _emi_check(r, '--speech-sample', 0)
     assert code == 0 and len(EMIDataset(r, 'test', labels=False)) == 16 and not any((r/'test_data/raw').iterdir()), out
+
+def test_video_without_sound_is_named(clean, tmp_path):
+    "In the release's form, a clip whose mp4 has no audio stream: strict loading names it, quarantine leaves it out and lists it."
+    from emi_nb.synth import write_video
+    r = _release_form(clean, tmp_path); f = _fid(r, 'train', 3); p = r/f'raw/{f:05d}.mp4'
+    write_video(np.random.default_rng(0), p, 2.0, 30, np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError) as e: EMIDataset(r, 'train')
+    assert e.value.path == str(p) and e.value.reason == 'no audio stream (a video without sound?)'
+    q = EMIDataset(r, 'train', quarantine=True)
+    assert len(q) == 31 and q.report[0]['file'] == str(p) and 'no audio stream' in q.report[0]['problem']
