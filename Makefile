@@ -85,7 +85,7 @@ test: check-export nbtest pytest
 # Publishes benchmarks/latest.{json,md} and refreshes the README's ratios; commit them afterwards.
 BENCH_PARAMS ?= -p bench.reps=7 -p bench.p1_clips=4 -p bench.p1_seconds=6
 bench: env
-	$(BIN)/emi_study --profile $(PROFILE) --only 11 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
+	$(BIN)/emi_study --profile $(PROFILE) --only 12 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
 	$(BIN)/python -c "from emi_nb.study import write_readme; write_readme()"
 
 # On a CUDA machine (install a CUDA build first: make env TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128):
