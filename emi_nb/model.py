@@ -319,12 +319,14 @@ def backbone_frames(self:EMIModel, input_values:torch.Tensor, # (B, T) normalise
 # %% ../nbs/05_model.ipynb #60c78a8f
 @patch
 def _lstm_last(self:EMIModel, f:torch.Tensor, lengths:torch.Tensor) -> torch.Tensor:
-    "The top LSTM layer's output at each clip's last valid frame, (B, d), packed or padded + gather."
+    "The top LSTM layer's output at each clip's last valid frame, (B, d), in fp32, packed or padded + gather."
     packed = self.lstm_packed if self.lstm_packed is not None else f.device.type == 'cuda'
-    if packed and not f.is_meta:
-        _, (h_n, _) = self.lstm(pack_padded_sequence(f, lengths.cpu(), batch_first=True, enforce_sorted=False))
-        return h_n[-1]  # (B, d): each clip's state after its own last valid frame
-    out, _ = self.lstm(f)  # (B, T', d); causal: steps after a clip's end cannot reach its last valid frame
+    with torch.autocast('cpu' if f.is_meta else f.device.type, enabled=False):
+        f = f.float()
+        if packed and not f.is_meta:
+            _, (h_n, _) = self.lstm(pack_padded_sequence(f, lengths.cpu(), batch_first=True, enforce_sorted=False))
+            return h_n[-1]  # (B, d): each clip's state after its own last valid frame
+        out, _ = self.lstm(f)  # (B, T', d); causal: steps after a clip's end cannot reach its last valid frame
     return out[torch.arange(f.shape[0], device=f.device), lengths - 1]
 
 # %% ../nbs/05_model.ipynb #7044b0b5

@@ -586,6 +586,7 @@ def emi_predict_cli(argv=None):
         pc = _predict_config(a)
         dev = get_device(pc.device)
         model, cfg = load_trained(pc.checkpoint, dev)
+        dtype = amp_dtype(dev, pc.amp or cfg.amp)
     except (ConfigError, CheckpointError, RuntimeError) as e:
         print(f"emi_predict: {e}", file=sys.stderr)
         sys.exit(2)
@@ -594,7 +595,7 @@ def emi_predict_cli(argv=None):
         print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr)
         sys.exit(2)
     bs = default_batch_size(dev, cfg, pc.batch_size)
-    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, amp_dtype(dev, pc.amp or cfg.amp),
+    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, dtype,
                                speech=pc.speech_check, min_speech=pc.min_speech)
     sys.exit(_write_predictions(df, failed, Path(pc.output), len(files)))
 

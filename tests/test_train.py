@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, soundfile as sf, torch
 from safetensors.torch import load_file
 from conftest import run_cli, BIN
-from emi_nb.config import EMOTIONS, make_config
+from unittest import mock
+from emi_nb.config import EMOTIONS, make_config, amp_dtype, ConfigError
 from emi_nb.train import fit
 from emi_nb.loop import resolve_checkpoint, emi_loss
 
@@ -126,6 +127,20 @@ def test_predict_mixed_folder_and_corrupt_file(tmp_path, trained):
     w = pd.read_csv(tmp_path/'w.csv').set_index('Filename')
     assert w.loc['c_long', 'windows'] == 2 and w.loc['c_long', 'used_seconds'] == pytest.approx(9.0)   # 6 s + 3 s
     assert w.loc['b_mono', EMOTIONS].to_numpy() == pytest.approx(df.set_index('Filename').loc['b_mono', EMOTIONS].to_numpy(), abs=1e-5)
+
+@pytest.mark.parametrize('cap,name', [((7, 0), 'Tesla V100'), ((7, 5), 'Tesla T4'), ((8, 0), 'NVIDIA A100'),
+                                      ((9, 0), 'NVIDIA H100')])
+def test_amp_follows_compute_capability(cap, name):
+    "amp=auto is the paper's fp16 (GradScaler on) on every GPU; bf16 only where it is native, though all say they support it."
+    with mock.patch('torch.cuda.get_device_capability', return_value=cap), \
+         mock.patch('torch.cuda.get_device_name', return_value=name), \
+         mock.patch('torch.cuda.is_bf16_supported', return_value=True):
+        assert amp_dtype('cuda', 'auto') == amp_dtype('cuda:0', 'fp16') == torch.float16 and amp_dtype('cuda', 'off') is None
+        if cap >= (8, 0): assert amp_dtype('cuda', 'bf16') == torch.bfloat16
+        else:
+            with pytest.raises(ConfigError, match=f"{name} .compute capability {cap[0]}.{cap[1]}. has no native bf16"):
+                amp_dtype('cuda', 'bf16')
+    assert make_config('paper').amp == 'auto' and make_config('paper').scaler_init == 2**10
 
 def test_degenerate_correlation_losses_do_not_nan(tmp_path):
     "1-rho / CCC on a model pushed to constant output: steps skipped and counted, weights stay finite."
