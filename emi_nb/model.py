@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_model.ipynb #1c07c8ab
 from __future__ import annotations
-import math, time, warnings
+import itertools, math, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import torch
@@ -20,7 +20,7 @@ from .data import MIN_SAMPLES
 # %% auto #0
 __all__ = ['BACKBONE_PRESETS', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_BACKBONES', 'backbone_config', 'VADHead', 'EmotionModel',
            'masked_mean', 'quiet_transformers', 'load_backbone', 'min_samples', 'clip_lengths', 'EMIModel',
-           'draw_architecture', 'block_table', 'forward_seconds']
+           'cudnn_flat', 'cudnn_flat_rnns', 'draw_architecture', 'block_table', 'forward_seconds']
 
 # %% ../nbs/05_model.ipynb #fe33a326
 _CONV_KERNEL, _CONV_STRIDE = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)  # wav2vec2's encoder: stride 320 -> 50 Hz
@@ -391,6 +391,24 @@ TABLE2_ROWS: dict[str, dict] = {  # component set -> StudyConfig switches, in th
     for _, r in TABLE2[TABLE2.backbone_id == 'audeering'].iterrows()}
 TABLE2_BACKBONES = {'w2v2-l': 'facebook/wav2vec2-large-960h', 'xlsr': 'facebook/wav2vec2-large-xlsr-53',  # hub names,
                     'audeering': 'audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim'}  # read from a local copy
+
+# %% ../nbs/05_model.ipynb #86f49b87
+def cudnn_flat(rnn:nn.RNNBase # an LSTM or GRU, on any device
+              ) -> nn.RNNBase:
+    "Every weight of `rnn` a view of one flat buffer, as cuDNN's `flatten_parameters` leaves them on a GPU."
+    ws = rnn._flat_weights
+    if len(ws) != len(rnn._flat_weights_names) or any(not isinstance(w, torch.Tensor) or w.is_meta for w in ws): return rnn
+    buf = torch.cat([w.detach().reshape(-1) for w in ws]).untyped_storage()
+    with torch.no_grad():
+        for w, o in zip(ws, [0, *itertools.accumulate(w.numel() for w in ws)]): w.set_(buf, o, w.shape)
+    return rnn
+
+@contextmanager
+def cudnn_flat_rnns():
+    "Inside the block every RNN lays out its weights as `cudnn_flat` wherever torch calls `flatten_parameters`."
+    old, nn.RNNBase.flatten_parameters = nn.RNNBase.flatten_parameters, cudnn_flat
+    try: yield
+    finally: nn.RNNBase.flatten_parameters = old
 
 # %% ../nbs/05_model.ipynb #eda28643
 def _canvas(size=(11, 4.2)):

@@ -24,7 +24,7 @@ from .loop import (emi_loss, LengthBucketSampler, dist_setup, barrier, rank0_fir
 from .pretrain import resolve_backbone
 
 # %% auto #0
-__all__ = ['PREDICT_EXTS', 'disable_dropout', 'build_model', 'write_weights', 'read_weights', 'load_trained', 'predict',
+__all__ = ['PREDICT_EXTS', 'disable_dropout', 'build_model', 'plain', 'write_weights', 'read_weights', 'load_trained', 'predict',
            'evaluate', 'make_loader', 'run_data', 'Trainer', 'summary_lines', 'fit', 'emi_train_cli', 'audio_files',
            'windows', 'predict_files', 'PredictConfig', 'default_batch_size', 'emi_predict_cli', 'fit_many']
 
@@ -48,11 +48,18 @@ def build_model(cfg:StudyConfig, backbone:str, device, no_dropout:bool=False) ->
 # %% ../nbs/08_train.ipynb #5eb8884d
 def _unwrap(model): return model.module if hasattr(model, 'module') else model
 
+def plain(obj):
+    "`obj` with every tensor a contiguous CPU copy of its own (dicts, lists and tuples rebuilt): what checkpoints store."
+    if isinstance(obj, torch.Tensor): return obj.detach().to('cpu', copy=True, memory_format=torch.contiguous_format)
+    if isinstance(obj, dict): return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(plain(v) for v in obj)
+    return obj
+
 def write_weights(d:Path, model, cfg:StudyConfig, **meta):
-    "model.safetensors + config.json (the StudyConfig) + backbone_config.json into folder `d`."
-    from safetensors.torch import save_model
+    "model.safetensors (plain tensors) + config.json (the StudyConfig) + backbone_config.json into folder `d`."
+    from safetensors.torch import save_file
     m = _unwrap(model)
-    save_model(m, str(d/'model.safetensors'))
+    save_file(plain(m.state_dict()), str(d/'model.safetensors'))
     save_json(d/'config.json', dict(config=asdict(cfg), **meta))
     save_json(d/'backbone_config.json', m.backbone.config.to_dict())
 
@@ -63,12 +70,12 @@ def _read_json(p:Path) -> dict:
     except FileNotFoundError: raise CheckpointError(f"{p}: missing") from None
     except (OSError, ValueError) as e: raise CheckpointError(f"{p}: damaged ({type(e).__name__}: {e})") from None
 
-def read_weights(path:Path, model, device='cpu'):
-    "Load model.safetensors of folder `path` into `model`; CheckpointError naming the file when it is damaged."
-    from safetensors.torch import load_model
+def read_weights(path:Path, model):
+    "Copy model.safetensors of folder `path` into `model`'s tensors; CheckpointError naming the file when it is damaged."
+    from safetensors.torch import load_file
     f = Path(path)/'model.safetensors'
     if not f.exists(): raise CheckpointError(f"{f}: missing")
-    try: load_model(model, str(f), device=str(device))
+    try: _unwrap(model).load_state_dict(load_file(str(f)))
     except Exception as e: raise CheckpointError(f"{f}: damaged or not this model's weights ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/08_train.ipynb #1bbaf754
@@ -257,7 +264,7 @@ def _save_state(self:Trainer, loop:Loop):
         torch.distributed.all_gather_object(rngs, rng_state())
     if self.rank == 0:
         st = loop.st
-        state = dict(loop=loop.state_dict(), sampler=self.sampler.state_dict(), rng=rngs)
+        state = plain(dict(loop=loop.state_dict(), sampler=self.sampler.state_dict(), rng=rngs))
         def write(d):
             write_weights(d, self.model, self.cfg, name=self.name, epoch=st['epoch'], step=st['step'])
             torch.save(state, d/'state.pt')
@@ -308,7 +315,7 @@ def _load_state(self:Trainer) -> bool:
     "Restore the newest complete state; False when there is none (a fresh start)."
     d = latest_complete(self.ckpt_dir, self._check_state, self.log)
     if d is None: return False
-    read_weights(d, self.model, self.device)
+    read_weights(d, self.model)
     s = torch.load(d/'state.pt', weights_only=True, map_location='cpu')
     self.loop.load_state_dict(s['loop'])
     self.sampler.load_state_dict(s['sampler'])
@@ -342,7 +349,7 @@ def _final(self:Trainer, rec:dict, timing:dict) -> dict:
     "Best weights -> valid ρ with CI, results JSON at once; then the optional test split (submission, score)."
     cfg, t0 = self.cfg, time.time()
     best = resolve_checkpoint(self.ckpt_dir, 'best')
-    read_weights(best, self.model, self.device)
+    read_weights(best, self.model)
     ev = evaluate(self.model, self.valid_dl, self.device, self.dtype, cfg.n_boot, cfg.seed, self.world)
     valid = {k: ev[k] for k in ('rho', 'per_emotion', 'ci', 'n_undefined', 'n', 'mse')}
     metrics = dict(valid=valid, test=None, valid_in_sample=cfg.train_on != 'train',
