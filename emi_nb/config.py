@@ -157,7 +157,7 @@ class StudyConfig:
     freeze_backbone: bool = False   # paper: backbone and VAD head unfrozen (Table 1 'frozen' row sets True)
     freeze_feature_encoder: bool = False  # the CNN feature encoder; the paper trains it too
     batched: bool = True            # batched + attention-masked backbone; False = per clip, as the reference code
-    grad_checkpointing: bool = False  # trade compute for memory on long clips (GPU)
+    grad_checkpointing: bool|None = None  # recompute activations in backward; None = the memory plan decides (08_train)
     lstm_packed: bool|None = None   # packed LSTM; None = packed on CUDA, gather on CPU (same values, ~10x faster there)
     # -- training recipe
     loss: str = 'mse'               # mse | ccc | pearson (1-rho); MSE won in the paper
@@ -177,6 +177,8 @@ class StudyConfig:
     bucket_pool: int = 32           # batches sorted together by length; keep several pools per epoch
     train_on: str = 'train'         # train | train+valid (the final submission's recipe)
     max_steps: int = 0              # cap on optimiser steps per epoch; 0 = none (smoke runs only)
+    micro_batch: int = 0            # clips per forward, gradients accumulated to batch_size (mse only); 0 = the memory plan's
+    memory_gb: float = 0.0          # GiB the memory plan may fill to 90%; 0 = the GPU's free memory (CPU: no limit)
     # -- study
     seeds: int = 3                  # seeds per ablation row; mean, sd and CI over them
     n_boot: int = 1000              # bootstrap resamples for 95% CIs

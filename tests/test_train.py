@@ -197,6 +197,49 @@ def test_amp_follows_compute_capability(cap, name):
                 amp_dtype('cuda', 'bf16')
     assert make_config('paper').amp == 'auto' and make_config('paper').scaler_init == 2**10
 
+def _grads(t, batch) -> tuple:
+    "The clips of each forward and the gradients of one accumulated step of trainer `t` on `batch` (then cleared)."
+    sizes, step = [], t.loop.step_fn
+    t.loop.step_fn = lambda b: (sizes.append(len(b['labels'])), step(b))[1]
+    loss, info, ok = t.loop.accumulate(batch)
+    t.loop.step_fn = step
+    g = {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None}
+    t.model.zero_grad(set_to_none=True)
+    assert ok and info['n'] == len(batch['labels'])
+    return sizes, loss, g
+
+def test_memory_plan_fake_budget(tmp_path, capsys):
+    "A fake memory budget that fits half the batch: the documented plan, printed and recorded; the same gradients as the whole batch."
+    from emi_nb.train import Trainer, static_bytes, FILL
+    from emi_nb.model import activation_costs, batch_bytes
+    cfg = make_config('smoke', backbone='preset:tiny', device='cpu', run_dir=str(tmp_path), epochs=1, max_steps=1)
+    t = Trainer(cfg, no_dropout=True, quiet=True)
+    assert t.mem['line'] == 'plan: 1 x 8 clips, checkpointing off (no memory budget)' and t.mem['costs'] is None
+    costs = activation_costs(t.model)
+    half = (static_bytes(t.model) + batch_bytes(costs['off'], 4, cfg.max_seconds)) / FILL
+    t = Trainer(cfg.replace(memory_gb=1.001 * half / 2**30), no_dropout=True)
+    assert (t.mem['steps'], t.mem['micro_batch'], t.mem['checkpointing'], t.mem['budget_from']) == (2, 4, False, 'memory_gb')
+    assert f"  memory     {t.mem['line']}" in capsys.readouterr().out and t.mem['line'].startswith('plan: 2 x 4 clips')
+    t._setup()
+    batch = next(t._batches(0, 0))
+    parts = _grads(t, batch)
+    t.mem = dict(t.mem, micro_batch=8)
+    whole = _grads(t, batch)
+    assert parts[0] == [4, 4] and whole[0] == [8] and parts[1] == pytest.approx(whole[1], rel=1e-5)
+    assert parts[2].keys() == whole[2].keys()
+    for k, g in whole[2].items(): assert torch.allclose(parts[2][k], g, rtol=1e-4, atol=1e-6), k
+    tight = 0.99 * static_bytes(t.model) / FILL / 2**30
+    with pytest.raises(ConfigError, match='memory plan: even 1 clip'): Trainer(cfg.replace(memory_gb=tight), quiet=True)
+
+def test_memory_plan_recorded(tmp_path):
+    "Fields that force the plan on a CPU: micro-batches of 3 with checkpointing, trained, in the results JSON."
+    cfg = make_config('smoke', backbone='preset:tiny', device='cpu', run_dir=str(tmp_path), epochs=1, max_steps=1,
+                      micro_batch=3, grad_checkpointing=True)
+    res = fit(cfg, 'emi', quiet=True)
+    p = _results(tmp_path)['memory_plan']
+    assert p['line'] == res['memory_plan']['line'] == 'plan: 3 x 3 clips, checkpointing on (no memory budget)'
+    with pytest.raises(ConfigError, match='cannot be accumulated'): fit(cfg.replace(loss='ccc'), 'ccc', quiet=True)
+
 def test_degenerate_correlation_losses_do_not_nan(tmp_path):
     "1-rho / CCC on a model pushed to constant output: steps skipped and counted, weights stay finite."
     cfg = make_config('smoke', backbone='preset:tiny', device='cpu', run_dir=str(tmp_path), epochs=1, max_steps=2, lr=1e-12)
