@@ -13,7 +13,7 @@ STAMP := $(VENV)/.emi-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env study test check-export nbtest pytest bench gpu-check publish lab browser sounds corpus clean
+.PHONY: help env study test check-export nbtest pytest bench gpu-check publish lab browser sounds ffmpeg corpus clean
 
 help:
 	@echo "make study   - environment, synthetic corpus, every notebook headless, the study site"
@@ -58,6 +58,15 @@ sounds:
 	fi
 	@ls $(SOUNDS) >/dev/null
 
+# The ffmpeg program, for the test that holds the loader's decoding of videos to what `ffmpeg -ac 1 -ar 16000` gives
+# (the reference code's step); Debian's package, installed when missing. The study itself decodes with PyAV.
+ffmpeg:
+	@if ! command -v ffmpeg >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg >/dev/null; \
+	fi
+	@ffmpeg -version | head -1
+
 check-export: env
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
@@ -68,7 +77,7 @@ check-export: env
 nbtest: env
 	EMI_PROGRESS=off $(BIN)/nbdev_test --n_workers 2 --timing
 
-pytest: env browser sounds
+pytest: env browser sounds ffmpeg
 	$(BIN)/python -m pytest tests -n 2 --durations=15 -ra
 
 test: check-export nbtest pytest
@@ -76,7 +85,7 @@ test: check-export nbtest pytest
 # Publishes benchmarks/latest.{json,md} and refreshes the README's ratios; commit them afterwards.
 BENCH_PARAMS ?= -p bench.reps=7 -p bench.p1_clips=4 -p bench.p1_seconds=6
 bench: env
-	$(BIN)/emi_study --profile $(PROFILE) --only 11 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
+	$(BIN)/emi_study --profile $(PROFILE) --only 12 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
 	$(BIN)/python -c "from emi_nb.study import write_readme; write_readme()"
 
 # On a CUDA machine (install a CUDA build first: make env TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128):

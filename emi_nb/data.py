@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_data.ipynb #c5c758df
 from __future__ import annotations
-import argparse, functools, json, math, os, pickle, sys, threading, time, warnings
+import argparse, functools, hashlib, json, math, os, pickle, sys, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -12,17 +12,19 @@ import pandas as pd
 import soundfile as sf
 from fastcore.basics import patch
 from .config import (EMOTIONS, VAD_NAMES, SR, ConfigError, add_config_flags, config_from_args, progress,
-                           add_progress_flag, set_progress, save_json)
+                           add_progress_flag, set_progress, save_json, cache_dir)
+from .paper import DATA
 from .synth import ensure_corpus, ensure_vad_corpus
 
 # %% auto #0
-__all__ = ['SPLITS', 'MAX_ID_DIGITS', 'AUDIO_EXTS', 'KINDS', 'MIN_SAMPLES', 'REPORT_COLUMNS', 'IMG_EXTS', 'VAD_FRAME',
+__all__ = ['SPLITS', 'MAX_ID_DIGITS', 'AUDIO_EXTS', 'KINDS', 'SOURCES', 'MIN_SAMPLES', 'REPORT_COLUMNS', 'IMG_EXTS', 'VAD_FRAME',
            'SPEECH_PROB', 'LITTLE_SPEECH', 'FEATURES', 'DataError', 'split_csv', 'read_table', 'split_table',
-           'read_split', 'read_test_labels', 'shared_id_problems', 'check_shared_ids', 'media_path', 'out_len',
-           'load_audio', 'normalize', 'check_length', 'audio_folder', 'check_clip', 'EMIDataset',
-           'write_quarantine_report', 'collate', 'video_info', 'face_frames', 'load_pickled_features', 'vad_model',
-           'speech_share', 'check_root', 'format_problems', 'speech_line', 'emi_check_cli', 'mfcc_stats', 'egemaps',
-           'acoustic_features', 'ClipRange', 'ridge_fit', 'resolve_data_root', 'corpus_facts']
+           'read_split', 'read_test_labels', 'shared_id_problems', 'check_shared_ids', 'audio_source', 'media_path',
+           'out_len', 'load_audio', 'normalize', 'check_length', 'check_clip', 'check_clips', 'EMIDataset',
+           'check_summary', 'check_line', 'write_quarantine_report', 'collate', 'video_info', 'face_frames',
+           'load_pickled_features', 'vad_model', 'speech_share', 'check_root', 'decode_line', 'format_problems',
+           'speech_line', 'emi_check_cli', 'mfcc_stats', 'egemaps', 'acoustic_features', 'ClipRange', 'ridge_fit',
+           'resolve_data_root', 'corpus_facts']
 
 # %% ../nbs/04_data.ipynb #4191cde6
 class DataError(ValueError):
@@ -126,6 +128,8 @@ def split_table(root, # ABAW-layout data root
                ) -> tuple[pd.DataFrame, list[dict]]:
     "The split's valid rows and a list of row problems (row, fid, problem); structural problems raise DataError."
     csv = split_csv(root, split)
+    if split == 'test' and not csv.exists() and (Path(root)/'test_data').is_dir():
+        raise DataError(Path(root)/'test_data', _test_data_help(Path(root)))
     if not csv.exists(): raise DataError(csv, f"missing split file ({split})")
     return read_table(csv, (split != 'test') if labels is None else labels, 'split')
 
@@ -143,6 +147,16 @@ def read_split(root, # ABAW-layout data root
     if len(df) == 0: raise DataError(split_csv(root, split), "empty split: no valid rows")
     df.attrs['problems'] = probs
     return df
+
+# %% ../nbs/04_data.ipynb #36185c01
+def _test_data_help(root:Path) -> str:
+    "What to run in `root` to turn the reference code's test_data/ folder into the test split."
+    csv = "(echo Filename; ls test_data/raw | sed -n 's/[.]mp4$//p') > test_split.csv"
+    steps = [f"cd {root}", csv, "mv -n test_data/raw/*.mp4 raw/"]
+    if (root/'audio').is_dir() and (root/'test_data'/'sound').is_dir(): steps.append("mv -n test_data/sound/*.mp3 audio/")
+    elif (root/'audio').is_dir(): steps.append("(audio/ wins over raw/: give each test clip its audio/ file too)")
+    return ("the reference code's separate test layout (test_data/raw, test_data/sound) is not read: make it the test "
+            f"split with `{' && '.join(steps)}`, or predict it apart with `emi_predict --checkpoint CKPT test_data/raw`")
 
 # %% ../nbs/04_data.ipynb #efec370d
 def read_test_labels(root, # ABAW-layout data root
@@ -203,6 +217,16 @@ def check_shared_ids(tables:dict, # split -> its table
 # %% ../nbs/04_data.ipynb #7cd84dc7
 AUDIO_EXTS = ('.mp3', '.wav', '.flac')
 KINDS = {'audio': 'audio', 'raw': 'raw', 'faces': 'face_images'}
+SOURCES = {'audio': 'audio/ (mp3, wav or flac)', 'raw': "raw/*.mp4 (the videos' audio; the root has no audio/)"}
+
+def audio_source(root # ABAW-layout data root
+                ) -> str:
+    "Where the clips' audio is read: 'audio' when audio/ exists (it wins), else 'raw' (the videos' audio stream)."
+    root = Path(root)
+    if (root/KINDS['audio']).is_dir(): return 'audio'
+    if (root/KINDS['raw']).is_dir(): return 'raw'
+    why = "missing folder: the audio of every clip lives here, or inside the videos of raw/ (neither folder exists)"
+    raise DataError(root/KINDS['audio'], why)
 
 def _inside(p:Path, folder:Path) -> bool:
     "Whether `p`, its links resolved, lies inside `folder`."
@@ -212,6 +236,7 @@ def _inside(p:Path, folder:Path) -> bool:
 
 def _candidates(root, fid:int, kind:str) -> tuple[Path, list]:
     "(the folder of `kind`, the paths clip `fid` may have in it: .mp3, .wav and .flac for audio, one otherwise)."
+    if kind == 'audio' and audio_source(root) == 'raw': kind = 'raw'
     folder = Path(root)/KINDS[kind]
     if kind == 'audio': return folder, [folder/f'{int(fid):05d}{e}' for e in AUDIO_EXTS]
     return folder, [folder/(f'{int(fid):05d}' + ('.mp4' if kind == 'raw' else ''))]
@@ -234,7 +259,7 @@ def media_path(root, # ABAW-layout data root
                kind:str='audio', # audio | raw | faces
                must_exist:bool=True, # raise DataError when the file or folder is missing
               ) -> Path:
-    "The file (audio: first of .mp3/.wav/.flac that exists) or folder (faces) of clip `fid`."
+    "The file (audio: first of .mp3/.wav/.flac that exists, or the video without audio/) or folder (faces) of `fid`."
     if kind not in KINDS: raise ValueError(f"unknown kind {kind!r}; choose one of {list(KINDS)}")
     if not isinstance(fid, (int, np.integer)) or fid < 0:
         raise DataError(root, f"clip id {fid!r} is not a non-negative integer")
@@ -254,34 +279,45 @@ def out_len(n:int, # samples at `sr`
     return n if sr == SR else int(math.floor(n * SR / sr + 0.5))
 
 def _probe(path:Path) -> dict:
-    "Header facts of an audio file (frames, samplerate, channels); raises DataError."
+    "Header facts of an audio file (frames, samplerate, channels); what libsndfile cannot open goes through PyAV."
     path = Path(path)
     if not path.exists(): raise DataError(path, "missing file")
     if path.stat().st_size == 0: raise DataError(path, "empty file (0 bytes)")
     try: i = sf.info(str(path))
-    except Exception as e: return _probe_librosa(path, e)
+    except Exception as e: return _probe_av(path, e)
     if i.frames <= 0 or i.samplerate <= 0:
         raise DataError(path, f"no audio samples in the header ({i.frames} frames at {i.samplerate} Hz)")
     return dict(frames=int(i.frames), orig_sr=int(i.samplerate), channels=int(i.channels), format=i.format,
                 decoder='soundfile')
 
 # %% ../nbs/04_data.ipynb #8b67cc6c
-def _probe_librosa(path:Path, err:Exception) -> dict:
-    "Fallback probe through librosa/audioread; DataError naming both failures."
-    try:
-        import librosa
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            y, sr = librosa.load(str(path), sr=None, mono=False)
-    except Exception as e2:
-        why = f"soundfile: {_short(err)}; librosa: {_short(e2) or type(e2).__name__}"
+def _av_mono16k(path:Path) -> tuple:
+    "(float32 mono 16 kHz samples of the first audio stream as ffmpeg -ac 1 -ar 16000 makes them, seconds promised, codec)."
+    import av
+    with av.open(str(path)) as c:
+        if not c.streams.audio: raise DataError(path, "no audio stream (a video without sound?)")
+        s = c.streams.audio[0]
+        as_is = s.rate == SR and s.channels == 1 and s.codec_context.format.name in ('flt', 'fltp')
+        rs = av.AudioResampler(format='flt', layout='mono', rate=SR)
+        out = (f.to_ndarray()[0] for fr in c.decode(s) for f in ([fr] if as_is else rs.resample(fr)))
+        parts = list(out) + ([] if as_is else [f.to_ndarray()[0] for f in rs.resample(None)])
+        promised, codec = (float(s.duration * s.time_base) if s.duration else 0.0), s.codec_context.name
+    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), promised, codec
+
+def _probe_av(path:Path, err:Exception) -> dict:
+    "The audio stream of a file libsndfile could not open (`err`), decoded by PyAV (frames: what it promises at 16 kHz)."
+    try: y, promised, codec = _av_mono16k(path)
+    except DataError: raise
+    except Exception as e:
+        why = f"soundfile: {_short(err)}; PyAV: {_short(e) or type(e).__name__}"
         raise DataError(path, f"cannot decode audio ({why})") from None
-    y = np.atleast_2d(y)
-    return dict(frames=y.shape[-1], orig_sr=int(sr), channels=y.shape[0], format='?', decoder='librosa', _data=y.T)
+    frames = max(len(y), int(round(promised * SR)))
+    return dict(frames=frames, orig_sr=SR, channels=1, format=codec, decoder='pyav', _data=y[:, None])
 
 def _short(e:Exception) -> str:
     "The gist of a decoder's error, at most 160 characters."
-    s = str(e).replace("File does not exist or is not a regular file (possibly a pipe?)", "format not recognised")
+    s = getattr(e, 'strerror', None) or str(e)
+    s = s.replace("File does not exist or is not a regular file (possibly a pipe?)", "format not recognised")
     return s.split(': ', 1)[-1][:160] if s.startswith('Error opening') else s[:160]
 
 # %% ../nbs/04_data.ipynb #8e1f6d84
@@ -309,7 +345,7 @@ def _mono16k(x:np.ndarray, sr:int) -> np.ndarray:
     return soxr.resample(y, sr, SR, 'HQ')[:out_len(len(x), sr)]
 
 # %% ../nbs/04_data.ipynb #7824ee20
-def load_audio(path, # audio file (mp3/wav/flac, any rate, any channels)
+def load_audio(path, # audio file (mp3/wav/flac, any rate and channels) or a video/container PyAV reads
                max_seconds:float|None=12.0, # cut here (None or 0: the whole clip)
                tolerance:float=0.1, # seconds a decoded clip may fall short of its header before it counts as truncated
               ) -> tuple[np.ndarray, dict]:
@@ -342,41 +378,23 @@ def check_length(path, # the clip's file, for the message
     need = f"the model needs at least {MIN_SAMPLES} ({MIN_SAMPLES * 1000 // SR} ms)"
     raise DataError(path, f"too short: {n} samples at 16 kHz ({n * 1000 / SR:.0f} ms); {need}")
 
-def audio_folder(root # ABAW-layout data root
-                ) -> Path:
-    "The audio folder of `root`; a DataError when it is missing (every clip would be)."
-    d = Path(root)/KINDS['audio']
-    if not d.is_dir(): raise DataError(d, "missing folder: the audio of every clip lives here")
-    return d
-
 # %% ../nbs/04_data.ipynb #5e5963cf
 def check_clip(root, # ABAW-layout data root
                fid:int, # clip id
-               max_seconds:float|None=12.0, # the cut (lengths are after it)
-               decode:bool=True, # decode the whole clip (finds truncation, NaN, silence), False: the header only
+               max_seconds:float|None=12.0, # the cut: decoded up to it, as training reads the clip (None: all of it)
                keep:bool=False, # keep the decoded samples under 'wav' (for a measurement that needs them)
               ) -> dict:
-    "The one validation of a clip's audio: dict(fid, path, length, seconds, channels, orig_sr, problem)."
+    "The one validation of a clip's audio, decoded: dict(fid, path, length, seconds, channels, orig_sr, problem)."
     r = dict(fid=fid, path=None, length=0, seconds=float('nan'), channels=None, orig_sr=None, problem=None)
     try:
         p = media_path(root, fid, 'audio')
         r['path'] = str(p)
-        n, info, y = _clip_length(p, max_seconds, decode)
-        if decode and keep: r['wav'] = y
-        r.update(length=n, seconds=info['frames'] / info['orig_sr'], channels=info['channels'], orig_sr=info['orig_sr'])
-        check_length(p, n)
+        y, info = load_audio(p, max_seconds)
+        if keep: r['wav'] = y
+        r.update(length=len(y), seconds=info['seconds'], channels=info['channels'], orig_sr=info['orig_sr'])
+        check_length(p, len(y))
     except DataError as e: r.update(path=e.path, problem=e.reason)
     return r
-
-# %% ../nbs/04_data.ipynb #784f141b
-def _clip_length(p:Path, max_seconds:float|None, decode:bool) -> tuple:
-    "(samples at 16 kHz after the cut, header info, the samples or None): decoded, or from the header."
-    if decode:
-        y, info = load_audio(p, max_seconds)
-        return len(y), info, y
-    info = _probe(p)
-    f = info['frames'] if not max_seconds else min(info['frames'], int(round(max_seconds * info['orig_sr'])))
-    return out_len(f, info['orig_sr']), info, None
 
 # %% ../nbs/04_data.ipynb #1e1de4ab
 def _report_row(split:str, path, problem:str, fid=None, row=None, action:str='skipped') -> dict:
@@ -387,6 +405,48 @@ def _show(rows:list, n:int=3) -> str:
     "The first `n` report rows as 'file: problem' text."
     more = f"; ... {len(rows) - n} more" if len(rows) > n else ''
     return '; '.join(f"{Path(r['file']).name}: {r['problem']}" for r in rows[:n]) + more
+
+# %% ../nbs/04_data.ipynb #58c5ca55
+_CHECKS = 1  # what a cached verdict means: bump it when check_clip's verdict changes
+
+def _check_cache(root) -> Path:
+    "The file of the cached clip checks of data root `root`, in the user cache."
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return cache_dir('clip-checks')/f'{key}-v{_CHECKS}.json'
+
+def _identity(root, fid:int, max_seconds:float|None) -> str|None:
+    "A clip file's identity and the cut (resolved path, size, mtime in ns); None when there is no file to name."
+    try:
+        p = media_path(root, fid, 'audio')
+        st = p.stat()
+    except (DataError, OSError): return None
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_seconds}"
+
+def _read_checks(f:Path) -> dict:
+    "The cached verdicts; {} when the file is missing or damaged."
+    try: d = json.loads(f.read_text())
+    except (OSError, ValueError): return {}
+    return d if isinstance(d, dict) else {}
+
+# %% ../nbs/04_data.ipynb #ef7c02a3
+def check_clips(root, # ABAW-layout data root
+                fids:list, # the clips' ids
+                max_seconds:float|None=12.0, # the cut (clips are decoded up to it, as training reads them)
+                workers:int=4, # decoding threads
+               ) -> tuple[list, dict]:
+    "check_clip of every clip, decoded in threads unless unchanged since its cached check; (checks, cost)."
+    f, t0 = _check_cache(root), time.perf_counter()
+    old = _read_checks(f)
+    keys = [_identity(root, x, max_seconds) for x in fids]
+    todo = [i for i, k in enumerate(keys) if k is None or k not in old]
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        fresh = dict(zip(todo, ex.map(lambda i: check_clip(root, fids[i], max_seconds), todo)))
+    checks = [fresh[i] if i in fresh else dict(old[k], fid=fids[i]) for i, k in enumerate(keys)]
+    new = {keys[i]: {a: b for a, b in c.items() if a != 'fid'} for i, c in fresh.items() if keys[i]}
+    if new: save_json(f, {**_read_checks(f), **new})
+    audio = sum(c['length'] for c in checks) / SR
+    return checks, dict(clips=len(fids), decoded=len(todo), audio_seconds=round(audio, 2),
+                        seconds=round(time.perf_counter() - t0, 3))
 
 # %% ../nbs/04_data.ipynb #47bb0f85
 import torch
@@ -400,19 +460,18 @@ class EMIDataset(torch.utils.data.Dataset):
                  quarantine:bool=False, # leave bad rows and clips out (listed in .report) instead of raising
                  labels:bool=True, # items carry their labels (False: id and audio only)
                  workers:int=4): # threads that check the clips
-        "Read the split and check every clip (its header, or all of it when quarantining)."
+        "Read the split and decode and check every clip (cached by file identity) before any is used."
         self.root, self.split, self.max_seconds, self.quarantine = Path(root), split, max_seconds, quarantine
         df = read_split(root, split, labels=labels if labels else None, quarantine=quarantine)
-        audio_folder(root)
+        self.source = audio_source(root)
         self.has_labels = labels and all(c in df.columns for c in EMOTIONS)
         self._keep(df, self._check(root, df, workers))
 
 # %% ../nbs/04_data.ipynb #c931ff58
 @patch
 def _check(self:EMIDataset, root, df:pd.DataFrame, workers:int) -> list:
-    "`check_clip` of every row of `df`; a DataError for the first bad clip unless quarantining; sets `.report`."
-    one = lambda f: check_clip(root, f, self.max_seconds, decode=self.quarantine)
-    with ThreadPoolExecutor(max(1, workers)) as ex: checks = list(ex.map(one, df.Filename.tolist()))
+    "`check_clips` of every row of `df` (cost in `.check`); a DataError for the first bad clip unless quarantining."
+    checks, self.check = check_clips(root, df.Filename.tolist(), self.max_seconds, workers)
     bad = [c for c in checks if c['problem']]
     if bad and not self.quarantine:
         more = f" (and {len(bad) - 1} more bad clips in {self.split})" if len(bad) > 1 else ''
@@ -462,6 +521,22 @@ def __getitem__(self:EMIDataset, i:int) -> dict:
 def __repr__(self:EMIDataset):
     "Split, clips, quarantined and root."
     return f"EMIDataset({self.split}: {len(self)} clips, {len(self.report)} quarantined, root={self.root})"
+
+# %% ../nbs/04_data.ipynb #f1a4ebb7
+def check_summary(dss:dict # split -> its EMIDataset (None: the run does not use it)
+                 ) -> dict:
+    "Per split: where its audio was read and what checking its clips cost (the datasets' `.check`)."
+    return {s: dict(source=ds.source, **ds.check) for s, ds in dss.items() if ds is not None}
+
+def check_line(summary:dict # check_summary of a run's splits
+              ) -> str:
+    "The line a run prints before its first step: each split's audio source, and what checking its clips cost."
+    by = {}
+    for s, c in summary.items(): by.setdefault(c['source'], []).append(s)
+    where = '; '.join(f"{', '.join(v)} from {SOURCES[k]}" for k, v in by.items())
+    n, new, sec = (sum(c[k] for c in summary.values()) for k in ('clips', 'decoded', 'seconds'))
+    return (f"  audio      {where}: {n} clips decoded and checked before the first step in {sec:.1f} s "
+            f"({n - new} unchanged since their cached check)")
 
 # %% ../nbs/04_data.ipynb #ff3410e5
 REPORT_COLUMNS = ['file', 'split', 'problem', 'action', 'fid', 'row']
@@ -581,9 +656,10 @@ def speech_share(y:np.ndarray # float32 mono samples at 16 kHz (as load_audio re
 
 # %% ../nbs/04_data.ipynb #614c369f
 def _clip_facts(root, split:str, fid:int, media:dict, max_seconds:float, speech:bool) -> dict:
-    "check_clip on the whole clip, its video and faces, its speech share (of the cut) when `speech`; facts + problems."
-    c = check_clip(root, fid, None, decode=True, keep=speech)
-    r = dict(split=split, fid=fid, path=c['path'], problems=[])
+    "check_clip on the whole clip (timed), its video and faces, its speech share (of the cut) when `speech`."
+    t0 = time.perf_counter()
+    c = check_clip(root, fid, None, keep=speech)
+    r = dict(split=split, fid=fid, path=c['path'], problems=[], decode_seconds=time.perf_counter() - t0)
     if c['problem']: r['problems'].append(('error', c['path'], c['problem']))
     else: _audio_facts(r, c, max_seconds, speech)
     if media.get('raw'):
@@ -638,13 +714,13 @@ def _tables(root:Path) -> tuple[dict, list]:
     return tables, probs
 
 # %% ../nbs/04_data.ipynb #99fed659
-def _clips_to_check(root:Path, tables:dict, limit:int|None, probs:list) -> list:
-    "(split, fid) of the first `limit` rows of each table; none, and an error in `probs`, without an audio folder."
-    try: audio_folder(root)
+def _clips_to_check(root:Path, tables:dict, limit:int|None, probs:list) -> tuple[str|None, list]:
+    "(audio source, (split, fid) of the first `limit` rows of each table); (None, []) and an error without audio."
+    try: source = audio_source(root)
     except DataError as e:
         probs.append(('error', e.path, e.reason))
-        return []
-    return [(split, int(f)) for split, df in tables.items() for f in df.Filename[:limit]]
+        return None, []
+    return source, [(split, int(f)) for split, df in tables.items() for f in df.Filename[:limit]]
 
 def _vad_picks(n:int, speech_sample:int) -> set:
     "Indices of the `speech_sample` rows of `n` (all when < 0) whose speech share is measured, spread evenly."
@@ -660,12 +736,13 @@ def _media_folders(root:Path, probs:list) -> dict:
         if not v: probs.append(('warning', str(root/KINDS[k]), why))
     return media
 
-def _check_report(probs:list, facts:list, max_seconds:float) -> dict:
+def _check_report(probs:list, facts:list, max_seconds:float, source:str|None, threads:int) -> dict:
     "check_root's result: the problems by severity and path, the clips' facts, and the summary."
     clips = pd.DataFrame(facts)
     problems = pd.DataFrame(probs, columns=['severity', 'path', 'problem'])
     problems = problems.sort_values(['severity', 'path'], kind='stable')
-    summary = dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds))
+    summary = dict(_summary(clips, max_seconds), speech=_speech_summary(clips, max_seconds),
+                   decoding=_decode_summary(clips, source, threads))
     return dict(problems=problems.reset_index(drop=True), clips=clips, summary=summary)
 
 # %% ../nbs/04_data.ipynb #9582f924
@@ -679,15 +756,40 @@ def check_root(root, # ABAW-layout data root
     root = Path(root)
     if not root.is_dir(): raise DataError(root, "data root is not a folder")
     tables, probs = _tables(root)
-    rows = _clips_to_check(root, tables, limit, probs)
+    source, rows = _clips_to_check(root, tables, limit, probs)
     vad = _vad_picks(len(rows), speech_sample)
     media = _media_folders(root, probs)
     one = lambda i: _clip_facts(root, *rows[i], media, max_seconds, i in vad)
-    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as ex:
+    threads = workers or os.cpu_count() or 2
+    with ThreadPoolExecutor(threads) as ex:
         facts = list(progress(ex.map(one, range(len(rows))), total=len(rows), desc='emi_check', unit='clip'))
     for f in facts: probs += f.pop('problems')
     probs += _broken_links(root, {p[1] for p in probs} | {f['path'] for f in facts})
-    return _check_report(probs, facts, max_seconds)
+    return _check_report(probs, facts, max_seconds, source, min(threads, os.cpu_count() or 1))
+
+# %% ../nbs/04_data.ipynb #c14b21ee
+def _decode_summary(clips:pd.DataFrame, # check_root's clips (decode_seconds, seconds)
+                    source:str|None, # audio_source of the root
+                    threads:int, # decoding threads that ran at once (at most the cores)
+                   ) -> dict:
+    "Where the audio was read, what decoding it cost here, and the same rate over the paper's train + valid."
+    ok = clips.dropna(subset=['seconds']) if 'seconds' in clips else clips.iloc[:0]
+    audio, busy = float(ok['seconds'].sum()) if len(ok) else 0.0, float(clips.get('decode_seconds', pd.Series()).sum())
+    paper_clips = int(DATA['clips_train'].value + DATA['clips_valid'].value)
+    paper_audio = paper_clips * DATA['duration_mean_s'].value
+    minutes = paper_audio / audio * busy / threads / 60 if audio and busy else None
+    return dict(source=source, splits=sorted(set(clips.get('split', []))), clips=len(ok), audio_seconds=round(audio, 1),
+                seconds=round(busy / threads, 2), threads=threads, paper_clips=paper_clips,
+                paper_minutes=None if minutes is None else round(minutes, 1))
+
+def decode_line(d:dict # the summary's `decoding` part
+               ) -> str:
+    "One line: where each split's audio is read, what decoding it cost, and about what the paper's corpus would."
+    where = f"audio of {', '.join(d['splits']) or 'no split'} from {SOURCES.get(d['source'], 'nowhere')}"
+    if not d['paper_minutes']: return f"{where}; no clip decoded"
+    return (f"{where}: decoded {d['clips']} clips ({d['audio_seconds'] / 60:.1f} min of audio) in {d['seconds']:.1f} s "
+            f"on {d['threads']} thread(s); at the paper's corpus size (train + valid, {d['paper_clips']:,} clips) "
+            f"about {d['paper_minutes']:.0f} min on this machine")
 
 # %% ../nbs/04_data.ipynb #6bf47445
 def _summary(clips:pd.DataFrame, max_seconds:float) -> dict:
@@ -790,6 +892,7 @@ def emi_check_cli(argv=None # the arguments (None: the command line's)
     print(json.dumps(rep['summary'], indent=1))
     print(format_problems(P, root.resolve()))
     print(speech_line(rep['summary']['speech']))
+    print(decode_line(rep['summary']['decoding']))
     print(f"emi_check: {n_err} error(s), {n_warn} warning(s) in {root}")
     if a.output:
         save_json(a.output, dict(root=str(root), summary=rep['summary'], problems=P.to_dict('records'),

@@ -160,21 +160,26 @@ def _report_rows(data:dict, shared:list) -> list:
 def run_data(cfg:StudyConfig, root,
              name:str='emi', # the run's name: its quarantine report is results/<name>_quarantine.csv
              allow_shared_ids:bool|None=None, # train on ids in two splits; None: the config's allow_shared_ids
-             write_report:bool=True, # write the quarantine report (False on all but rank 0)
+             write_report:bool=True, # write the quarantine report and print the audio line (False on all but rank 0)
             ) -> dict:
     "Every split of the run validated before training: train (+valid), lengths, valid, test, test labels, quarantine report."
+    from emi_nb.data import check_summary, check_line
     if cfg.train_on not in ('train', 'train+valid'):
         raise ConfigError(f"train_on={cfg.train_on!r}: choose train | train+valid")
-    kw = dict(max_seconds=cfg.max_seconds, quarantine=cfg.quarantine)
+    kw = dict(max_seconds=cfg.max_seconds, quarantine=cfg.quarantine, workers=cfg.decode_workers)
     d = dict(train=EMIDataset(root, 'train', **kw), valid=EMIDataset(root, 'valid', **kw))
-    d['test'] = EMIDataset(root, 'test', labels=False, **kw) if split_csv(root, 'test').exists() else None
+    test = split_csv(root, 'test').exists() or (Path(root)/'test_data').is_dir()  # the reference's test folder: refused, named
+    d['test'] = EMIDataset(root, 'test', labels=False, **kw) if test else None
     allow = cfg.allow_shared_ids if allow_shared_ids is None else allow_shared_ids
     shared = check_shared_ids({s: d[s].df for s in ('train', 'valid', 'test') if d[s] is not None}, allow)
     d['test_labels'] = read_test_labels(root, d['test'].fids, cfg.quarantine) if d['test'] is not None else None
     rows = _report_rows(d, shared)
     rep = dict(path=None)
     if cfg.quarantine and write_report: rep = write_quarantine_report([rows], run_path(cfg, 'results'), f'{name}_quarantine')
-    d.update(lengths=d['train'].lengths, quarantine=dict(path=rep['path'], count=len(rows)))
+    checked = check_summary({s: d[s] for s in ('train', 'valid', 'test')})
+    if write_report: print(check_line(checked), flush=True)
+    sources = {s: c['source'] for s, c in checked.items()}
+    d.update(lengths=d['train'].lengths, checked=checked, quarantine=dict(path=rep['path'], count=len(rows), sources=sources))
     if cfg.train_on == 'train+valid':
         d.update(train=torch.utils.data.ConcatDataset([d['train'], d['valid']]),
                  lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))
@@ -558,7 +563,8 @@ def emi_train_cli(argv=None):
     if 'path' in res: print(f"[emi_train] results: {res['path']}")
 
 # %% ../nbs/08_train.ipynb #b09b344b
-PREDICT_EXTS = ('.wav', '.mp3', '.flac', '.ogg', '.oga', '.opus', '.aiff', '.aif', '.aifc', '.au', '.caf', '.w64', '.m4a', '.aac', '.wma')
+PREDICT_EXTS = ('.wav', '.mp3', '.flac', '.ogg', '.oga', '.opus', '.aiff', '.aif', '.aifc', '.au', '.caf', '.w64', '.m4a', '.aac', '.wma',
+                '.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi', '.mka')  # videos too (their audio track): the release's form
 
 def audio_files(paths, recursive:bool=False) -> list:
     "Files given, plus the audio files (by extension) in the folders given, in a stable order."

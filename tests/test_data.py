@@ -1,11 +1,16 @@
-"Must-show 2: broken copies of the smoke corpus; emi_check and the loader name every problem; nothing loads as zeros."
-import json, shutil
+"""Must-show 2: broken copies of the smoke corpus; emi_check and the loader name every problem; nothing loads as zeros.
+The release's own form (raw/*.mp4 with the sound inside) checks, trains and predicts; a strict run stops before its
+first step."""
+import json, os, shutil, subprocess
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, soundfile as sf, soxr, torch
 from conftest import run_cli, clean, copy_root as _copy, first_fid as _fid
 from emi_nb.config import EMOTIONS, SR
 from emi_nb.data import DataError, EMIDataset, load_audio, read_split, check_root, collate, video_info, face_frames, load_pickled_features
 from emi_nb.synth import build_corpus
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', EMI_PROGRESS='off')
+TINY = ('--profile', 'smoke', '--backbone', 'preset:tiny', '--device', 'cpu')
 
 
 def _edit_csv(root, split, fn):
@@ -58,9 +63,7 @@ def test_loader_names_each_problem(clean, tmp_path, case):
     "Strict loading raises a DataError naming the file and reason; quarantine drops only the bad row/clip and lists it."
     r = _copy(clean, tmp_path); brk, level = CASES[case]
     where, why = brk(r)
-    with pytest.raises(DataError) as e:   # headers are checked up front; a truncated body is found when the clip is read
-        ds = EMIDataset(r, 'train')
-        for i in range(len(ds)): ds[i]
+    with pytest.raises(DataError) as e: EMIDataset(r, 'train')   # every clip is decoded up front, before any item is read
     assert where in e.value.path and why in e.value.reason, str(e.value)
     if level == 'table':
         with pytest.raises(DataError, match='train_split.csv'): EMIDataset(r, 'train', quarantine=True)
@@ -152,3 +155,100 @@ def test_normalize_matches_wav2vec2_feature_extractor():
     w = np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 3 + 1
     fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     assert np.abs(fe(w, sampling_rate=SR)['input_values'][0] - normalize(w)).max() < 1e-5
+
+def _ffmpeg() -> str:
+    exe = shutil.which('ffmpeg')
+    if not exe: pytest.fail("the ffmpeg program is missing: `make ffmpeg` installs Debian's")
+    return exe
+
+def _ffmpeg_16k(path) -> np.ndarray:
+    "What the reference code's createmp3.sh hands its mp3 encoder: ffmpeg -ac 1 -ar 16000, as float32."
+    cmd = [_ffmpeg(), '-v', 'error', '-i', str(path), '-ac', '1', '-ar', '16000', '-f', 'f32le', '-']
+    return np.frombuffer(subprocess.run(cmd, capture_output=True, check=True).stdout, np.float32)
+
+ENCODE = {'stereo 48 kHz aac mp4': ('x.mp4', '-c:a', 'aac'), 'mono 44.1 kHz aac mkv': ('x.mkv', '-c:a', 'aac', '-ac', '1', '-ar', '44100'),
+          'stereo opus webm': ('x.webm', '-c:a', 'libopus')}
+
+@pytest.mark.parametrize('kind', ['corpus mp4', *ENCODE])
+def test_container_audio_equals_ffmpeg(clean, tmp_path, kind):
+    "load_audio of a container's audio track equals ffmpeg -ac 1 -ar 16000 within 1e-4 (max abs), the tolerance 04_data states."
+    if kind == 'corpus mp4': p = clean/f'raw/{_fid(clean):05d}.mp4'
+    else:
+        t = np.arange(int(2.5 * 48000)) / 48000
+        sf.write(tmp_path/'src.wav', np.stack([0.4 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 3000 * t)], 1), 48000)
+        name, *args = ENCODE[kind]; p = tmp_path/name
+        subprocess.run([_ffmpeg(), '-v', 'error', '-i', str(tmp_path/'src.wav'), *args, str(p)], check=True)
+    y, info = load_audio(p, None); z = _ffmpeg_16k(p)
+    print(kind, len(y), float(np.abs(y - z).max()) if len(y) == len(z) else None)
+    assert info['decoder'] == 'pyav' and len(y) == len(z) and np.abs(z).max() > 0.1, (len(y), len(z))
+    assert np.abs(y - z).max() <= 1e-4
+
+def _release_form(clean, tmp_path) -> Path:
+    "A copy of the corpus as the release ships it: raw/*.mp4 with the sound inside and the split CSVs, nothing else."
+    r = tmp_path/'release'; shutil.copytree(clean/'raw', r/'raw')
+    for s in ('train', 'valid', 'test'): shutil.copy(clean/f'{s}_split.csv', r)
+    return r
+
+def test_release_form_root_checks_trains_and_predicts(clean, tmp_path):
+    "Must-show: raw/*.mp4 + CSVs, no audio/: emi_check passes, emi_train (smoke) trains from the mp4s alone, emi_predict reads them."
+    r = _release_form(clean, tmp_path)
+    code, out = _emi_check(r, '--speech-sample', 0, '--output', tmp_path/'c.json')
+    assert code == 0 and '0 error(s)' in out and 'audio of test, train, valid from raw/*.mp4' in out, out
+    d = json.loads((tmp_path/'c.json').read_text())['summary']['decoding']
+    assert (d['source'], d['clips']) == ('raw', 64) and d['paper_minutes'] > 0
+    run = tmp_path/'run'
+    t = run_cli('emi_train', *TINY, '--data-root', r, '--run-dir', run, '--epochs', 1, '--max-steps', 2, env=ENV)
+    assert 'audio      train, valid, test from raw/*.mp4' in t.stdout, t.stdout
+    res = json.loads((run/'results/emi.json').read_text())
+    assert res['quarantine']['sources'] == dict(train='raw', valid='raw', test='raw')
+    assert res['metrics']['epochs_run'] == 1 and len(pd.read_csv(run/'results/emi_test_submission.csv')) == 16
+    run_cli('emi_predict', '--checkpoint', run/'checkpoints/emi', r/'raw', '--output', tmp_path/'p.csv', '--speech-check', 'false', env=ENV)
+    df = pd.read_csv(tmp_path/'p.csv', dtype={'Filename': str})
+    assert len(df) == 64 and df.path.str.endswith('.mp4').all() and df[EMOTIONS].notna().all().all()
+
+@pytest.mark.parametrize('seed,row', [(1, 0), (2, 31)])
+def test_strict_run_with_an_all_zero_clip_stops_before_any_step(clean, tmp_path, seed, row):
+    """Must-show: one clip whose header is valid and whose samples are all zero: emi_train exits 2 naming it, and no step
+    ran (no checkpoint or state, no progress of an epoch), whatever the batch order (two seeds, first or last row)."""
+    r = _copy(clean, tmp_path); f = _fid(r, 'train', row); p = r/f'audio/{f:05d}.mp3'
+    n = sf.info(str(p)).frames; sf.write(p, np.zeros(n, np.float32), SR, format='MP3'); assert sf.info(str(p)).frames == n
+    run = tmp_path/'run'
+    t = run_cli('emi_train', *TINY, '--data-root', r, '--run-dir', run, '--seed', seed, '--epochs', 2, '--ckpt-steps', 1,
+                '--progress', 'log', check=False, env=ENV)
+    out = t.stdout + t.stderr
+    assert t.returncode == 2 and f'emi_train: {p}: digital silence: every sample is zero' in out and 'Traceback' not in out, out
+    assert not [q for q in run.rglob('*') if q.is_file()] and 'emi 1/2' not in out, out
+
+def test_clip_checks_cached_by_file_identity(clean, tmp_path):
+    "A rerun decodes nothing; a file whose bytes, size or mtime changed is decoded and checked again."
+    r = _copy(clean, tmp_path)
+    a, b = EMIDataset(r, 'train'), EMIDataset(r, 'train')
+    assert (a.check['decoded'], b.check['decoded']) == (32, 0) and a.lengths.tolist() == b.lengths.tolist()
+    p = r/f'audio/{_fid(r, "train", 5):05d}.mp3'; st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1)); assert EMIDataset(r, 'train').check['decoded'] == 1
+    y, _ = load_audio(p, None); sf.write(p, np.zeros(len(y), np.float32), SR, format='MP3')
+    with pytest.raises(DataError, match='digital silence'): EMIDataset(r, 'train')
+
+def test_reference_test_layout_refused_with_what_to_do(clean, tmp_path):
+    "test_data/raw + test_data/sound and no test CSV: emi_check and emi_train name it; the command they give makes it the test split."
+    r = _copy(clean, tmp_path); (r/'test_data/raw').mkdir(parents=True); (r/'test_data/sound').mkdir()
+    for f in pd.read_csv(r/'test_split.csv').Filename:
+        shutil.move(r/f'raw/{f:05d}.mp4', r/'test_data/raw'); shutil.move(r/f'audio/{f:05d}.mp3', r/'test_data/sound')
+    (r/'test_split.csv').unlink(); (r/'test_labels.csv').unlink()
+    code, out = _emi_check(r, '--speech-sample', 0)
+    assert code == 1 and any(l.startswith('error') and "test_data  the reference code's separate test layout" in l for l in out.splitlines()), out
+    t = run_cli('emi_train', *TINY, '--data-root', r, '--run-dir', tmp_path/'run', check=False, env=ENV)
+    assert t.returncode == 2 and f"emi_train: {r/'test_data'}: the reference code's separate test layout" in t.stderr, t.stderr
+    subprocess.run(['bash', '-c', out.split('`')[1]], check=True)   # the command emi_check gives, as it stands
+    code, out = _emi_check(r, '--speech-sample', 0)
+    assert code == 0 and len(EMIDataset(r, 'test', labels=False)) == 16 and not any((r/'test_data/raw').iterdir()), out
+
+def test_video_without_sound_is_named(clean, tmp_path):
+    "In the release's form, a clip whose mp4 has no audio stream: strict loading names it, quarantine leaves it out and lists it."
+    from emi_nb.synth import write_video
+    r = _release_form(clean, tmp_path); f = _fid(r, 'train', 3); p = r/f'raw/{f:05d}.mp4'
+    write_video(np.random.default_rng(0), p, 2.0, 30, np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError) as e: EMIDataset(r, 'train')
+    assert e.value.path == str(p) and e.value.reason == 'no audio stream (a video without sound?)'
+    q = EMIDataset(r, 'train', quarantine=True)
+    assert len(q) == 31 and q.report[0]['file'] == str(p) and 'no audio stream' in q.report[0]['problem']

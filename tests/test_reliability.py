@@ -68,8 +68,8 @@ def test_bad_input_named_everywhere(clean, tmp_path, case):
     _clean_exit(code, out, 2); assert _has(out, 'emi_train: ', where, why), out
 
 def test_missing_audio_folder(clean, tmp_path):
-    "No audio/ at all: one named error, not 64 missing files; with quarantine a DataError, not an AssertionError."
-    r = _copy(clean, tmp_path); shutil.rmtree(r/'audio')
+    "No audio/ and no raw/ videos at all: one named error, not 64 missing files; with quarantine a DataError, not an AssertionError."
+    r = _copy(clean, tmp_path); shutil.rmtree(r/'audio'); shutil.rmtree(r/'raw')
     code, out = _check(r)
     _clean_exit(code, out, 1); assert _has(out, 'error', 'audio', 'missing folder: the audio of every clip lives here'), out
     assert 'missing file' not in out

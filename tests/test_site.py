@@ -164,7 +164,7 @@ def test_site_in_browser(smoke_run, tmp_path):
             want = _visible_images(executed[stem]); n_figs += want
             assert len(f['images']) >= want and all(ok and w > 0 for ok, w in f['images']), f"{stem}: figures {f['images']} (expected {want})"
     assert n_figs > 0 or not any(f['figure_page'] for f in found.values()), "the data and results pages show no figures"
-    assert found['13_site']['math'] > 0, "math on the site page was not typeset"
+    assert found['14_site']['math'] > 0, "math on the site page was not typeset"
     shots = sorted(str(p) for p in ARTIFACTS.glob('*.png'))
     assert all(Path(s).stat().st_size > 10_000 for s in shots)
     (ARTIFACTS/'screenshots.txt').write_text('\n'.join(shots) + '\n')

@@ -86,3 +86,12 @@ def test_ensure_corpus_cached_and_atomic(tmp_path, monkeypatch):
     t = os.path.getmtime(p/'SYNTHETIC.json'); assert ensure_corpus(C) == p and os.path.getmtime(p/'SYNTHETIC.json') == t
     assert not list(p.parent.glob('.*.tmp'))
     v = S.ensure_vad_corpus(C); assert (v/'vad_train.csv').exists() and v != p
+
+def test_videos_carry_the_sound(smoke):
+    "Each raw/*.mp4 holds its clip's sound as the release's do (AAC, 16 kHz mono): its mp3's signal, plus under 64 ms of encoder padding."
+    root, _ = smoke
+    from emi_nb.data import load_audio
+    for f in pd.read_csv(root/'train_split.csv').Filename[:8]:
+        a, _ = load_audio(root/f'audio/{f:05d}.mp3', None); v, info = load_audio(root/f'raw/{f:05d}.mp4', None)
+        assert info['format'] == 'aac' and 0 <= len(v) - len(a) < 1024, (f, len(a), len(v))
+        assert np.corrcoef(a, v[:len(a)])[0, 1] > 0.99
