@@ -785,7 +785,7 @@ def cuda_path_checks() -> pd.DataFrame:
     L = np.array([800 + i for i in range(4)])
     cfg = StudyConfig(profile='paper')
     tl = make_loader(ds, L, cfg, True, device='cpu')
-    rows = [('bf16 autocast when supported (amp=auto)', code_mentions(amp_dtype, 'bfloat16', 'is_bf16_supported'),
+    rows = [('fp16 autocast by default, bf16 only natively (amp=auto)', code_mentions(amp_dtype, 'float16', 'get_device_capability'),
              'config.amp_dtype code'),
             ('training forward under autocast', code_mentions(Loop.train_step, 'autocast'), 'Loop.train_step code'),
             ('prediction under autocast',

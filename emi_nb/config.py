@@ -157,7 +157,7 @@ class StudyConfig:
     freeze_backbone: bool = False   # paper: backbone and VAD head unfrozen (Table 1 'frozen' row sets True)
     freeze_feature_encoder: bool = False  # the CNN feature encoder; the paper trains it too
     batched: bool = True            # batched + attention-masked backbone; False = per clip, as the reference code
-    grad_checkpointing: bool = False  # trade compute for memory on long clips (GPU)
+    grad_checkpointing: bool|None = None  # recompute activations in backward; None = the memory plan decides (08_train)
     lstm_packed: bool|None = None   # packed LSTM; None = packed on CUDA, gather on CPU (same values, ~10x faster there)
     # -- training recipe
     loss: str = 'mse'               # mse | ccc | pearson (1-rho); MSE won in the paper
@@ -171,12 +171,14 @@ class StudyConfig:
     batch_size: int = 32            # reference code
     eval_batch_size: int = 32       # reference code
     grad_clip: float = 100.0        # clip gradients by value, reference code
-    amp: str = 'auto'               # auto (bf16/fp16 on CUDA, fp32 on CPU) | off | bf16 | fp16
+    amp: str = 'auto'               # auto (fp16 + GradScaler on CUDA, the paper's; fp32 on CPU) | off | bf16 | fp16
     scaler_init: float = 1024.0     # initial loss scale of fp16's GradScaler, the reference code's 2**10
     bucket: bool = True             # length-bucketed batches (dynamic padding); False = random batches
     bucket_pool: int = 32           # batches sorted together by length; keep several pools per epoch
     train_on: str = 'train'         # train | train+valid (the final submission's recipe)
     max_steps: int = 0              # cap on optimiser steps per epoch; 0 = none (smoke runs only)
+    micro_batch: int = 0            # clips per forward, gradients accumulated to batch_size (mse only); 0 = the memory plan's
+    memory_gb: float = 0.0          # GiB the memory plan may fill to 90%; 0 = the GPU's free memory (CPU: no limit)
     # -- study
     seeds: int = 3                  # seeds per ablation row; mean, sd and CI over them
     n_boot: int = 1000              # bootstrap resamples for 95% CIs
@@ -489,13 +491,16 @@ def get_device(device:str='auto' # auto | cpu | cuda | cuda:N
 
 # %% ../nbs/00_config.ipynb #5d0ff635
 def amp_dtype(device, # a torch device or its name
-              amp:str='auto' # auto | off | bf16 | fp16
+              amp:str='auto' # auto (= fp16) | off | bf16 (compute capability >= 8.0) | fp16
              ):
-    "The autocast dtype for `device` (None = fp32)."
+    "The autocast dtype for `device` (None = fp32); ConfigError for bf16 on a GPU without native bf16."
     import torch
     if str(device).startswith('cpu') or amp == 'off': return None
-    if amp == 'auto': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+    if amp == 'bf16' and torch.cuda.get_device_capability(device) < (8, 0):
+        raise ConfigError(f"amp=bf16: {torch.cuda.get_device_name(device)} (compute capability "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16; "
+                          "use amp=fp16 or amp=auto (fp16 + GradScaler, the paper's)")
+    return torch.bfloat16 if amp == 'bf16' else torch.float16
 
 # %% ../nbs/00_config.ipynb #586f608f
 def seed_everything(seed:int, # seeds python's, numpy's and torch's generators

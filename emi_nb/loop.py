@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_loop.ipynb #d60e59e4
 from __future__ import annotations
-import json, os, random, shutil, time, warnings
+import contextlib, json, os, random, shutil, time, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 import numpy as np
@@ -291,12 +291,13 @@ class Loop:
                  monitor:str='val_rho', # key of evaluate()'s dict to maximise
                  name:str='train', log=print, # name in progress bars and log lines; log=None: silent
                  rank:int=0, world:int=1, # this process and the number of processes (torchrun)
-                 on_best=None, on_epoch_end=None): # hooks: on_best(loop, row) keeps the best, on_epoch_end(loop)
+                 on_best=None, on_epoch_end=None, # hooks: on_best(loop, row) keeps the best, on_epoch_end(loop)
+                 parts=None): # parts(batch) -> [(part, share)]: micro-batches of one step; None = the whole batch
         "Keep the parts, build optimiser, schedule and scaler, and start the run state at epoch 0."
         self.model, self.rec, self.device, self.net = model, rec, torch.device(device), net or model
         self.batches, self.steps, self.step_fn, self.evaluate, self.monitor = batches, steps, step, evaluate, monitor
         self.name, self.log, self.rank, self.world = name, log if rank == 0 else None, rank, world
-        self.on_best, self.on_epoch_end, self.best_state = on_best, on_epoch_end, None
+        self.on_best, self.on_epoch_end, self.best_state, self.parts = on_best, on_epoch_end, None, parts
         self._optimiser()
         torch.set_flush_denormal(True)
         self.st = dict(epoch=0, step=0, curves=[], best=None, ref=None, best_epoch=None, bad_epochs=0, done=False,
@@ -323,13 +324,18 @@ def _acc(self:Loop) -> dict:
 
 # %% ../nbs/06_loop.ipynb #ff0efc52
 @patch
-def _backward(self:Loop, loss, info:dict) -> bool:
-    "Backward and optimiser step for one batch; False when the step was skipped."
+def _backward(self:Loop, loss, info:dict, share:float=1.0) -> bool:
+    "Backward of one part's loss times its share of the batch; False when the loss is undefined."
     ok = loss is not None and bool(torch.isfinite(loss))
     if ok:
-        self.scaler.scale(loss * self.world).backward()
+        self.scaler.scale(loss * (share * self.world)).backward()
     elif info.get('sync') is not None:
         self.scaler.scale(info['sync']).backward()
+    return ok
+
+@patch
+def _update(self:Loop, ok:bool):
+    "The optimiser step on the summed gradients (unscaled, clipped by value), skipped when not `ok`; gradients cleared."
     if ok:
         self.scaler.unscale_(self.opt)
         if self.rec.grad_clip > 0:
@@ -337,7 +343,6 @@ def _backward(self:Loop, loss, info:dict) -> bool:
         self.scaler.step(self.opt)
         self.scaler.update()
     self.opt.zero_grad(set_to_none=True)
-    return ok
 
 # %% ../nbs/06_loop.ipynb #06d0e2bf
 @patch
@@ -353,22 +358,45 @@ def _count(self:Loop, ok:bool, info:dict):
         a['targets'].append(info['target'].detach().float().cpu())
 
 # %% ../nbs/06_loop.ipynb #a7a9427d
+def _merge(infos:list) -> dict:
+    "One step's info from its parts': row and constant-column counts added, predictions and targets joined."
+    if len(infos) == 1: return infos[0]
+    out = {k: sum(int(i.get(k, 1 if k == 'n' else 0)) for i in infos) for k in ('n', 'flat_pred', 'flat_target')}
+    for k in ('pred', 'target'):
+        if infos[0].get(k) is not None: out[k] = torch.cat([i[k] for i in infos])
+    return out
+
+@patch
+def accumulate(self:Loop, batch # whatever `batches` yields
+              ) -> tuple:
+    "Forward and backward of every part of `batch`: (the batch's loss, its merged info, whether every part was defined)."
+    parts = self.parts(batch) if self.parts else [(batch, 1.0)]
+    total, infos, ok = 0.0, [], True
+    for i, (b, share) in enumerate(parts):
+        hold = self.world > 1 and i < len(parts) - 1  # DDP averages the gradients after the last part only
+        with self.net.no_sync() if hold else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                loss, info = self.step_fn(b)
+            good = self._backward(loss, info, share)
+        ok, total = ok and good, total + (loss.item() * share if good else 0.0)
+        infos.append(info)
+    return total, _merge(infos), ok
+
 @patch
 def train_step(self:Loop, batch # whatever `batches` yields
               ) -> float:
     "One optimiser step on `batch` (skipped when its loss is undefined); returns the loss (NaN when skipped)."
-    with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-        loss, info = self.step_fn(batch)
-    ok = self._backward(loss, info)
+    loss, info, ok = self.accumulate(batch)
+    self._update(ok)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)`')
         self.sched.step()
     self._count(ok, info)
     if not ok: return float('nan')
     n = int(info.get('n', 1))
-    self.st['acc']['loss_sum'] += loss.item() * n
+    self.st['acc']['loss_sum'] += loss * n
     self.st['acc']['n'] += n
-    return loss.item()
+    return loss
 
 # %% ../nbs/06_loop.ipynb #dadb90af
 @patch

@@ -4,23 +4,25 @@
 
 # %% ../nbs/05_model.ipynb #1c07c8ab
 from __future__ import annotations
-import math, time, warnings
+import hashlib, itertools, json, math, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 from fastcore.basics import patch
 from transformers import Wav2Vec2Config, Wav2Vec2Model, Wav2Vec2PreTrainedModel
-from .config import EMOTIONS, VAD_NAMES, SR, StudyConfig, get_device
+from .config import EMOTIONS, VAD_NAMES, SR, StudyConfig, get_device, cache_dir, save_json
 from .paper import TABLE2, COMPONENTS
 from .data import MIN_SAMPLES
 
 # %% auto #0
 __all__ = ['BACKBONE_PRESETS', 'SWITCHES', 'TABLE2_ROWS', 'TABLE2_BACKBONES', 'backbone_config', 'VADHead', 'EmotionModel',
            'masked_mean', 'quiet_transformers', 'load_backbone', 'min_samples', 'clip_lengths', 'EMIModel',
-           'draw_architecture', 'block_table', 'forward_seconds']
+           'cudnn_flat', 'cudnn_flat_rnns', 'draw_architecture', 'block_table', 'forward_seconds', 'activation_bytes',
+           'activation_costs', 'batch_bytes']
 
 # %% ../nbs/05_model.ipynb #fe33a326
 _CONV_KERNEL, _CONV_STRIDE = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)  # wav2vec2's encoder: stride 320 -> 50 Hz
@@ -231,7 +233,7 @@ class EMIModel(nn.Module):
                  freeze_backbone:bool=False, # no gradient into wav2vec2 nor the VAD head
                  freeze_feature_encoder:bool=False, # no gradient into the conv feature encoder
                  batched:bool=True, # one masked forward per batch; False = one forward per clip
-                 grad_checkpointing:bool=False, # recompute transformer activations in backward
+                 grad_checkpointing:bool|None=False, # recompute the backbone's activations in backward (None = off)
                  lstm_packed:bool|None=None): # LSTM on packed input; False = padded + gather; None = packed on CUDA
         "Wire backbone, LSTM and head, then freeze and checkpoint as the switches say."
         super().__init__()
@@ -246,10 +248,7 @@ class EMIModel(nn.Module):
         self.lstm = nn.LSTM(self.d, self.d, num_layers=2, batch_first=True, dropout=lstm_dropout) if use_lstm else None
         self.head = _head(self.d * (int(use_global) + int(use_lstm)), use_head)
         self.set_freeze(freeze_backbone, freeze_feature_encoder)
-        if grad_checkpointing:
-            enable = getattr(backbone, 'activation_checkpointing_enable', None)
-            enable = enable or backbone.gradient_checkpointing_enable
-            enable(dict(use_reentrant=False))
+        self.set_grad_checkpointing(bool(grad_checkpointing))
 
 # %% ../nbs/05_model.ipynb #4195b3b9
 @patch
@@ -279,6 +278,17 @@ def set_freeze(self:EMIModel, backbone:bool=False, # freeze wav2vec2 and the VAD
         p.requires_grad_(not backbone and self.use_vad)
     fe._requires_grad = not (backbone or feature_encoder)
     return self.train(self.training)
+
+# %% ../nbs/05_model.ipynb #7cb2715a
+@patch
+def set_grad_checkpointing(self:EMIModel, on:bool # recompute the backbone's activations during backward
+                          ) -> EMIModel:
+    "Gradient checkpointing of the backbone's conv layers and transformer layers on or off (the memory plan's switch)."
+    bb = self.backbone
+    if on: (getattr(bb, 'activation_checkpointing_enable', None) or bb.gradient_checkpointing_enable)(dict(use_reentrant=False))
+    else: (getattr(bb, 'activation_checkpointing_disable', None) or bb.gradient_checkpointing_disable)()
+    self.grad_checkpointing = bool(on)
+    return self
 
 # %% ../nbs/05_model.ipynb #962a3f0c
 @patch
@@ -319,12 +329,14 @@ def backbone_frames(self:EMIModel, input_values:torch.Tensor, # (B, T) normalise
 # %% ../nbs/05_model.ipynb #60c78a8f
 @patch
 def _lstm_last(self:EMIModel, f:torch.Tensor, lengths:torch.Tensor) -> torch.Tensor:
-    "The top LSTM layer's output at each clip's last valid frame, (B, d), packed or padded + gather."
+    "The top LSTM layer's output at each clip's last valid frame, (B, d), in the LSTM's own precision, packed or padded + gather."
     packed = self.lstm_packed if self.lstm_packed is not None else f.device.type == 'cuda'
-    if packed and not f.is_meta:
-        _, (h_n, _) = self.lstm(pack_padded_sequence(f, lengths.cpu(), batch_first=True, enforce_sorted=False))
-        return h_n[-1]  # (B, d): each clip's state after its own last valid frame
-    out, _ = self.lstm(f)  # (B, T', d); causal: steps after a clip's end cannot reach its last valid frame
+    with torch.autocast('cpu' if f.is_meta else f.device.type, enabled=False):
+        f = f.to(self.lstm.weight_ih_l0.dtype)  # fp32, unless the whole model was cast
+        if packed and not f.is_meta:
+            _, (h_n, _) = self.lstm(pack_padded_sequence(f, lengths.cpu(), batch_first=True, enforce_sorted=False))
+            return h_n[-1]  # (B, d): each clip's state after its own last valid frame
+        out, _ = self.lstm(f)  # (B, T', d); causal: steps after a clip's end cannot reach its last valid frame
     return out[torch.arange(f.shape[0], device=f.device), lengths - 1]
 
 # %% ../nbs/05_model.ipynb #7044b0b5
@@ -389,6 +401,24 @@ TABLE2_ROWS: dict[str, dict] = {  # component set -> StudyConfig switches, in th
     for _, r in TABLE2[TABLE2.backbone_id == 'audeering'].iterrows()}
 TABLE2_BACKBONES = {'w2v2-l': 'facebook/wav2vec2-large-960h', 'xlsr': 'facebook/wav2vec2-large-xlsr-53',  # hub names,
                     'audeering': 'audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim'}  # read from a local copy
+
+# %% ../nbs/05_model.ipynb #86f49b87
+def cudnn_flat(rnn:nn.RNNBase # an LSTM or GRU, on any device
+              ) -> nn.RNNBase:
+    "Every weight of `rnn` a view of one flat buffer, as cuDNN's `flatten_parameters` leaves them on a GPU."
+    ws = rnn._flat_weights
+    if len(ws) != len(rnn._flat_weights_names) or any(not isinstance(w, torch.Tensor) or w.is_meta for w in ws): return rnn
+    buf = torch.cat([w.detach().reshape(-1) for w in ws]).untyped_storage()
+    with torch.no_grad():
+        for w, o in zip(ws, [0, *itertools.accumulate(w.numel() for w in ws)]): w.set_(buf, o, w.shape)
+    return rnn
+
+@contextmanager
+def cudnn_flat_rnns():
+    "Inside the block every RNN lays out its weights as `cudnn_flat` wherever torch calls `flatten_parameters`."
+    old, nn.RNNBase.flatten_parameters = nn.RNNBase.flatten_parameters, cudnn_flat
+    try: yield
+    finally: nn.RNNBase.flatten_parameters = old
 
 # %% ../nbs/05_model.ipynb #eda28643
 def _canvas(size=(11, 4.2)):
@@ -520,3 +550,110 @@ def forward_seconds(model:EMIModel, # timed in eval mode
             if i:
                 best = min(best, time.perf_counter() - t)
     return best
+
+# %% ../nbs/05_model.ipynb #1abe7663
+def _segments(model:EMIModel) -> list:
+    "The modules checkpointing recomputes one at a time: the conv layers and the transformer layers."
+    w = model.backbone.wav2vec2
+    return [*w.feature_extractor.conv_layers, *w.encoder.layers]
+
+@contextmanager
+def _measuring(model:EMIModel):
+    "Train mode, LayerDrop and SpecAugment off, torch's RNGs forked; model, gradients and switches restored after."
+    c, was, ck = model.backbone.config, model.training, model.grad_checkpointing
+    old = c.layerdrop, c.apply_spec_augment
+    dev = next(model.parameters()).device
+    c.layerdrop, c.apply_spec_augment = 0.0, False
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
+            yield model.train()
+    finally:
+        c.layerdrop, c.apply_spec_augment = old
+        model.train(was).set_grad_checkpointing(ck).zero_grad(set_to_none=True)
+
+# %% ../nbs/05_model.ipynb #17cd28bb
+def _autocast(dev:torch.device, dtype):
+    "Autocast to `dtype` on `dev`; None = fp32 (autocast off)."
+    return torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+def _saved_bytes(model:EMIModel, x:torch.Tensor, dtype) -> tuple:
+    "(bytes autograd saves for backward in a forward of `x`, the most saved inside one checkpoint segment)."
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, seg = {}, dict(start=0, most=0)
+    def pack(t):
+        "Count the storage of a saved tensor once; parameters are not activations."
+        s = t.untyped_storage()
+        if s.data_ptr() not in params: seen.setdefault(s.data_ptr(), s.nbytes())
+        return t
+    total = lambda: sum(seen.values())
+    start = lambda *a: seg.update(start=total())
+    end = lambda *a: seg.update(most=max(seg['most'], total() - seg['start']))
+    hooks = [h for m in _segments(model) for h in (m.register_forward_pre_hook(start), m.register_forward_hook(end))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x.device, dtype):
+            y = model(x)  # keeps every saved storage alive (no address reused) until the count is read
+        return total(), seg['most']
+    finally:
+        for h in hooks: h.remove()
+
+# %% ../nbs/05_model.ipynb #c0ffe04f
+def _cuda_peak(model:EMIModel, x:torch.Tensor, dtype) -> int:
+    "Peak bytes a forward + backward of `x` allocates on its GPU above what was allocated before, gradients left out."
+    dev = x.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    with _autocast(dev, dtype):
+        y = model(x)
+    y.float().square().mean().backward()
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    peak = torch.cuda.max_memory_allocated(dev) - base - grads
+    model.zero_grad(set_to_none=True)
+    return int(peak)
+
+def activation_bytes(model:EMIModel, # measured as described above, then left as it was
+                     clips:int, # clips in the batch
+                     seconds:float, # length of each
+                     dtype=None, # autocast dtype; None = fp32
+                    ) -> dict:
+    "Activation bytes of a training step on `clips` x `seconds`, {'off': ..., 'on': ...} for checkpointing."
+    dev = next(model.parameters()).device
+    with _measuring(model):
+        x = torch.randn(clips, int(seconds * SR), device=dev)
+        if dev.type == 'cuda': return {k: _cuda_peak(model.set_grad_checkpointing(k == 'on'), x, dtype) for k in ('off', 'on')}
+        off, seg = _saved_bytes(model.set_grad_checkpointing(False), x, dtype)
+        return dict(off=off, on=_saved_bytes(model.set_grad_checkpointing(True), x, dtype)[0] + seg)
+
+# %% ../nbs/05_model.ipynb #d57537b6
+def _cost_key(model:EMIModel, dtype, lengths) -> str:
+    "Cache key of a cost fit: backbone config, switches, trainable parameters, precision, device, torch, lengths."
+    dev = next(model.parameters()).device
+    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
+    sw = {k: getattr(model, k) for k in ('use_global', 'use_head', 'use_lstm', 'use_vad', 'batched', 'lstm_packed')}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = [model.backbone.config.to_json_string(), sw, trainable, str(dtype), name, torch.__version__, list(lengths)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def activation_costs(model:EMIModel, # the model of the run, on its device
+                     dtype=None, # autocast dtype; None = fp32
+                     lengths=(1.0, 2.0, 3.0), # clip lengths (s) measured
+                    ) -> dict:
+    "{'off'|'on': [const, c2, c1, c0]} bytes of a batch of n clips of s seconds: const + n (c2 s² + c1 s + c0); cached."
+    p = cache_dir('memory')/f'{_cost_key(model, dtype, lengths)}.json'
+    if p.exists(): return json.loads(p.read_text())['costs']
+    one = [activation_bytes(model, 1, s, dtype) for s in lengths]
+    two = activation_bytes(model, 2, lengths[-1], dtype)
+    costs = {}
+    for k in ('off', 'on'):
+        const = max(0.0, 2.0 * one[-1][k] - two[k])
+        costs[k] = [const, *map(float, np.polyfit(lengths, [m[k] - const for m in one], 2))]
+    save_json(p, dict(costs=costs, dtype=str(dtype), lengths=list(lengths), torch=torch.__version__))
+    return costs
+
+def batch_bytes(cost:list, # [const, c2, c1, c0] from `activation_costs`
+                clips:int, # clips in the batch
+                seconds:float, # length of each
+               ) -> float:
+    "Activation bytes of a batch of `clips` x `seconds` by a fitted cost."
+    const, *poly = cost
+    return const + clips * max(0.0, float(np.polyval(poly, seconds)))

@@ -18,22 +18,23 @@ from .metrics import pearson, mean_rho, rho_report, paired_stats, write_submissi
 from .data import (EMIDataset, DataError, collate, load_audio, normalize, read_split, split_csv, read_test_labels,
                          check_shared_ids, check_length, write_quarantine_report, speech_share, LITTLE_SPEECH,
                          resolve_data_root)
-from .model import EmotionModel, EMIModel
+from .model import EmotionModel, EMIModel, activation_costs, batch_bytes
 from .loop import (emi_loss, LengthBucketSampler, dist_setup, barrier, rank0_first, global_rows, Loop, recipe,
                          publish_checkpoint, resolve_checkpoint, latest_complete, CheckpointError, rng_state, set_rng_state)
 from .pretrain import resolve_backbone
 
 # %% auto #0
-__all__ = ['PREDICT_EXTS', 'disable_dropout', 'build_model', 'write_weights', 'read_weights', 'load_trained', 'predict',
-           'evaluate', 'make_loader', 'run_data', 'Trainer', 'summary_lines', 'fit', 'emi_train_cli', 'audio_files',
-           'windows', 'predict_files', 'PredictConfig', 'default_batch_size', 'emi_predict_cli', 'fit_many']
+__all__ = ['MIN_MICRO', 'FILL', 'PREDICT_EXTS', 'disable_dropout', 'build_model', 'plain', 'write_weights', 'read_weights',
+           'load_trained', 'predict', 'evaluate', 'make_loader', 'run_data', 'static_bytes', 'plan_line', 'memory_plan',
+           'Trainer', 'summary_lines', 'fit', 'emi_train_cli', 'audio_files', 'windows', 'predict_files',
+           'PredictConfig', 'default_batch_size', 'emi_predict_cli', 'fit_many']
 
 # %% ../nbs/08_train.ipynb #edc0364e
 def disable_dropout(model:torch.nn.Module) -> torch.nn.Module:
-    "Dropout p=0, LSTM dropout 0, no LayerDrop and no SpecAugment masking (for exactness checks)."
+    "Dropout p=0, attention and LSTM dropout 0, no LayerDrop and no SpecAugment masking (for exactness checks)."
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout): mod.p = 0.0
-        if isinstance(mod, torch.nn.LSTM): mod.dropout = 0.0
+        if isinstance(getattr(mod, 'dropout', None), float): mod.dropout = 0.0  # attention's functional dropout, LSTM's
         c = getattr(mod, 'config', None)
         if c is not None and hasattr(c, 'apply_spec_augment'):
             c.layerdrop = 0.0
@@ -48,11 +49,18 @@ def build_model(cfg:StudyConfig, backbone:str, device, no_dropout:bool=False) ->
 # %% ../nbs/08_train.ipynb #5eb8884d
 def _unwrap(model): return model.module if hasattr(model, 'module') else model
 
+def plain(obj):
+    "`obj` with every tensor a contiguous CPU copy of its own (dicts, lists and tuples rebuilt): what checkpoints store."
+    if isinstance(obj, torch.Tensor): return obj.detach().to('cpu', copy=True, memory_format=torch.contiguous_format)
+    if isinstance(obj, dict): return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(plain(v) for v in obj)
+    return obj
+
 def write_weights(d:Path, model, cfg:StudyConfig, **meta):
-    "model.safetensors + config.json (the StudyConfig) + backbone_config.json into folder `d`."
-    from safetensors.torch import save_model
+    "model.safetensors (plain tensors) + config.json (the StudyConfig) + backbone_config.json into folder `d`."
+    from safetensors.torch import save_file
     m = _unwrap(model)
-    save_model(m, str(d/'model.safetensors'))
+    save_file(plain(m.state_dict()), str(d/'model.safetensors'))
     save_json(d/'config.json', dict(config=asdict(cfg), **meta))
     save_json(d/'backbone_config.json', m.backbone.config.to_dict())
 
@@ -63,12 +71,12 @@ def _read_json(p:Path) -> dict:
     except FileNotFoundError: raise CheckpointError(f"{p}: missing") from None
     except (OSError, ValueError) as e: raise CheckpointError(f"{p}: damaged ({type(e).__name__}: {e})") from None
 
-def read_weights(path:Path, model, device='cpu'):
-    "Load model.safetensors of folder `path` into `model`; CheckpointError naming the file when it is damaged."
-    from safetensors.torch import load_model
+def read_weights(path:Path, model):
+    "Copy model.safetensors of folder `path` into `model`'s tensors; CheckpointError naming the file when it is damaged."
+    from safetensors.torch import load_file
     f = Path(path)/'model.safetensors'
     if not f.exists(): raise CheckpointError(f"{f}: missing")
-    try: load_model(model, str(f), device=str(device))
+    try: _unwrap(model).load_state_dict(load_file(str(f)))
     except Exception as e: raise CheckpointError(f"{f}: damaged or not this model's weights ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/08_train.ipynb #1bbaf754
@@ -177,6 +185,62 @@ def run_data(cfg:StudyConfig, root,
                  lengths=np.concatenate([d['train'].lengths, d['valid'].lengths]))
     return d
 
+# %% ../nbs/08_train.ipynb #1c196369
+MIN_MICRO = 4  # assumed: a micro-batch of at least 4 clips keeps a GPU busy; smaller ones come only with checkpointing
+FILL = 0.9     # the worst batch may fill this share of the budget (allocator fragmentation, cuDNN workspaces)
+
+def static_bytes(model:torch.nn.Module) -> int:
+    "Bytes of the weights, plus gradients and AdamW's two moments of the trainable ones."
+    return sum(p.nbytes * (4 if p.requires_grad else 1) for p in model.parameters())
+
+def _candidates(batch:int, checkpointing:bool|None, micro_batch:int, loss:str) -> list:
+    "(micro-batch, checkpointing) pairs in the plan's order, restricted by the fields that force them."
+    sizes = sorted({-(-batch // 2**i) for i in range(batch.bit_length() + 1)}, reverse=True)  # 32, 16, 8, ..., 1
+    order = [(m, False) for m in sizes if m >= min(MIN_MICRO, batch)] + [(m, True) for m in sizes]
+    if micro_batch: order = [(min(micro_batch, batch), c) for c in (False, True)]
+    if checkpointing is not None: order = [o for o in order if o[1] == checkpointing]
+    return [o for o in order if loss == 'mse' or o[0] == batch]
+
+# %% ../nbs/08_train.ipynb #a6a834de
+def _no_fit(m:int, c:bool, worst:float, budget:float, cut:float, loss:str) -> str:
+    "The error of a plan with no candidate that fits."
+    why = f"loss={loss} cannot be split into micro-batches (only mse is a sum over clips); " if loss != 'mse' else ''
+    return (f"memory plan: {why}even {m} clip(s) of {cut:g} s with checkpointing {'on' if c else 'off'} need about "
+            f"{worst / 2**30:.1f} GiB, more than {FILL:.0%} of {budget / 2**30:.1f} GiB: lower batch_size or "
+            "max_seconds, or raise memory_gb / free the GPU")
+
+def plan_line(p:dict) -> str:
+    "The plan in one line, as the start block prints it."
+    mem = f", worst batch ≈ {p['worst_gib']:.1f} GiB" if p['worst_gib'] is not None else ''
+    mem += f" of {p['budget_gib']:.1f} GiB" if p['budget_gib'] is not None else ' (no memory budget)'
+    return f"plan: {p['steps']} x {p['micro_batch']} clips, checkpointing {'on' if p['checkpointing'] else 'off'}{mem}"
+
+# %% ../nbs/08_train.ipynb #d85ddc25
+def memory_plan(costs:dict|None, # activation_costs of the run's model; None = not measured (no budget)
+                static:float, # static_bytes of the model
+                budget:float|None, # bytes the run may use on its device; None = no limit
+                batch:int, # clips of one step on this device
+                cut:float, # the longest clip, s
+                checkpointing:bool|None=None, # forced on or off; None = the plan's
+                micro_batch:int=0, # forced clips per micro-batch; 0 = the plan's
+                loss:str='mse', # only mse, a sum over clips, can be accumulated
+               ) -> dict:
+    "The first candidate whose worst batch fits FILL of `budget`: micro-batch, steps, checkpointing, GiB, line."
+    if micro_batch < 0: raise ConfigError(f"micro_batch={micro_batch}: 0 (the plan's) or a number of clips")
+    if loss != 'mse' and 0 < micro_batch < batch:
+        raise ConfigError(f"micro_batch={micro_batch} with loss={loss}: a correlation over the batch cannot be "
+                          "accumulated from micro-batches (only mse is a sum over clips); use micro_batch=0")
+    worst = lambda m, c: None if costs is None else static + batch_bytes(costs['on' if c else 'off'], m, cut)
+    order = _candidates(batch, checkpointing, micro_batch, loss)
+    fits = [o for o in order if budget is None or worst(*o) <= FILL * budget]
+    forced = micro_batch > 0 and checkpointing is not None
+    if not fits and not forced: raise ConfigError(_no_fit(*order[-1], worst(*order[-1]), budget, cut, loss))
+    (m, c), gib = (fits or order)[0], lambda b: None if b is None else round(b / 2**30, 2)
+    p = dict(micro_batch=m, steps=-(-batch // m), checkpointing=c, worst_gib=gib(worst(m, c)), budget_gib=gib(budget),
+             fits=bool(fits), batch=batch, cut=cut)
+    if not fits: warnings.warn(f"memory plan as forced: {plan_line(p)}, more than {FILL:.0%} of the budget")
+    return dict(p, line=plan_line(p))
+
 # %% ../nbs/08_train.ipynb #3bd6283e
 class Trainer:
     "One EMI training run of `cfg`; `fit()` trains, checkpoints, evaluates and writes the results JSON."
@@ -194,6 +258,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.data = run_data(cfg, self.root, name, write_report=self.rank == 0)
         self.model = build_model(cfg, self.backbone, self.device, no_dropout)
+        self.mem = self._memory()
+        self.model.set_grad_checkpointing(self.mem['checkpointing'])
+        self.log(f"  memory     {self.mem['line']}")
 
     def log(self, *a):
         "Print on rank 0 unless quiet."
@@ -214,21 +281,55 @@ def plan(self:Trainer) -> str:
                       f"cut {c.max_seconds:g} s, loss {c.loss}, seed {c.seed}, train on {c.train_on}",
                       f"  run dir    {run_path(c)} (checkpoints/{self.name}, results/{self.name}.json)"])
 
+# %% ../nbs/08_train.ipynb #f2338dbf
+def _device_budget(dev:torch.device) -> float|None:
+    "Bytes this process may use on a GPU: its free memory plus what torch already holds there; None on a CPU."
+    if dev.type != 'cuda': return None
+    return float(torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev))
+
+@patch
+def _memory(self:Trainer) -> dict:
+    "The run's memory plan: `memory_gb` or the GPU's memory against the model's measured costs; none on a CPU."
+    c = self.cfg
+    budget = c.memory_gb * 2**30 if c.memory_gb else _device_budget(self.device)
+    costs = activation_costs(self.model, self.dtype) if budget else None
+    p = memory_plan(costs, static_bytes(self.model), budget, -(-c.batch_size // self.world), c.max_seconds,
+                    c.grad_checkpointing, c.micro_batch, c.loss)
+    return dict(p, costs=costs, budget_from='memory_gb' if c.memory_gb else 'GPU memory' if budget else None)
+
 # %% ../nbs/08_train.ipynb #e32e0e63
 @patch
-def _step(self:Trainer, batch:dict):
-    "(loss, info) of the next training batch for the loop."
-    st = self.loop.st
-    gb = self.gbs[st['step']]
-    x, am = _to(batch, self.device)
-    y = batch['labels'].to(self.device, non_blocking=self.device.type == 'cuda')
-    w = torch.full((len(y),), self.sampler.shard(gb)[1], device=self.device)
+def _step(self:Trainer, b:dict):
+    "(loss, info) of one part of a step: this rank's rows `b` of the global (micro-)batch b['gb'], weight b['w']."
+    x, am = _to(b, self.device)
+    y = b['labels'].to(self.device, non_blocking=self.device.type == 'cuda')
+    w = torch.full((len(y),), b['w'], device=self.device)
     pred = self.net(x, am)                                                  # (b, 6)
-    m = -(-len(gb) // self.world)
+    m = -(-len(b['gb']) // self.world)
     P, Y, W = (global_rows(t, m, self.rank, self.world) for t in (pred.float(), y.float(), w))
     loss, info = emi_loss(P, Y, self.cfg.loss, W)
     keep = W > 0
     return loss, dict(info, pred=P.detach()[keep], target=Y[keep], n=int(keep.sum()), sync=pred.sum() * 0)
+
+def _rows(b:dict, lo:int, hi:int) -> dict:
+    "Rows lo:hi of a collated batch, padded only to the longest of them."
+    T = int(b['lengths'][lo:hi].max())
+    cut = lambda k: b[k][lo:hi, :T]
+    return dict(input_values=cut('input_values'), attention_mask=cut('attention_mask'), labels=b['labels'][lo:hi],
+                lengths=b['lengths'][lo:hi], fids=b['fids'][lo:hi])
+
+@patch
+def _parts(self:Trainer, batch:dict) -> list:
+    "The (part, share of the global batch) pairs of the next step: one, or one per micro-batch of the plan."
+    gb = self.gbs[self.loop.st['step']]
+    mb = self.mem['micro_batch'] * self.world
+    if mb >= len(gb): return [(dict(batch, gb=gb, w=self.sampler.shard(gb)[1]), 1.0)]
+    out = []
+    for j in range(0, len(gb), mb):
+        rows, w = self.sampler.shard(gb[j:j + mb])
+        lo = j // self.world if w else 0
+        out.append((dict(_rows(batch, lo, lo + len(rows)), gb=gb[j:j + mb], w=w), len(gb[j:j + mb]) / len(gb)))
+    return out
 
 # %% ../nbs/08_train.ipynb #7808aacc
 @patch
@@ -262,7 +363,7 @@ def _save_state(self:Trainer, loop:Loop):
         torch.distributed.all_gather_object(rngs, rng_state())
     if self.rank == 0:
         st = loop.st
-        state = dict(loop=loop.state_dict(), sampler=self.sampler.state_dict(), rng=rngs)
+        state = plain(dict(loop=loop.state_dict(), sampler=self.sampler.state_dict(), rng=rngs))
         def write(d):
             write_weights(d, self.model, self.cfg, name=self.name, epoch=st['epoch'], step=st['step'])
             torch.save(state, d/'state.pt')
@@ -287,7 +388,7 @@ def _setup(self:Trainer):
     self.loop = Loop(self.model, recipe(cfg, select=cfg.train_on == 'train'), self.device, self._batches,
                      len(self.sampler.global_batches(0)), self._step, self._evaluate, net=self.net, name=self.name,
                      log=None if self.quiet else print, rank=self.rank, world=self.world,
-                     on_best=self._save_best, on_epoch_end=self._save_state)
+                     on_best=self._save_best, on_epoch_end=self._save_state, parts=self._parts)
     if self.ckpt_steps: self.loop.on_step = on_step
 
 # %% ../nbs/08_train.ipynb #eeefec55
@@ -313,7 +414,7 @@ def _load_state(self:Trainer) -> bool:
     "Restore the newest complete state; False when there is none (a fresh start)."
     d = latest_complete(self.ckpt_dir, self._check_state, self.log)
     if d is None: return False
-    read_weights(d, self.model, self.device)
+    read_weights(d, self.model)
     s = torch.load(d/'state.pt', weights_only=True, map_location='cpu')
     self.loop.load_state_dict(s['loop'])
     self.sampler.load_state_dict(s['sampler'])
@@ -347,13 +448,14 @@ def _final(self:Trainer, rec:dict, timing:dict) -> dict:
     "Best weights -> valid ρ with CI, results JSON at once; then the optional test split (submission, score)."
     cfg, t0 = self.cfg, time.time()
     best = resolve_checkpoint(self.ckpt_dir, 'best')
-    read_weights(best, self.model, self.device)
+    read_weights(best, self.model)
     ev = evaluate(self.model, self.valid_dl, self.device, self.dtype, cfg.n_boot, cfg.seed, self.world)
     valid = {k: ev[k] for k in ('rho', 'per_emotion', 'ci', 'n_undefined', 'n', 'mse')}
     metrics = dict(valid=valid, test=None, valid_in_sample=cfg.train_on != 'train',
                    **{k: v for k, v in rec.items() if k not in ('epoch_seconds', 'train_seconds')})
     res = dict(name=self.name, metrics=metrics, world_size=self.world, no_dropout=self.no_dropout,
-               backbone=str(self.backbone), checkpoint=str(best), quarantine=self.data.get('quarantine'))
+               backbone=str(self.backbone), checkpoint=str(best), quarantine=self.data.get('quarantine'),
+               memory_plan=self.mem)
     if self.rank == 0: res['path'] = str(self._write(res, ev, timing))
     try: metrics['test'] = self._test_score()
     except (DataError, OSError) as e: res['test_error'] = str(e)
@@ -592,6 +694,7 @@ def emi_predict_cli(argv=None):
         pc = _predict_config(a)
         dev = get_device(pc.device)
         model, cfg = load_trained(pc.checkpoint, dev)
+        dtype = amp_dtype(dev, pc.amp or cfg.amp)
     except (ConfigError, CheckpointError, RuntimeError) as e:
         print(f"emi_predict: {e}", file=sys.stderr)
         sys.exit(2)
@@ -600,7 +703,7 @@ def emi_predict_cli(argv=None):
         print(f"emi_predict: no audio files in {a.inputs} (extensions {', '.join(PREDICT_EXTS)})", file=sys.stderr)
         sys.exit(2)
     bs = default_batch_size(dev, cfg, pc.batch_size)
-    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, amp_dtype(dev, pc.amp or cfg.amp),
+    df, failed = predict_files(model, files, dev, pc.max_seconds or cfg.max_seconds, pc.long, bs, dtype,
                                speech=pc.speech_check, min_speech=pc.min_speech)
     sys.exit(_write_predictions(df, failed, Path(pc.output), len(files)))
 

@@ -1,6 +1,7 @@
 "emi_nb.model: batched == per clip (tiny and paper geometry), padding never leaks, checkpoints load by name, Table 2 rows train."
 import os, warnings
 import pytest, torch
+from torch.nn.utils.rnn import PackedSequence
 from transformers import Wav2Vec2Model, Wav2Vec2ForCTC
 from emi_nb.config import SR, make_config, VAD_NAMES
 from emi_nb.model import (BACKBONE_PRESETS, TABLE2_ROWS, EMIModel, EmotionModel, backbone_config, load_backbone,
@@ -211,6 +212,42 @@ def test_autocast_logits_fp32(tiny):
     x, am = make_batch([0.5, 1.0])
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16): y = m(x, am)
     assert y.dtype == torch.float32
+
+def _lstm_sees(m, x, am, dtype) -> tuple:
+    "A training forward + backward of `m` under autocast to `dtype`: ((input dtype, autocast on) per LSTM call, output dtype)."
+    seen = []
+    def hook(mod, a):
+        t = a[0].data if isinstance(a[0], PackedSequence) else a[0]
+        seen.append((t.dtype, torch.is_autocast_enabled(t.device.type)))
+    h = m.lstm.register_forward_pre_hook(hook)
+    try:
+        with torch.autocast(x.device.type, dtype=dtype): y = m(x, am)
+        y.float().square().mean().backward()
+    finally: h.remove()
+    return seen, y.dtype
+
+@pytest.mark.parametrize('packed', [False, True])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_lstm_runs_fp32_under_autocast(tiny, dtype, packed):
+    "Under autocast the LSTM gets fp32 frames with autocast off, packed or padded; its gradients are fp32 and finite."
+    m = EMIModel(tiny, lstm_packed=packed).train()
+    x, am = make_batch([0.5, 1.0])
+    seen, out = _lstm_sees(m, x, am, dtype)
+    assert seen == [(torch.float32, False)] and out == torch.float32
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.lstm.parameters())
+    m.zero_grad(set_to_none=True)
+
+@pytest.mark.cuda
+def test_lstm_runs_fp32_under_autocast_cuda():
+    "On CUDA autocast would run cuDNN's LSTM in fp16 even under bf16: it gets fp32 frames with autocast off instead."
+    torch.manual_seed(0)
+    m = EMIModel(load_backbone('preset:tiny', device='cuda')).cuda().train()
+    x, am = make_batch([0.5, 1.0]); x, am = x.cuda(), am.cuda()
+    for dtype in [torch.float16] + ([torch.bfloat16] if torch.cuda.get_device_capability() >= (8, 0) else []):
+        seen, out = _lstm_sees(m, x, am, dtype)
+        assert seen == [(torch.float32, False)] and out == torch.float32, (dtype, seen)
+        assert all(p.grad.dtype == torch.float32 for p in m.lstm.parameters())
+        m.zero_grad(set_to_none=True)
 
 def test_short_clip_refused(tiny):
     assert MIN_SAMPLES == 400 and all(min_samples(backbone_config(p)) == 400 for p in BACKBONE_PRESETS)

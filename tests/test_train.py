@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, soundfile as sf, torch
 from safetensors.torch import load_file
 from conftest import run_cli, BIN
-from emi_nb.config import EMOTIONS, make_config
+from unittest import mock
+from emi_nb.config import EMOTIONS, make_config, amp_dtype, ConfigError
 from emi_nb.train import fit
 from emi_nb.loop import resolve_checkpoint, emi_loss
 
@@ -42,13 +43,36 @@ def test_same_seed_same_results(tmp_path):
     sub = pd.read_csv(tmp_path/'a'/'results'/'emi_test_submission.csv')
     assert list(sub.columns) == ['Filename', *EMOTIONS] and sub[EMOTIONS].min().min() >= 0 and sub[EMOTIONS].max().max() <= 1
 
-def test_kill9_resume_matches_uninterrupted(tmp_path):
-    "kill -9 in the middle of an epoch, resume -> the same curves, metrics and weights as a run never interrupted."
-    args = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
-    _train(tmp_path/'ref', *args)
-    run = tmp_path/'killed'; latest = run/'checkpoints'/'emi'/'latest.json'
-    p = subprocess.Popen([str(BIN/'emi_train'), *TINY, '--run-dir', str(run), *args], env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+CKPT_ARGS = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
+
+def _tone(sr, seconds, channels, f=220.0):
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.3 * np.sin(2 * np.pi * f * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return np.stack([x * (0.5 + 0.5 * c) for c in range(channels)], 1).astype(np.float32)
+
+def _predict(run_dir, audio, cmd=None) -> Path:
+    "emi_predict (or `cmd`, a command line that runs it) of a run's best checkpoint on folder `audio`; the CSV."
+    out = Path(run_dir)/'preds.csv'
+    args = ['--checkpoint', str(Path(run_dir)/'checkpoints'/'emi'), str(audio), '--output', str(out)]
+    r = subprocess.run([*(cmd or [str(BIN/'emi_predict')]), *args], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+@pytest.fixture(scope='module')
+def ref_run(tmp_path_factory):
+    "A run of CKPT_ARGS never interrupted, and its predictions on two tones (preds.csv in the run folder)."
+    d = tmp_path_factory.mktemp('ref')
+    audio = d/'audio'; audio.mkdir()
+    sf.write(audio/'a.wav', _tone(16_000, 1.5, 1), 16_000)
+    sf.write(audio/'b.wav', _tone(48_000, 2.5, 2, 330), 48_000)
+    _train(d/'run', *CKPT_ARGS)
+    _predict(d/'run', audio)
+    return d/'run', audio
+
+def _kill_mid_epoch(cmd:list, run:Path) -> dict:
+    "Start `cmd` (a training into `run`), SIGKILL it at its first checkpoint inside epoch 1; the pointer it was killed at."
+    latest = run/'checkpoints'/'emi'/'latest.json'
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0, killed_at = time.time(), None
     while time.time() - t0 < 300 and p.poll() is None:
         if latest.exists():
@@ -59,12 +83,49 @@ def test_kill9_resume_matches_uninterrupted(tmp_path):
         time.sleep(0.05)
     assert killed_at is not None, f"the run ended (rc={p.returncode}) before it could be killed mid-epoch"
     assert p.returncode == -signal.SIGKILL and not (run/'results'/'emi.json').exists()
-    r = _train(run, *args, '--resume'); assert r.returncode == 0
-    a, b = _results(tmp_path/'ref'), _results(run)
+    return killed_at
+
+def test_kill9_resume_matches_uninterrupted(tmp_path, ref_run):
+    "kill -9 in the middle of an epoch, resume -> the same curves, metrics and weights as a run never interrupted."
+    run = tmp_path/'killed'
+    _kill_mid_epoch([str(BIN/'emi_train'), *TINY, '--run-dir', str(run), *CKPT_ARGS], run)
+    r = _train(run, *CKPT_ARGS, '--resume'); assert r.returncode == 0
+    a, b = _results(ref_run[0]), _results(run)
     assert a['metrics'] == b['metrics']
     for which in ('best', 'latest'):
-        wa, wb = _weights(tmp_path/'ref', which=which), _weights(run, which=which)
+        wa, wb = _weights(ref_run[0], which=which), _weights(run, which=which)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), which
+
+_FLAT = """
+import sys
+from emi_nb import train
+from emi_nb.model import cudnn_flat_rnns
+def flat(fn, what):
+    "`fn` asserting that the model's LSTM is laid out as cuDNN lays it out, and saying so."
+    def checked(*a, **k):
+        lstm = train._unwrap(a[1]).lstm
+        assert len({p.untyped_storage().data_ptr() for p in lstm.parameters()}) == 1, 'the LSTM is not flat'
+        print(f'flat LSTM {what}', flush=True)
+        return fn(*a, **k)
+    return checked
+train.write_weights, train.read_weights = flat(train.write_weights, 'written'), flat(train.read_weights, 'read')
+with cudnn_flat_rnns(): getattr(train, sys.argv[1] + '_cli')(sys.argv[2:])
+"""
+
+def test_flat_lstm_run_is_byte_identical(tmp_path, ref_run):
+    "The LSTM's weights views of one buffer, as cuDNN leaves them on a GPU: train, checkpoint, kill -9, resume, predict -> the same bytes."
+    ref, audio = ref_run
+    run, flat = tmp_path/'flat', [sys.executable, '-c', _FLAT]
+    _kill_mid_epoch([*flat, 'emi_train', *TINY, '--run-dir', str(run), *CKPT_ARGS], run)
+    r = subprocess.run([*flat, 'emi_train', *TINY, '--run-dir', str(run), *CKPT_ARGS, '--resume'], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'flat LSTM read' in r.stdout and 'flat LSTM written' in r.stdout, r.stderr[-2000:]
+    preds = _predict(run, audio, [*flat, 'emi_predict'])
+    assert _results(ref)['metrics'] == _results(run)['metrics']
+    for which in ('best', 'latest'):
+        f = lambda d: (resolve_checkpoint(d/'checkpoints'/'emi', which)/'model.safetensors').read_bytes()
+        assert f(ref) == f(run), which
+    assert preds.read_bytes() == (ref/'preds.csv').read_bytes()
 
 def test_torchrun_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) takes the same steps as one process with the same global batch.
@@ -92,11 +153,6 @@ def test_torchrun_two_processes_match_one(tmp_path):
     wa, wb = _weights(tmp_path/'one', which='latest'), _weights(tmp_path/'two', which='latest')
     rel = (sum(float(((wa[k] - wb[k])**2).sum()) for k in wa) / sum(float((wa[k]**2).sum()) for k in wa)) ** 0.5
     assert rel < 1e-3, f"relative L2 difference of the weights {rel:.2e}"
-
-def _tone(sr, seconds, channels, f=220.0):
-    t = np.arange(int(sr * seconds)) / sr
-    x = 0.3 * np.sin(2 * np.pi * f * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return np.stack([x * (0.5 + 0.5 * c) for c in range(channels)], 1).astype(np.float32)
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
@@ -126,6 +182,63 @@ def test_predict_mixed_folder_and_corrupt_file(tmp_path, trained):
     w = pd.read_csv(tmp_path/'w.csv').set_index('Filename')
     assert w.loc['c_long', 'windows'] == 2 and w.loc['c_long', 'used_seconds'] == pytest.approx(9.0)   # 6 s + 3 s
     assert w.loc['b_mono', EMOTIONS].to_numpy() == pytest.approx(df.set_index('Filename').loc['b_mono', EMOTIONS].to_numpy(), abs=1e-5)
+
+@pytest.mark.parametrize('cap,name', [((7, 0), 'Tesla V100'), ((7, 5), 'Tesla T4'), ((8, 0), 'NVIDIA A100'),
+                                      ((9, 0), 'NVIDIA H100')])
+def test_amp_follows_compute_capability(cap, name):
+    "amp=auto is the paper's fp16 (GradScaler on) on every GPU; bf16 only where it is native, though all say they support it."
+    with mock.patch('torch.cuda.get_device_capability', return_value=cap), \
+         mock.patch('torch.cuda.get_device_name', return_value=name), \
+         mock.patch('torch.cuda.is_bf16_supported', return_value=True):
+        assert amp_dtype('cuda', 'auto') == amp_dtype('cuda:0', 'fp16') == torch.float16 and amp_dtype('cuda', 'off') is None
+        if cap >= (8, 0): assert amp_dtype('cuda', 'bf16') == torch.bfloat16
+        else:
+            with pytest.raises(ConfigError, match=f"{name} .compute capability {cap[0]}.{cap[1]}. has no native bf16"):
+                amp_dtype('cuda', 'bf16')
+    assert make_config('paper').amp == 'auto' and make_config('paper').scaler_init == 2**10
+
+def _grads(t, batch) -> tuple:
+    "The clips of each forward and the gradients of one accumulated step of trainer `t` on `batch` (then cleared)."
+    sizes, step = [], t.loop.step_fn
+    t.loop.step_fn = lambda b: (sizes.append(len(b['labels'])), step(b))[1]
+    loss, info, ok = t.loop.accumulate(batch)
+    t.loop.step_fn = step
+    g = {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None}
+    t.model.zero_grad(set_to_none=True)
+    assert ok and info['n'] == len(batch['labels'])
+    return sizes, loss, g
+
+def test_memory_plan_fake_budget(tmp_path, capsys):
+    "A fake memory budget that fits half the batch: the documented plan, printed and recorded; the same gradients as the whole batch."
+    from emi_nb.train import Trainer, static_bytes, FILL
+    from emi_nb.model import activation_costs, batch_bytes
+    cfg = make_config('smoke', backbone='preset:tiny', device='cpu', run_dir=str(tmp_path), epochs=1, max_steps=1)
+    t = Trainer(cfg, no_dropout=True, quiet=True)
+    assert t.mem['line'] == 'plan: 1 x 8 clips, checkpointing off (no memory budget)' and t.mem['costs'] is None
+    costs = activation_costs(t.model)
+    half = (static_bytes(t.model) + batch_bytes(costs['off'], 4, cfg.max_seconds)) / FILL
+    t = Trainer(cfg.replace(memory_gb=1.001 * half / 2**30), no_dropout=True)
+    assert (t.mem['steps'], t.mem['micro_batch'], t.mem['checkpointing'], t.mem['budget_from']) == (2, 4, False, 'memory_gb')
+    assert f"  memory     {t.mem['line']}" in capsys.readouterr().out and t.mem['line'].startswith('plan: 2 x 4 clips')
+    t._setup()
+    batch = next(t._batches(0, 0))
+    parts = _grads(t, batch)
+    t.mem = dict(t.mem, micro_batch=8)
+    whole = _grads(t, batch)
+    assert parts[0] == [4, 4] and whole[0] == [8] and parts[1] == pytest.approx(whole[1], rel=1e-5)
+    assert parts[2].keys() == whole[2].keys()
+    for k, g in whole[2].items(): assert torch.allclose(parts[2][k], g, rtol=1e-4, atol=1e-6), k
+    tight = 0.99 * static_bytes(t.model) / FILL / 2**30
+    with pytest.raises(ConfigError, match='memory plan: even 1 clip'): Trainer(cfg.replace(memory_gb=tight), quiet=True)
+
+def test_memory_plan_recorded(tmp_path):
+    "Fields that force the plan on a CPU: micro-batches of 3 with checkpointing, trained, in the results JSON."
+    cfg = make_config('smoke', backbone='preset:tiny', device='cpu', run_dir=str(tmp_path), epochs=1, max_steps=1,
+                      micro_batch=3, grad_checkpointing=True)
+    res = fit(cfg, 'emi', quiet=True)
+    p = _results(tmp_path)['memory_plan']
+    assert p['line'] == res['memory_plan']['line'] == 'plan: 3 x 3 clips, checkpointing on (no memory budget)'
+    with pytest.raises(ConfigError, match='cannot be accumulated'): fit(cfg.replace(loss='ccc'), 'ccc', quiet=True)
 
 def test_degenerate_correlation_losses_do_not_nan(tmp_path):
     "1-rho / CCC on a model pushed to constant output: steps skipped and counted, weights stay finite."
@@ -188,17 +301,14 @@ torch.save = dying_save
 train.emi_train_cli(sys.argv[2:])
 """
 
-CKPT_ARGS = ('--epochs', '2', '--max-steps', '3', '--ckpt-steps', '1')
-
 def _killed_run(tmp_path, at_save:int):
-    "A reference run and a run killed in its `at_save`-th checkpoint write; (run dir, its checkpoints, the kill)."
-    _train(tmp_path/'ref', *CKPT_ARGS)
+    "A run killed in its `at_save`-th checkpoint write; (run dir, its checkpoints, the kill)."
     run = tmp_path/'run'
     p = subprocess.run([sys.executable, '-c', _KILL_IN_WRITE, str(at_save), *TINY, '--run-dir', str(run), *CKPT_ARGS],
                        env=ENV, capture_output=True, text=True, timeout=600)
     return run, run/'checkpoints'/'emi', p
 
-def test_kill_during_checkpoint_write_resumes_from_last_complete_state(tmp_path):
+def test_kill_during_checkpoint_write_resumes_from_last_complete_state(tmp_path, ref_run):
     "SIGKILL in the middle of writing state.pt: the pointer still names the previous complete state; --resume finishes identically."
     run, ck, p = _killed_run(tmp_path, 4)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
@@ -207,9 +317,9 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete_state(tmp_path)
     assert (ck/latest['dir']/'state.pt').exists()
     r = _train(run, *CKPT_ARGS, '--resume', quiet=False)
     assert r.returncode == 0
-    assert _results(tmp_path/'ref')['metrics'] == _results(run)['metrics']
+    assert _results(ref_run[0])['metrics'] == _results(run)['metrics']
 
-def test_damaged_checkpoint_resume_names_file_and_uses_previous_state(tmp_path):
+def test_damaged_checkpoint_resume_names_file_and_uses_previous_state(tmp_path, ref_run):
     "A truncated newest state and a damaged pointer: --resume names both and continues from the previous complete state."
     run, ck, p = _killed_run(tmp_path, 5)
     newest = ck/json.loads((ck/'latest.json').read_text())['dir']
@@ -218,7 +328,7 @@ def test_damaged_checkpoint_resume_names_file_and_uses_previous_state(tmp_path):
     (ck/'latest.json').write_text('{"dir": "state-e0')
     r = _train(run, *CKPT_ARGS, '--resume', quiet=False)
     assert 'latest.json: damaged pointer' in r.stdout and newest.name in r.stdout and 'newest complete state' in r.stdout
-    assert _results(tmp_path/'ref')['metrics'] == _results(run)['metrics']
+    assert _results(ref_run[0])['metrics'] == _results(run)['metrics']
 
 def test_resume_refuses_when_no_state_is_complete(tmp_path):
     "Every state damaged: --resume exits 2 naming the files and deletes nothing."
