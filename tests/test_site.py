@@ -1,4 +1,5 @@
-"The study website: _quarto.yml lists the notebooks in reading order; a run's site renders offline and works in headless Chromium."
+"""The study website: _quarto.yml lists the notebooks in reading order; a run's site renders offline with code folded,
+and in headless Chromium every study page reads provenance, findings (its first figure or table), then the machinery."""
 import functools, http.server, json, os, re, shutil, threading, time
 from pathlib import Path
 import nbformat, pytest, yaml
@@ -10,6 +11,10 @@ from emi_nb.study import study_notebooks
 ARTIFACTS = ROOT/'test-artifacts'/'site'
 CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/gif')
+# the study pages whose notebooks have the agreed shape (REFACTOR.md "A study page"): provenance box, `## Findings`, its
+# first figure or table, `## How it works`. A page joins the list when its notebook is reordered; still to join:
+# '07_pretrain', '08_train', '10_ablations', '11_vision', '12_benchmarks', 'index'.
+STUDY_PAGES = ['04_data']
 
 def _hrefs(x):
     "Every `href`/`file`/path entry of a navigation tree."
@@ -26,7 +31,9 @@ def _local(h): return not re.match(r'^[a-z]+:', h)
 # --- _quarto.yml -------------------------------------------------------------------------------------------------
 
 def test_quarto_yml_pages_exist():
+    "Every page, stylesheet and link _quarto.yml lists exists, the navbar links the repository, and code is folded."
     qy = yaml.safe_load((ROOT/'_quarto.yml').read_text())
+    assert qy['format']['html']['code-fold'] is True and qy['format']['html']['code-summary'] == 'code'
     assert qy['project']['type'] == 'website' and qy['website']['title']
     web = qy['website']
     listed = [*qy['project']['render'], *_hrefs(web['sidebar']['contents']), *_hrefs(web['navbar'].get('left', [])),
@@ -52,7 +59,7 @@ def test_nbdev_docs_config_matches():
     assert list(_hrefs(side['website']['sidebar']['contents'])) == want
     nq = yaml.safe_load((ROOT/'nbs/_quarto.yml').read_text())
     assert nq['project']['type'] == 'website' and 'sidebar.yml' in nq['metadata-files']
-    assert (ROOT/'nbs'/nq['format']['html']['css']).exists()
+    assert (ROOT/'nbs'/nq['format']['html']['css']).exists() and nq['format']['html']['code-fold'] is True
 
 # --- offline rendering -------------------------------------------------------------------------------------------
 
@@ -62,6 +69,7 @@ def _visible_images(nb) -> int:
                for o in c.get('outputs', []) if any(m in o.get('data', {}) for m in IMAGE_MIMES))
 
 def test_smoke_site_offline(smoke_run):
+    "Every executed notebook has its page: one provenance box, no hidden cell, no remote resource, every figure, every code input in a closed <details>."
     site = smoke_run/'site'
     executed = sorted(p.stem for p in (smoke_run/'notebooks').glob('*.ipynb'))
     assert sorted(p.stem for p in site.glob('*.html')) == executed
@@ -70,7 +78,12 @@ def test_smoke_site_offline(smoke_run):
         page = (site/f'{stem}.html').read_text()
         assert page.count('<div class="emi-provenance">') == 1, stem
         assert 'SYNTHETIC' in page and 'smoke' in page, f"{stem}: provenance box does not name data and profile"
-        code = [e.get_text() for e in BeautifulSoup(page, 'html.parser').select('.jp-InputArea .highlight pre')]
+        soup = BeautifulSoup(page, 'html.parser')
+        code = [e.get_text() for e in soup.select('.jp-InputArea .highlight pre')]
+        inputs = soup.select('.jp-CodeCell .jp-InputArea')
+        assert all((d := i.find_parent('details')) and 'emi-code' in d.get('class', []) and not d.has_attr('open')
+                   for i in inputs), f"{stem}: a code input not folded"
+        assert not any(o.find_parent('details') for o in soup.select('.jp-OutputArea')), f"{stem}: an output folded"
         shown = [c for c in code if 'nbdev_export(' in c or c.lstrip().startswith('# Parameters') or re.search(r'^\s*#\|', c, re.M)]
         assert not shown, f"{stem}: hidden cells or directive lines shown: {shown}"
         assert not re.search(r'<(script|link|img)[^>]+(src|href)="(https?:)?//', page), f"{stem}: page loads a remote resource"
@@ -114,6 +127,21 @@ def chromium(tmp:Path):
     d.set_page_load_timeout(60); d.set_script_timeout(60)
     return d
 
+# where the page's parts are: the provenance box, the `## Findings` and `## How it works` headings, the first figure or
+# table outside the box; whether each comes before the next; and the code inputs that show (unfolded)
+PAGE_SHAPE = """const main = document.querySelector('main');
+const name = h => h.textContent.replace('¶', '').trim();
+const h2 = Array.from(main.querySelectorAll('h2'));
+const box = main.querySelector('.emi-provenance'), findings = h2.find(h => name(h) === 'Findings'),
+      how = h2.find(h => name(h) === 'How it works');
+const first = Array.from(main.querySelectorAll('img, table')).find(e => !e.closest('.emi-provenance'));
+const before = (a, b) => !!(a && b && (a.compareDocumentPosition(b) & Node.DOCUMENT_POSITION_FOLLOWING));
+const inputs = Array.from(main.querySelectorAll('.jp-CodeCell .jp-InputArea'));
+return {box: !!box, findings: !!findings, how: !!how, first: first ? first.tagName.toLowerCase() : null,
+        order: before(box, findings) && before(findings, first) && before(first, how),
+        inputs: inputs.length, shown_inputs: inputs.filter(i => i.getClientRects().length > 0).length,
+        hidden_outputs: Array.from(main.querySelectorAll('.jp-OutputArea')).filter(o => o.getClientRects().length === 0 && o.closest('details')).length};"""
+
 MATHJAX_DONE = """const done = arguments[arguments.length - 1];
 if (!(window.MathJax && MathJax.Hub)) { done('no MathJax'); return; }
 MathJax.Hub.Queue(() => done('ok'));"""
@@ -139,18 +167,20 @@ def browse_site(site:Path, run_dir:Path, artifacts:Path, tmp:Path) -> dict:
             imgs = drv.execute_script("return Array.from(document.querySelectorAll('main img')).map(i => [i.complete, i.naturalWidth]);")
             math = drv.execute_script("return document.querySelectorAll('.MathJax, .MathJax_Display, .MathJax_MathML').length;")
             box = drv.execute_script("const b = document.querySelector('.emi-provenance'); return b ? b.innerText : '';")
+            shape = drv.execute_script(PAGE_SHAPE)
             shot = artifacts/f'{stem}.png'; drv.save_screenshot(str(shot))
             if imgs:  # a second view, centred on the page's first figure
                 drv.execute_script("document.querySelector('main img').scrollIntoView({block: 'center'});")
                 drv.save_screenshot(str(artifacts/f'{stem}-figure.png'))
             errors += [(stem, e['message']) for e in drv.get_log('browser') if e['level'] == 'SEVERE']
-            found[stem] = dict(url=url, mathjax=mj, h1=h1, images=imgs, math=math, box=box, screenshot=shot, figure_page=stem in figure_pages)
+            found[stem] = dict(url=url, mathjax=mj, h1=h1, images=imgs, math=math, box=box, shape=shape, screenshot=shot, figure_page=stem in figure_pages)
     finally:
         drv.quit(); srv.shutdown(); srv.server_close()
     assert not errors, f"browser console errors: {errors}"
     return found
 
 def test_site_in_browser(smoke_run, tmp_path):
+    "Every page is reachable from the front page, typesets its math, names its provenance, shows its figures with code folded; the front page shows a figure."
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "Chromium missing: run `make browser` (apt packages chromium, chromium-driver)"
     found = browse_site(smoke_run/'site', smoke_run, ARTIFACTS, tmp_path/'chromium-profile')
     executed = {p.stem: nbformat.read(p, as_version=4) for p in (smoke_run/'notebooks').glob('*.ipynb')}
@@ -165,7 +195,27 @@ def test_site_in_browser(smoke_run, tmp_path):
             assert len(f['images']) >= want and all(ok and w > 0 for ok, w in f['images']), f"{stem}: figures {f['images']} (expected {want})"
     assert n_figs > 0 or not any(f['figure_page'] for f in found.values()), "the data and results pages show no figures"
     assert found['14_site']['math'] > 0, "math on the site page was not typeset"
+    assert found['index']['images'], "the front page shows no figure"
+    unfolded = {s: f['shape'] for s, f in found.items() if f['shape']['shown_inputs'] or f['shape']['hidden_outputs']}
+    assert not unfolded, f"pages with code not folded or outputs hidden: {unfolded}"
     shots = sorted(str(p) for p in ARTIFACTS.glob('*.png'))
     assert all(Path(s).stat().st_size > 10_000 for s in shots)
     (ARTIFACTS/'screenshots.txt').write_text('\n'.join(shots) + '\n')
     print('screenshots:', *shots, sep='\n  ')
+
+def test_study_pages_findings_first(smoke_run, tmp_path):
+    "On each page of STUDY_PAGES the provenance box comes first, then `## Findings`, then its first figure or table, then `## How it works`."
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "Chromium missing: run `make browser` (apt packages chromium, chromium-driver)"
+    missing = [s for s in STUDY_PAGES if not (smoke_run/'site'/f'{s}.html').exists()]
+    assert not missing, f"study pages the run did not render: {missing}"
+    srv, base = serve(smoke_run/'site'); drv = chromium(tmp_path/'chromium-profile')
+    try:
+        shapes = {}
+        for stem in STUDY_PAGES:
+            drv.get(f'{base}/{stem}.html')
+            shapes[stem] = drv.execute_script(PAGE_SHAPE)
+    finally:
+        drv.quit(); srv.shutdown(); srv.server_close()
+    wrong = {s: {k: v for k, v in sh.items() if k in ('box', 'findings', 'first', 'how')} for s, sh in shapes.items() if not sh['order']}
+    print('study pages checked:', *STUDY_PAGES)
+    assert not wrong, f"study pages not in the order provenance, ## Findings, first figure or table, ## How it works: {wrong}"
