@@ -11,10 +11,9 @@ from emi_nb.study import study_notebooks
 ARTIFACTS = ROOT/'test-artifacts'/'site'
 CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/gif')
-# the study pages whose notebooks have the agreed shape (REFACTOR.md "A study page"): provenance box, `## Findings`, its
-# first figure or table, `## How it works`. A page joins the list when its notebook is reordered; still to join:
-# '07_pretrain', '08_train', '10_ablations', '11_vision', '12_benchmarks', 'index'.
-STUDY_PAGES = ['04_data']
+# the study pages that open with their findings: provenance box, `## Findings`, its first figure or table,
+# `## How it works`. Still to be reordered: '08_train', '10_ablations', '11_vision', '12_benchmarks', 'index'.
+STUDY_PAGES = ['04_data', '07_pretrain']
 
 def _hrefs(x):
     "Every `href`/`file`/path entry of a navigation tree."
