@@ -20,7 +20,7 @@ help:
 	@echo "make test    - export/clean check, notebook tests, integration + browser tests"
 	@echo "make bench   - the benchmarks notebook alone (bench JSON in its run directory)"
 	@echo "make gpu-check - on a CUDA machine: the prepared GPU check (benchmarks/gpu-latest.{json,md})"
-	@echo "make publish - the newest synthetic run's summary into study/latest.{json,md} and the README"
+	@echo "make publish - the newest synthetic run's summary and benchmarks into study/latest.{json,md} and the README"
 	@echo "make lab     - JupyterLab with the project's kernel"
 
 env: $(STAMP)
@@ -82,11 +82,10 @@ pytest: env browser sounds ffmpeg
 
 test: check-export nbtest pytest
 
-# Publishes benchmarks/latest.{json,md} and refreshes the README's ratios; commit them afterwards.
+# Publishes benchmarks/latest.{json,md}; the README's ratios are the published study run's own (make publish).
 BENCH_PARAMS ?= -p bench.reps=7 -p bench.p1_clips=4 -p bench.p1_seconds=6
 bench: env
 	$(BIN)/emi_study --profile $(PROFILE) --only 12 --no-site --run-dir runs/bench-$$(date +%Y%m%d-%H%M%S) -p bench.publish=true $(BENCH_PARAMS)
-	$(BIN)/python -c "from emi_nb.study import write_readme; write_readme()"
 
 # On a CUDA machine (install a CUDA build first: make env TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128):
 # exactness of the CUDA paths, throughput at the paper geometry, the paper recipe end to end; <= 8 min with the install.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, json, logging, os, re, sys, time
 from pathlib import Path
 import nbformat, yaml
+import pandas as pd
 from .config import (project_root, package_versions, git_commit, save_json, atomic_path, make_config, ConfigError,
                            PROFILES)
 from .config import _flat, _get
@@ -15,12 +16,15 @@ from .data import resolve_data_root
 from .pretrain import resolve_backbone
 from .paper import front_page_md
 from .ablations import collect_claims, baseline_comparisons
+from .bench import bench_markdown
 from .site import render_site, paper_vs_here
 
 # %% auto #0
-__all__ = ['KERNEL', 'HEADLESS_ENV', 'study_notebooks', 'parse_params', 'check_params', 'kernel_name', 'NotebookFailed',
-           'source_cell_index', 'stderr_to', 'run_notebook', 'default_run_dir', 'link_latest', 'ensure_assets',
-           'run_study', 'md_table', 'study_summary', 'publish_study', 'readme_text', 'write_readme', 'emi_study_cli']
+__all__ = ['KERNEL', 'HEADLESS_ENV', 'BENCH_KEYS', 'NOT_PUBLISHED', 'HEADLINE_SVG', 'study_notebooks', 'parse_params',
+           'check_params', 'kernel_name', 'NotebookFailed', 'source_cell_index', 'stderr_to', 'run_notebook',
+           'default_run_dir', 'link_latest', 'ensure_assets', 'run_study', 'md_table', 'md_frame', 'headline_points',
+           'headline_figure', 'study_summary', 'publish_study', 'readme_text', 'save_headline', 'write_readme',
+           'emi_study_cli']
 
 # %% ../nbs/15_study.ipynb #0c3b615a
 def study_notebooks(nbs_dir=None, # folder of the notebooks (default: the project's nbs/)
@@ -250,18 +254,66 @@ def md_table(df) -> str:
     rows = ['| ' + ' | '.join(map(cell, [i, *r])) + ' |' for i, r in zip(df.index, df.itertuples(index=False))]
     return '\n'.join(['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols), *rows])
 
+# %% ../nbs/15_study.ipynb #9009fb88
+def md_frame(md:str, # a markdown table as `md_table` writes it
+            ) -> pd.DataFrame:
+    "The DataFrame of a markdown table written by `md_table` (its first column as the index)."
+    cells = lambda l: [c.strip() for c in l.strip().strip('|').split('|')]
+    head, *rows = [cells(l) for i, l in enumerate(md.strip().splitlines()) if i != 1]
+    return pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows], columns=head[1:])
+
+# %% ../nbs/15_study.ipynb #63885a84
+_RHO_CI = re.compile(r'^(-?\d+\.\d+)(?: ± \S+)? \[(-?\d+\.\d+), (-?\d+\.\d+)\]')
+
+def headline_points(pvh:pd.DataFrame, # a paper-vs-here table (`paper_vs_here` or `md_frame` of the published one)
+                    split:str, # VAL | TEST
+                   ) -> pd.DataFrame:
+    "Rows of `pvh` with the paper's quoted ρ and this run's ρ with a 95% CI on `split`: columns paper, here, lo, hi."
+    rows = {}
+    for row, r in pvh.iterrows():
+        m = _RHO_CI.match(str(r[f'here ρ_{split}']))
+        paper = str(r[f'paper ρ_{split} (quoted)'])
+        if m and re.fullmatch(r'-?\d+\.\d+', paper): rows[row] = [float(paper), *map(float, m.groups())]
+    return pd.DataFrame.from_dict(rows, orient='index', columns=['paper', 'here', 'lo', 'hi'])
+
+# %% ../nbs/15_study.ipynb #7845e510
+def headline_figure(pvh:pd.DataFrame, # a paper-vs-here table (`paper_vs_here` or `md_frame` of the published one)
+                   ):
+    "The paper's ρ (quoted, crosses) beside this run's ρ with its 95% CI (dots), validation left, test right."
+    import matplotlib.pyplot as plt
+    pts = {s: headline_points(pvh, s) for s in ('VAL', 'TEST')}
+    rows = [r for r in pvh.index if any(r in p.index for p in pts.values())]
+    fig, axs = plt.subplots(1, 2, figsize=(10, 0.32 * len(rows) + 1.4), sharey=True, squeeze=False)
+    for ax, (s, p) in zip(axs[0], pts.items()):
+        y = [rows.index(r) for r in p.index]  # one line per row of the table, in its order
+        ax.errorbar(p.here, y, xerr=[p.here - p.lo, p.hi - p.here], fmt='o', color='C0', capsize=2, label='here, 95% CI')
+        ax.scatter(p.paper, y, marker='x', color='C3', zorder=3, label='paper (quoted)')
+        ax.set(title=f'ρ_{s}', xlabel='ρ (mean over the six emotions)', yticks=range(len(rows)), yticklabels=rows)
+        ax.grid(axis='x', alpha=0.3)
+    axs[0, 0].invert_yaxis()
+    axs[0, 1].legend(loc='lower right', fontsize=8)
+    data = ', '.join(sorted(set(pvh.loc[rows, 'data']))) if rows else '–'
+    fig.suptitle(f'Paper vs here (data: {data})', fontsize=10)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/15_study.ipynb #47c2c2e5
+BENCH_KEYS = ('metrics', 'machine', 'provenance', 'run', 'estimates')  # what the README's ratio table reads
+
 def study_summary(run_dir) -> dict:
-    "What the README shows of a finished run: when, which commit, how long, paper vs here, the claims' verdicts."
+    "What the README shows of a finished run: when, which commit, how long, paper vs here, claims, its own benchmarks."
     run_dir = Path(run_dir).resolve()
     man = json.loads((run_dir/'manifest.json').read_text())
     if man.get('status') != 'ok': raise ConfigError(f"{run_dir}: the run did not finish (status {man.get('status')!r})")
     pvh, claims = paper_vs_here(run_dir), collect_claims(run_dir/'results')
+    bp = run_dir/'results'/'bench.json'
+    bench = json.loads(bp.read_text()) if bp.exists() else None
     return dict(run=run_dir.name, profile=man['profile'], commit=man.get('commit'), ended=man.get('ended'),
                 assets_seconds=(man.get('assets') or {}).get('seconds'), study_seconds=man.get('study_seconds'),
                 notebooks={e['notebook']: e['seconds'] for e in man['notebooks']}, paper_vs_here=md_table(pvh),
                 claims=md_table(claims), verdicts=claims['verdict'].value_counts().to_dict() if len(claims) else {},
-                baselines=md_table(baseline_comparisons(run_dir/'results')))
+                baselines=md_table(baseline_comparisons(run_dir/'results')),
+                bench=bench and {**{k: bench.get(k) for k in BENCH_KEYS}, 'config': dict(profile=man['profile'])})
 
 # %% ../nbs/15_study.ipynb #e242b370
 def publish_study(run_dir, # a finished run directory of `emi_study`
@@ -277,38 +329,66 @@ def publish_study(run_dir, # a finished run directory of `emi_study`
     return j, root/'study'/'latest.md'
 
 # %% ../nbs/15_study.ipynb #8a2b74f1
+NOT_PUBLISHED = 'Not in the published run: `make study`, then `make publish`.'
+HEADLINE_SVG = 'study/headline.svg'
+
+def _latest(root:Path) -> dict|None:
+    "The published run's summary, study/latest.json; None when no run is published."
+    p = root/'study'/'latest.json'
+    return json.loads(p.read_text()) if p.exists() else None
+
 def _published(root:Path, key:str) -> str:
     "The published run's line and table `key` (paper_vs_here | claims | baselines), or a line saying none is published."
-    p = root/'study'/'latest.json'
-    if not p.exists(): return 'No run is published yet: `make study`, then `make publish`.'
-    table = json.loads(p.read_text()).get(key, 'Not in the published run: `make study`, then `make publish`.')
+    s = _latest(root)
+    if s is None: return 'No run is published yet: `make study`, then `make publish`.'
+    table = s.get(key, NOT_PUBLISHED)
     return (root/'study'/'latest.md').read_text().strip() + '\n\n' + table
 
 def _cell_text(c, root:Path) -> str|None:
-    "What a front-page cell contributes to the README: markdown as is, the computed cells' published tables."
+    "What a front-page cell contributes to the README: markdown as is, the computed cells' published figure and tables."
     tags = c.metadata.get('tags', [])
     if c.cell_type == 'markdown': return c.source.strip()
     if 'paper-quotes' in tags: return front_page_md().strip()
+    if 'run-figure' in tags:
+        shown = (_latest(root) or {}).get('paper_vs_here')
+        return f"![the paper's ρ (quoted) beside the published run's]({HEADLINE_SVG})" if shown else NOT_PUBLISHED
     if 'run-summary' in tags: return _published(root, 'paper_vs_here')
     if 'run-claims' in tags: return _published(root, 'claims')
     if 'run-baselines' in tags: return _published(root, 'baselines')
     return None
 
+def _bench_text(root:Path) -> str:
+    "The published run's own benchmark ratios (its results/bench.json, kept in study/latest.json)."
+    bench = (_latest(root) or {}).get('bench')
+    return bench_markdown(bench).strip() if bench else '## Latest benchmark ratios\n\n' + NOT_PUBLISHED
+
 def readme_text(root=None, # project folder (default: this project)
                ) -> str:
-    "README.md's text: nbs/index.ipynb's markdown and computed cells (the published run's tables), then the benchmarks."
+    "README.md's text: nbs/index.ipynb's markdown and computed cells (the published run's), then its benchmark ratios."
     root = Path(root or project_root())
     nb = nbformat.read(str(root/'nbs/index.ipynb'), as_version=4)
     parts = [t for t in (_cell_text(c, root) for c in nb.cells) if t]
-    bench = root/'benchmarks/latest.md'
-    if bench.exists(): parts.append(bench.read_text().strip())
     head = '<!-- generated from nbs/index.ipynb by `emi_nb.study.write_readme`; edit the notebook, not this file -->'
-    return '\n\n'.join([*parts, head]) + '\n'
+    return '\n\n'.join([*parts, _bench_text(root), head]) + '\n'
 
 # %% ../nbs/15_study.ipynb #22e0ff29
+def save_headline(root=None, # project folder (default: this project)
+                 ) -> Path|None:
+    "Draw the published run's headline figure into study/headline.svg (byte-stable: no date, fixed ids); None if none."
+    import matplotlib.pyplot as plt
+    root = Path(root or project_root())
+    pvh = (_latest(root) or {}).get('paper_vs_here')
+    if not pvh: return None
+    with plt.rc_context({'svg.hashsalt': 'emi-study', 'svg.fonttype': 'none'}):
+        fig = headline_figure(md_frame(pvh))
+        fig.savefig(root/HEADLINE_SVG, format='svg', metadata={'Date': None})
+    plt.close(fig)
+    return root/HEADLINE_SVG
+
 def write_readme(root=None, # project folder (default: this project)
                 ) -> Path:
-    "Write README.md from the front page notebook."
+    "Write README.md from the front page notebook, and the published run's headline figure beside it."
+    save_headline(root)
     p = Path(root or project_root())/'README.md'
     p.write_text(readme_text(root))
     return p
