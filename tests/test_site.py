@@ -155,7 +155,9 @@ def browse_site(site:Path, run_dir:Path, artifacts:Path, tmp:Path) -> dict:
     found, errors = {}, []
     try:
         drv.get(f'{base}/index.html')
-        links = [a.get_attribute('href') for a in drv.find_elements('css selector', 'header.emi-navbar a[href], nav.emi-sidebar a[href]')]
+        from selenium.webdriver.support.ui import WebDriverWait
+        nav_links = lambda d: d.find_elements('css selector', 'header.emi-navbar a[href], nav.emi-sidebar a[href]')
+        links = [a.get_attribute('href') for a in WebDriverWait(drv, 60).until(nav_links)]
         pages = list(dict.fromkeys(h.split('#')[0] for h in links if h.startswith(base)))
         assert f'{base}/index.html' in pages
         for url in pages:
