@@ -138,8 +138,8 @@ const before = (a, b) => !!(a && b && (a.compareDocumentPosition(b) & Node.DOCUM
 const inputs = Array.from(main.querySelectorAll('.jp-CodeCell .jp-InputArea'));
 return {box: !!box, findings: !!findings, how: !!how, first: first ? first.tagName.toLowerCase() : null,
         order: before(box, findings) && before(findings, first) && before(first, how),
-        inputs: inputs.length, shown_inputs: inputs.filter(i => i.getClientRects().length > 0).length,
-        hidden_outputs: Array.from(main.querySelectorAll('.jp-OutputArea')).filter(o => o.getClientRects().length === 0 && o.closest('details')).length};"""
+        inputs: inputs.length, shown_inputs: inputs.filter(i => i.checkVisibility()).length,
+        hidden_outputs: Array.from(main.querySelectorAll('.jp-OutputArea')).filter(o => !o.checkVisibility() && o.closest('details')).length};"""
 
 MATHJAX_DONE = """const done = arguments[arguments.length - 1];
 if (!(window.MathJax && MathJax.Hub)) { done('no MathJax'); return; }
